@@ -1,0 +1,1 @@
+"""The HTTP API: handoff reads, traces and observation ingest."""

@@ -1,0 +1,257 @@
+"""Avro single-object encoding of events, with the ``.avsc`` files as the schema registry.
+
+Wire format (Avro specification, "Single object encoding")::
+
+    C3 01 | 8-byte little-endian CRC-64-AVRO fingerprint of the writer schema's
+            Parsing Canonical Form | Avro binary body
+
+Every message names its exact writer schema. The reader looks the fingerprint up
+in a :class:`SchemaRegistry` and resolves writer → reader schema with fastavro,
+following Avro's schema-resolution rules (so a new optional field with a default
+neither breaks old events nor old readers that know the new writer schema).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import fastavro
+from fastavro.schema import fingerprint as avro_fingerprint
+from fastavro.schema import to_parsing_canonical_form
+
+from beliefstore.errors import PoisonEvent, SchemaNotFound, ValidationError
+from beliefstore.events.model import (
+    Event,
+    ObservationRecorded,
+    ObservationRetracted,
+    SubjectErased,
+)
+from beliefstore.events.validation import validate
+
+MAGIC = b"\xc3\x01"
+"""The single-object encoding marker."""
+HEADER_LENGTH = 10
+"""Marker (2 bytes) + fingerprint (8 bytes)."""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_FILE_NAME = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)\.v(?P<version>\d+)\.avsc$")
+_CLASSES: dict[str, type[ObservationRecorded] | type[ObservationRetracted] | type[SubjectErased]]
+_CLASSES = {cls.schema_name: cls for cls in (ObservationRecorded, ObservationRetracted, SubjectErased)}
+
+
+@dataclass(frozen=True)
+class RegisteredSchema:
+    """One version of one event schema.
+
+    Attributes:
+        name: full record name, e.g. ``beliefstore.ObservationRecorded``.
+        version: the ``N`` of the file name ``ObservationRecorded.vN.avsc``.
+        fingerprint: 8 bytes, CRC-64-AVRO of the Parsing Canonical Form, little-endian.
+        parsed: the fastavro-parsed schema.
+        source: the file it came from.
+    """
+
+    name: str
+    version: int
+    fingerprint: bytes
+    parsed: Any
+    source: str
+
+
+def schema_fingerprint(schema: Any) -> bytes:
+    """CRC-64-AVRO fingerprint (8 bytes, little-endian) of a schema's Parsing Canonical Form."""
+    pcf = to_parsing_canonical_form(fastavro.parse_schema(schema, _write_hint=False))
+    return bytes.fromhex(avro_fingerprint(pcf, "CRC-64-AVRO"))
+
+
+class SchemaRegistry:
+    """The schemas beliefstore can read and write, looked up by fingerprint.
+
+    ``own`` schemas are this code's versions: the highest version of each record name
+    is the one written and the reader schema every message is resolved to. ``extra``
+    schemas are only known as writer schemas (e.g. a newer producer's ``.avsc``
+    dropped into ``BELIEFSTORE_SCHEMA_PATH``), so an older reader can still decode
+    their messages.
+
+    Raises:
+        ValueError: a file name that is not ``Name.vN.avsc``, or a record name that
+            does not match the file name.
+    """
+
+    def __init__(self, own: Iterable[tuple[str, str]], extra: Iterable[tuple[str, str]] = ()):
+        self._by_fingerprint: dict[bytes, RegisteredSchema] = {}
+        self._current: dict[str, RegisteredSchema] = {}
+        for origin, text in own:
+            entry = self._add(origin, text)
+            best = self._current.get(entry.name)
+            if best is None or entry.version > best.version:
+                self._current[entry.name] = entry
+        for origin, text in extra:
+            self._add(origin, text)
+
+    def _add(self, origin: str, text: str) -> RegisteredSchema:
+        match = _FILE_NAME.match(Path(origin).name)
+        if not match:
+            raise ValueError(f"{origin}: schema files must be named Name.vN.avsc")
+        raw = json.loads(text)
+        parsed = fastavro.parse_schema(raw)
+        name = parsed["name"]
+        if name.rsplit(".", 1)[-1] != match["name"]:
+            raise ValueError(f"{origin}: file name does not match record name {name}")
+        entry = RegisteredSchema(
+            name=name,
+            version=int(match["version"]),
+            fingerprint=schema_fingerprint(raw),
+            parsed=parsed,
+            source=origin,
+        )
+        self._by_fingerprint[entry.fingerprint] = entry
+        return entry
+
+    @classmethod
+    def default(cls, extra_path: str | None = None) -> SchemaRegistry:
+        """The shipped ``schemas/`` files, plus every ``*.avsc`` in ``extra_path``.
+
+        ``extra_path`` is an ``os.pathsep``-separated list of folders; it defaults to
+        the ``BELIEFSTORE_SCHEMA_PATH`` environment variable.
+        """
+        package = resources.files("beliefstore.schemas")
+        own = [
+            (item.name, item.read_text(encoding="utf-8"))
+            for item in package.iterdir()
+            if item.name.endswith(".avsc")
+        ]
+        if extra_path is None:
+            extra_path = os.environ.get("BELIEFSTORE_SCHEMA_PATH", "")
+        extra = [
+            (str(p), p.read_text(encoding="utf-8"))
+            for folder in extra_path.split(os.pathsep)
+            if folder
+            for p in sorted(Path(folder).glob("*.avsc"))
+        ]
+        return cls(own, extra)
+
+    def current(self, name: str) -> RegisteredSchema:
+        """The schema this code writes and reads ``name`` as (its highest own version)."""
+        return self._current[name]
+
+    def lookup(self, fingerprint: bytes) -> RegisteredSchema:
+        """The schema with this fingerprint.
+
+        Raises:
+            SchemaNotFound: no registered schema has it.
+        """
+        try:
+            return self._by_fingerprint[fingerprint]
+        except KeyError:
+            raise SchemaNotFound(fingerprint) from None
+
+    def __iter__(self):
+        return iter(self._by_fingerprint.values())
+
+
+@dataclass(frozen=True)
+class DecodedEvent:
+    """A message decoded from the log.
+
+    Attributes:
+        event: the validated event.
+        writer: the writer schema named by the message's fingerprint.
+        record: the record as resolved to the reader schema (may hold fields the
+            event classes do not model yet, with their defaults).
+    """
+
+    event: Event
+    writer: RegisteredSchema
+    record: dict[str, Any]
+
+
+def _to_millis(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return (value - _EPOCH) // timedelta(milliseconds=1)
+    return value
+
+
+class AvroSerde:
+    """Encodes events to, and decodes them from, single-object-encoded Avro bytes."""
+
+    def __init__(self, registry: SchemaRegistry | None = None):
+        self.registry = registry or SchemaRegistry.default()
+
+    def encode(self, event: Event) -> bytes:
+        """The single-object encoding of ``event`` under its current schema.
+
+        Raises:
+            ValidationError: the event is invalid (see :func:`validate`).
+        """
+        validate(event)
+        schema = self.registry.current(event.schema_name)
+        record = {f.name: getattr(event, f.name) for f in fields(event)}
+        return encode_record(record, schema)
+
+    def decode(self, data: bytes) -> DecodedEvent:
+        """Decode and validate one message.
+
+        Raises:
+            PoisonEvent: ``kind`` is ``bad_marker`` (no ``C3 01``), ``unknown_schema``
+                (:class:`SchemaNotFound`), ``truncated`` (body ends early or has
+                trailing bytes) or ``invalid_event`` (decodes but fails validation).
+        """
+        if data is None or len(data) < HEADER_LENGTH or data[:2] != MAGIC:
+            head = (data or b"")[:2].hex() or "empty"
+            raise PoisonEvent(
+                "bad_marker",
+                f"message does not start with the Avro single-object marker c301 "
+                f"(starts with {head}, {len(data or b'')} bytes)",
+            )
+        writer = self.registry.lookup(bytes(data[2:HEADER_LENGTH]))
+        reader = self.registry.current(writer.name)
+        buffer = io.BytesIO(data[HEADER_LENGTH:])
+        try:
+            record = fastavro.schemaless_reader(buffer, writer.parsed, reader.parsed)
+        except (EOFError, ValueError, IndexError, UnicodeDecodeError, OverflowError) as exc:
+            raise PoisonEvent(
+                "truncated", f"Avro body does not match {writer.name} v{writer.version}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        except Exception as exc:  # fastavro raises assorted errors on corrupt bodies
+            raise PoisonEvent(
+                "truncated", f"Avro body of {writer.name} v{writer.version} is corrupt: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        rest = len(data) - HEADER_LENGTH - buffer.tell()
+        if rest:
+            raise PoisonEvent(
+                "truncated", f"{rest} trailing bytes after the {writer.name} body"
+            )
+        if not isinstance(record, dict):
+            raise PoisonEvent("truncated", f"{writer.name} body is not a record")
+        cls = _CLASSES[writer.name]
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: _to_millis(v) for k, v in record.items() if k in known}
+        for k in ("event_id", "retracted_event_id"):
+            if k in kwargs:
+                kwargs[k] = str(kwargs[k])
+        try:
+            event = validate(cls(**kwargs))
+        except ValidationError as exc:
+            raise PoisonEvent("invalid_event", str(exc)) from exc
+        return DecodedEvent(event=event, writer=writer, record=record)
+
+
+def encode_record(record: dict[str, Any], schema: RegisteredSchema) -> bytes:
+    """Single-object-encode a plain record under ``schema`` (no validation)."""
+    buffer = io.BytesIO()
+    buffer.write(MAGIC)
+    buffer.write(schema.fingerprint)
+    fastavro.schemaless_writer(buffer, schema.parsed, record)
+    return buffer.getvalue()
