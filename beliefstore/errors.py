@@ -48,6 +48,11 @@ class ValidationError(BeliefstoreError, ValueError):
         self.errors = list(errors)
         super().__init__("; ".join(str(e) for e in self.errors))
 
+    @classmethod
+    def single(cls, field: str, message: str) -> ValidationError:
+        """A ValidationError about one field."""
+        return cls([FieldError(field, message)])
+
     @property
     def field(self) -> str:
         """The name of the first offending field."""

@@ -19,16 +19,12 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import fastavro
-from fastavro.schema import fingerprint as avro_fingerprint
-from fastavro.schema import to_parsing_canonical_form
-
-from beliefstore.errors import PoisonEvent, SchemaNotFound, ValidationError
 from beliefstore.events.model import (
     Event,
     ObservationRecorded,
@@ -36,13 +32,17 @@ from beliefstore.events.model import (
     SubjectErased,
 )
 from beliefstore.events.validation import validate
+from fastavro.schema import fingerprint as avro_fingerprint
+from fastavro.schema import to_parsing_canonical_form
+
+from beliefstore.errors import PoisonEvent, SchemaNotFound, ValidationError
+from beliefstore.timefmt import to_millis
 
 MAGIC = b"\xc3\x01"
 """The single-object encoding marker."""
 HEADER_LENGTH = 10
 """Marker (2 bytes) + fingerprint (8 bytes)."""
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _FILE_NAME = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)\.v(?P<version>\d+)\.avsc$")
 _CLASSES: dict[str, type[ObservationRecorded] | type[ObservationRetracted] | type[SubjectErased]]
 _CLASSES = {cls.schema_name: cls for cls in (ObservationRecorded, ObservationRetracted, SubjectErased)}
@@ -176,9 +176,7 @@ class DecodedEvent:
 
 
 def _to_millis(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return (value - _EPOCH) // timedelta(milliseconds=1)
-    return value
+    return to_millis(value) if isinstance(value, datetime) else value
 
 
 class AvroSerde:

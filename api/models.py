@@ -1,0 +1,148 @@
+"""Typed request and response bodies of the HTTP API (the OpenAPI document's contract)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+
+
+class ObservationIn(BaseModel):
+    """An observation to record. Same rules as the Python SDK's ``observe``."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{
+            "subject_id": "user-42",
+            "context": "support",
+            "attribute": "emotional_state",
+            "value": "frustrated",
+            "confidence": 0.88,
+            "source": "triage_agent",
+            "evidence": "msg-1842: 'this is the third time I am charged'",
+            "metadata": {"model": "gpt-x", "session_id": "s-77"},
+        }]},
+    )
+
+    subject_id: StrictStr = Field(description="The person observed (at most 256 characters).")
+    context: StrictStr = Field(description="Namespace, e.g. support, billing ([A-Za-z0-9_.:-]).")
+    attribute: StrictStr = Field(description="What is observed, e.g. emotional_state.")
+    value: StrictStr = Field(description="The observed value (a string, at most 4096 characters).")
+    confidence: StrictFloat | StrictInt = Field(description="The source's confidence in [0, 1].")
+    source: StrictStr = Field(description="Id of the observing agent.")
+    evidence: StrictStr | None = Field(None, description="Free text or a message id backing it.")
+    metadata: dict[StrictStr, StrictStr] | None = Field(
+        None, description="Model name, session id, correlation id, ..."
+    )
+    occurred_at: StrictInt | datetime | None = Field(
+        None, description="When it was observed: epoch milliseconds or ISO 8601; default now."
+    )
+    event_id: StrictStr | None = Field(
+        None, description="UUID for idempotent retries; default a new UUID4."
+    )
+
+
+class ReceiptOut(BaseModel):
+    """Where the broker stored the event (acknowledged by all in-sync replicas)."""
+
+    event_id: str
+    topic: str
+    partition: int
+    offset: int
+
+
+class BeliefOut(BaseModel):
+    """One belief of the self-model."""
+
+    context: str
+    attribute: str
+    value: str
+    confidence: float = Field(description="Confidence of value, in (0, 1).")
+    alternatives: dict[str, float] = Field(description="Other values → their confidence.")
+    sources: list[str] = Field(description="Agents whose counting observations support value.")
+    support: list[str] = Field(description="Event ids of those observations.")
+    source_count: int = Field(description="Distinct sources with a counting observation.")
+    last_observed_at: datetime
+    updated_at: datetime
+
+
+class SelfModelOut(BaseModel):
+    """Everything currently believed about a subject, grouped by context."""
+
+    subject_id: str
+    contexts: dict[str, list[BeliefOut]]
+    belief_count: int
+
+
+class BeliefsOut(BaseModel):
+    """A filtered list of a subject's beliefs."""
+
+    subject_id: str
+    beliefs: list[BeliefOut]
+
+
+class KafkaPosition(BaseModel):
+    """Where an event sits in the log."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+class TraceEventOut(BaseModel):
+    """One event of a belief's key and whether it counts."""
+
+    event_id: str
+    type: Literal["observed", "retracted"]
+    source: str
+    occurred_at: datetime
+    recorded_at: datetime | None = Field(description="The broker's append timestamp.")
+    value: str | None = Field(description="Observed value; null for retractions and erased events.")
+    confidence: float | None
+    evidence: str | None = None
+    retracted_event_id: str | None = None
+    status: Literal[
+        "counting", "superseded", "retracted", "erased", "retraction", "retraction_ignored"
+    ]
+    reason: str | None = Field(description="Why the event does not count (which event caused it).")
+    weight: float | None = Field(description="Log-odds weight w_i of a counting observation.")
+    decay: float | None = Field(description="Recency factor 2^(-age/H) of a counting observation.")
+    kafka: KafkaPosition
+    writer_fingerprint: str = Field(description="CRC-64-AVRO fingerprint of the writer schema (hex).")
+
+
+class TraceOut(BaseModel):
+    """A belief with every event behind it, counting or not, and the settings used."""
+
+    subject_id: str
+    context: str
+    attribute: str
+    belief: BeliefOut | None = Field(description="Null when no observation counts any more.")
+    half_life_s: float
+    trust: dict[str, float] = Field(description="Trust of every source in the trace.")
+    events: list[TraceEventOut]
+
+
+class ErrorOut(BaseModel):
+    """An error with a message that says what is wrong and how to fix it."""
+
+    detail: str
+
+
+class CheckOut(BaseModel):
+    """The state of one dependency."""
+
+    ok: bool
+    detail: str
+
+
+class ReadyOut(BaseModel):
+    """Readiness: broker and database reachable, and the projection's lag."""
+
+    ready: bool
+    database: CheckOut
+    broker: CheckOut
+    projection_lag: int | None = Field(
+        description="Messages not yet projected, as of the projector's last batch."
+    )

@@ -1,0 +1,81 @@
+"""Read-side queries of the read model (PostgreSQL only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from beliefstore.events.model import ObservationRecorded
+from beliefstore.projector.fold import Belief, FoldSettings, Key, TraceEntry, trace
+from beliefstore.projector.store import LogPosition, load_events
+from beliefstore.projector.tables import beliefs, observations, projection_offsets
+
+
+def belief_rows(
+    conn: sa.Connection,
+    subject_id: str,
+    context: str | None = None,
+    min_confidence: float | None = None,
+) -> list[sa.Row]:
+    """The subject's belief rows, sorted by (context, attribute), optionally filtered."""
+    b = beliefs
+    query = sa.select(b).where(b.c.subject_id == subject_id)
+    if context is not None:
+        query = query.where(b.c.context == context)
+    if min_confidence is not None:
+        query = query.where(b.c.confidence >= min_confidence)
+    return list(conn.execute(query.order_by(b.c.context, b.c.attribute)))
+
+
+def subject_known(conn: sa.Connection, subject_id: str) -> bool:
+    """Whether any belief or observation about the subject is stored."""
+    return bool(conn.execute(sa.select(
+        sa.exists().where(beliefs.c.subject_id == subject_id)
+        | sa.exists().where(observations.c.subject_id == subject_id)
+    )).scalar())
+
+
+@dataclass(frozen=True)
+class KeyTrace:
+    """A key's belief row, the fold's trace entries and each event's log position."""
+
+    row: sa.Row | None
+    belief: Belief | None
+    entries: list[TraceEntry]
+    positions: dict[str, LogPosition]
+    erased_ids: frozenset[str]
+
+
+def key_trace(conn: sa.Connection, key: Key, settings: FoldSettings) -> KeyTrace:
+    """Explain one belief from the stored events, with the same fold the projector uses."""
+    logged = load_events(conn, [key])
+    positions = {le.event.event_id: le.position for le in logged}
+    belief, entries = trace([le.event for le in logged], key, settings)
+    row = conn.execute(sa.select(beliefs).where(
+        beliefs.c.subject_id == key[0], beliefs.c.context == key[1], beliefs.c.attribute == key[2]
+    )).first()
+    erased = frozenset(
+        e.event.event_id for e in entries
+        if isinstance(e.event, ObservationRecorded) and e.status == "erased"
+    )
+    return KeyTrace(row, belief, entries, positions, erased)
+
+
+def projection_lag(conn: sa.Connection, projection: str, topic: str) -> int | None:
+    """Σ (high watermark − next offset) over partitions, as of the projector's last batch."""
+    p = projection_offsets
+    rows = list(conn.execute(sa.select(p.c.next_offset, p.c.high_watermark).where(
+        p.c.projection == projection, p.c.topic == topic
+    )))
+    if not rows:
+        return None
+    return sum(max(0, (r.high_watermark or r.next_offset) - r.next_offset) for r in rows)
+
+
+__all__ = [
+    "KeyTrace",
+    "belief_rows",
+    "key_trace",
+    "projection_lag",
+    "subject_known",
+]

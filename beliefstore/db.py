@@ -1,0 +1,67 @@
+"""PostgreSQL connections and migrations for the read model."""
+
+from __future__ import annotations
+
+import re
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+
+_SCHEMA = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Normalise a PostgreSQL URL to SQLAlchemy's psycopg 3 driver (``postgresql+psycopg://``).
+
+    Accepts ``postgres://``, ``postgresql://`` and ``postgresql+psycopg://`` URLs.
+
+    Raises:
+        ValueError: not a PostgreSQL URL.
+    """
+    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    raise ValueError(
+        f"DATABASE_URL {url!r} is not a PostgreSQL URL; expected postgresql://user@host:port/db"
+    )
+
+
+def check_schema_name(schema: str) -> str:
+    """Return ``schema`` if it is a plain lowercase identifier, else raise ``ValueError``."""
+    if not _SCHEMA.match(schema):
+        raise ValueError(
+            f"BELIEFSTORE_DB_SCHEMA {schema!r} must be a lowercase identifier ([a-z_][a-z0-9_]*)"
+        )
+    return schema
+
+
+def make_engine(url: str, schema: str = "public", **kwargs) -> sa.Engine:
+    """An engine whose connections use ``schema`` (then ``public``) as ``search_path``.
+
+    ``kwargs`` go to :func:`sqlalchemy.create_engine` (e.g. ``pool_size``).
+    """
+    check_schema_name(schema)
+    return sa.create_engine(
+        sqlalchemy_url(url),
+        connect_args={"options": f"-csearch_path={schema},public"},
+        pool_pre_ping=True,
+        **kwargs,
+    )
+
+
+def migrate(engine: sa.Engine, schema: str = "public") -> None:
+    """Create ``schema`` if needed and upgrade its tables to the newest Alembic revision.
+
+    Safe to run concurrently from several processes: a transaction-level advisory
+    lock serialises them.
+    """
+    check_schema_name(schema)
+    config = Config()
+    config.set_main_option("script_location", "beliefstore.projector:migrations")
+    with engine.begin() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:s))"), {"s": schema})
+        conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+        config.attributes["connection"] = conn
+        config.attributes["schema"] = schema
+        command.upgrade(config, "head")

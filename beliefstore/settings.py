@@ -1,0 +1,232 @@
+"""beliefstore's settings: one object, every field from one environment variable.
+
+=================================  ===============================  =================================
+field                              environment variable             default
+=================================  ===============================  =================================
+kafka_bootstrap_servers            KAFKA_BOOTSTRAP_SERVERS          unset → the embedded broker
+database_url                       DATABASE_URL                     unset → the embedded PostgreSQL
+topic                              BELIEFSTORE_TOPIC                ``beliefstore.events``
+dlq_topic                          BELIEFSTORE_DLQ_TOPIC            ``<topic>.dlq``
+partitions                         BELIEFSTORE_PARTITIONS           4 (used when creating topics)
+replication_factor                 BELIEFSTORE_REPLICATION_FACTOR   1 (used when creating topics)
+db_schema                          BELIEFSTORE_DB_SCHEMA            ``public`` (PostgreSQL schema)
+projection                         BELIEFSTORE_PROJECTION           ``self_model`` (offsets' owner)
+default_half_life_s                BELIEFSTORE_DEFAULT_HALF_LIFE    2592000 s (30 days)
+half_lives                         BELIEFSTORE_HALF_LIVES           none; ``ctx=seconds,ctx2=seconds``
+trust                              BELIEFSTORE_TRUST                none; ``source=weight,...``
+batch_size                         BELIEFSTORE_BATCH_SIZE           500 events per transaction
+poll_timeout_ms                    BELIEFSTORE_POLL_TIMEOUT_MS      500 ms
+produce_timeout_s                  BELIEFSTORE_PRODUCE_TIMEOUT      30 s until a send must be acked
+api_host                           BELIEFSTORE_API_HOST             ``127.0.0.1``
+api_port                           BELIEFSTORE_API_PORT             8000
+api_url                            BELIEFSTORE_API_URL              ``http://<api_host>:<api_port>``
+home                               BELIEFSTORE_HOME                 ``./.beliefstore`` (embedded data)
+=================================  ===============================  =================================
+
+``BELIEFSTORE_SCHEMA_PATH`` (extra ``.avsc`` folders) is read by
+:meth:`beliefstore.events.serde.SchemaRegistry.default`.
+
+When ``beliefstore up`` is running in the same directory it records the addresses
+of the services it started in ``<home>/services.json``; :meth:`Settings.from_env`
+uses them for whatever the environment leaves unset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from beliefstore.projector.fold import DEFAULT_HALF_LIFE_S, FoldSettings
+
+ENV_VARS = (
+    "KAFKA_BOOTSTRAP_SERVERS",
+    "DATABASE_URL",
+    "BELIEFSTORE_TOPIC",
+    "BELIEFSTORE_DLQ_TOPIC",
+    "BELIEFSTORE_PARTITIONS",
+    "BELIEFSTORE_REPLICATION_FACTOR",
+    "BELIEFSTORE_DB_SCHEMA",
+    "BELIEFSTORE_PROJECTION",
+    "BELIEFSTORE_DEFAULT_HALF_LIFE",
+    "BELIEFSTORE_HALF_LIVES",
+    "BELIEFSTORE_TRUST",
+    "BELIEFSTORE_BATCH_SIZE",
+    "BELIEFSTORE_POLL_TIMEOUT_MS",
+    "BELIEFSTORE_PRODUCE_TIMEOUT",
+    "BELIEFSTORE_API_HOST",
+    "BELIEFSTORE_API_PORT",
+    "BELIEFSTORE_API_URL",
+    "BELIEFSTORE_HOME",
+    "BELIEFSTORE_SCHEMA_PATH",
+)
+"""Every environment variable beliefstore reads."""
+
+STATE_FILE = "services.json"
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value that cannot be used; the message names it."""
+
+
+def parse_pairs(text: str, variable: str) -> dict[str, float]:
+    """Parse ``name=number,name=number`` (as in BELIEFSTORE_TRUST) into a dict.
+
+    Raises:
+        SettingsError: naming ``variable`` and the bad item.
+    """
+    out: dict[str, float] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, number = item.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out[name.strip()] = float(number)
+        except ValueError:
+            raise SettingsError(
+                f"{variable}: {item!r} is not NAME=NUMBER (e.g. support=3600)"
+            ) from None
+    return out
+
+
+def _number(env: Mapping[str, str], name: str, default: float, cast: type = int) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = cast(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a {cast.__name__}") from None
+    if value <= 0:
+        raise SettingsError(f"{name}={raw!r} must be positive")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All configuration; see the module docstring for variables, defaults and units."""
+
+    kafka_bootstrap_servers: str | None = None
+    database_url: str | None = None
+    topic: str = "beliefstore.events"
+    dlq_topic: str = "beliefstore.events.dlq"
+    partitions: int = 4
+    replication_factor: int = 1
+    db_schema: str = "public"
+    projection: str = "self_model"
+    default_half_life_s: float = DEFAULT_HALF_LIFE_S
+    half_lives: dict[str, float] = field(default_factory=dict)
+    trust: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 500
+    poll_timeout_ms: int = 500
+    produce_timeout_s: float = 30.0
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_url: str = "http://127.0.0.1:8000"
+    home: Path = Path(".beliefstore")
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, use_running: bool = True
+    ) -> Settings:
+        """Read the settings from ``environ`` (default ``os.environ``).
+
+        With ``use_running``, addresses recorded by a running ``beliefstore up`` in
+        ``<home>/services.json`` fill in unset KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL
+        and BELIEFSTORE_API_URL.
+
+        Raises:
+            SettingsError: a variable's value is unusable (the message names it).
+        """
+        env = os.environ if environ is None else environ
+        topic = env.get("BELIEFSTORE_TOPIC") or "beliefstore.events"
+        host = env.get("BELIEFSTORE_API_HOST") or "127.0.0.1"
+        port = int(_number(env, "BELIEFSTORE_API_PORT", 8000))
+        half_lives = parse_pairs(env.get("BELIEFSTORE_HALF_LIVES", ""), "BELIEFSTORE_HALF_LIVES")
+        if any(v <= 0 for v in half_lives.values()):
+            raise SettingsError("BELIEFSTORE_HALF_LIVES: every half-life must be > 0 seconds")
+        trust = parse_pairs(env.get("BELIEFSTORE_TRUST", ""), "BELIEFSTORE_TRUST")
+        if any(v < 0 for v in trust.values()):
+            raise SettingsError("BELIEFSTORE_TRUST: every trust weight must be >= 0")
+        settings = cls(
+            kafka_bootstrap_servers=env.get("KAFKA_BOOTSTRAP_SERVERS") or None,
+            database_url=env.get("DATABASE_URL") or None,
+            topic=topic,
+            dlq_topic=env.get("BELIEFSTORE_DLQ_TOPIC") or f"{topic}.dlq",
+            partitions=int(_number(env, "BELIEFSTORE_PARTITIONS", 4)),
+            replication_factor=int(_number(env, "BELIEFSTORE_REPLICATION_FACTOR", 1)),
+            db_schema=env.get("BELIEFSTORE_DB_SCHEMA") or "public",
+            projection=env.get("BELIEFSTORE_PROJECTION") or "self_model",
+            default_half_life_s=_number(
+                env, "BELIEFSTORE_DEFAULT_HALF_LIFE", DEFAULT_HALF_LIFE_S, float
+            ),
+            half_lives=half_lives,
+            trust=trust,
+            batch_size=int(_number(env, "BELIEFSTORE_BATCH_SIZE", 500)),
+            poll_timeout_ms=int(_number(env, "BELIEFSTORE_POLL_TIMEOUT_MS", 500)),
+            produce_timeout_s=_number(env, "BELIEFSTORE_PRODUCE_TIMEOUT", 30.0, float),
+            api_host=host,
+            api_port=port,
+            api_url=(env.get("BELIEFSTORE_API_URL") or f"http://{host}:{port}").rstrip("/"),
+            home=Path(env.get("BELIEFSTORE_HOME") or ".beliefstore"),
+        )
+        if use_running:
+            settings = settings.with_running_services(
+                explicit_api_url="BELIEFSTORE_API_URL" in env
+            )
+        return settings
+
+    def with_running_services(self, *, explicit_api_url: bool = False) -> Settings:
+        """Fill unset service addresses from ``<home>/services.json`` (written by ``up``)."""
+        state = read_state(self.home)
+        if not state:
+            return self
+        return replace(
+            self,
+            kafka_bootstrap_servers=self.kafka_bootstrap_servers
+            or state.get("kafka_bootstrap_servers"),
+            database_url=self.database_url or state.get("database_url"),
+            api_url=self.api_url if explicit_api_url else state.get("api_url", self.api_url),
+        )
+
+    @property
+    def fold_settings(self) -> FoldSettings:
+        """The merge parameters (half-lives and trust) for :func:`~beliefstore.projector.fold.fold`."""
+        return FoldSettings(
+            default_half_life_s=self.default_half_life_s,
+            half_lives=dict(self.half_lives),
+            trust=dict(self.trust),
+        )
+
+
+def state_path(home: Path) -> Path:
+    """Where ``beliefstore up`` records the addresses of the services it runs."""
+    return home / STATE_FILE
+
+
+def read_state(home: Path) -> dict[str, str]:
+    """The addresses recorded by a running ``up`` (empty when none is running)."""
+    path = state_path(home)
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    pid = state.get("pid")
+    if isinstance(pid, int):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return {}
+        except PermissionError:
+            pass
+    return {k: v for k, v in state.items() if isinstance(v, str)}
+
+
+def write_state(home: Path, state: Mapping[str, object]) -> Path:
+    """Record the running services' addresses (see :func:`read_state`)."""
+    home.mkdir(parents=True, exist_ok=True)
+    path = state_path(home)
+    path.write_text(json.dumps(dict(state), indent=2))
+    return path

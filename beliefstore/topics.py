@@ -1,0 +1,51 @@
+"""Creating the event and dead-letter topics."""
+
+from __future__ import annotations
+
+import time
+
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+
+def ensure_topics(
+    bootstrap_servers: str,
+    topics: dict[str, int],
+    *,
+    replication_factor: int = 1,
+    timeout_s: float = 30.0,
+) -> None:
+    """Create each topic (name → partition count) unless it exists.
+
+    The event topic keeps its log forever (``retention.ms=-1``): it is the system of
+    record. Waits until every topic shows up in the cluster's metadata.
+
+    Raises:
+        kafka.errors.KafkaError: the cluster refused or could not be reached in time.
+    """
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap_servers,
+        client_id="beliefstore-admin",
+        request_timeout_ms=int(timeout_s * 1000),
+    )
+    try:
+        existing = set(admin.list_topics())
+        missing = [
+            NewTopic(name, num_partitions=n, replication_factor=replication_factor,
+                     topic_configs={"retention.ms": "-1"})
+            for name, n in topics.items()
+            if name not in existing
+        ]
+        for topic in missing:
+            try:
+                admin.create_topics([topic])
+            except TopicAlreadyExistsError:
+                pass
+        deadline = time.monotonic() + timeout_s
+        while not set(topics) <= set(admin.list_topics()):
+            if time.monotonic() > deadline:
+                raise KafkaError(f"topics {sorted(topics)} did not appear within {timeout_s} s")
+            time.sleep(0.1)
+    finally:
+        admin.close()

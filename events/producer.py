@@ -1,0 +1,257 @@
+"""The producer SDK: record observations, retractions and erasures on the event topic.
+
+Every send is validated first (nothing invalid is ever produced), keyed by
+``subject_id`` (so all events about one person stay in one partition, in order),
+and returns only once the broker has acknowledged it (``acks="all"``, idempotent
+producer), or raises.
+
+This SDK writes to Kafka directly and is meant for trusted services. Agents that
+only speak HTTP use ``POST /v1/observations``, which applies the same validation.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from beliefstore.events.model import (
+    Event,
+    ObservationRecorded,
+    ObservationRetracted,
+    SubjectErased,
+)
+from beliefstore.events.serde import AvroSerde
+from beliefstore.events.validation import validate
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
+
+from beliefstore.errors import ProduceError
+from beliefstore.timefmt import now_millis, to_millis
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """Proof that the broker stored an event.
+
+    Attributes:
+        event_id: the event's UUID.
+        topic: the topic it was appended to.
+        partition: its partition.
+        offset: its offset in that partition.
+    """
+
+    event_id: str
+    topic: str
+    partition: int
+    offset: int
+
+
+def _millis(occurred_at: int | datetime | None) -> int:
+    if occurred_at is None:
+        return now_millis()
+    if isinstance(occurred_at, datetime):
+        return to_millis(occurred_at)
+    return occurred_at
+
+
+class BeliefProducer:
+    """Produces beliefstore events to Kafka.
+
+    Args:
+        bootstrap_servers: ``host:port[,host:port]`` of the Kafka cluster.
+        topic: the event topic (default ``beliefstore.events``).
+        serde: the Avro serde (default: the shipped schemas).
+        timeout_s: how long a send may wait for the broker's acknowledgement, seconds.
+        **kafka_config: more :class:`kafka.KafkaProducer` settings (e.g. ``security_protocol``,
+            ``sasl_mechanism``); ``acks`` and ``enable_idempotence`` are fixed.
+
+    Raises:
+        ProduceError: the cluster cannot be reached.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        topic: str = "beliefstore.events",
+        *,
+        serde: AvroSerde | None = None,
+        timeout_s: float = 30.0,
+        **kafka_config: Any,
+    ):
+        self.topic = topic
+        self.serde = serde or AvroSerde()
+        self.timeout_s = timeout_s
+        try:
+            self._producer = KafkaProducer(
+                bootstrap_servers=bootstrap_servers,
+                client_id="beliefstore-producer",
+                key_serializer=lambda k: k.encode("utf-8"),
+                **{
+                    "linger_ms": 5,
+                    "request_timeout_ms": int(timeout_s * 1000),
+                    **kafka_config,
+                    "acks": "all",
+                    "enable_idempotence": True,
+                },
+            )
+        except KafkaError as exc:
+            raise ProduceError(
+                f"cannot reach Kafka at {bootstrap_servers}: {exc}; check KAFKA_BOOTSTRAP_SERVERS "
+                "or start the embedded services with `beliefstore up`"
+            ) from exc
+
+    @classmethod
+    def from_settings(cls, settings=None) -> BeliefProducer:
+        """A producer for the configured cluster and topic (see :mod:`beliefstore.settings`).
+
+        Raises:
+            ProduceError: KAFKA_BOOTSTRAP_SERVERS is unset and no ``beliefstore up`` runs here.
+        """
+        from beliefstore.settings import Settings
+
+        settings = settings or Settings.from_env()
+        if not settings.kafka_bootstrap_servers:
+            raise ProduceError(
+                "no Kafka cluster configured: set KAFKA_BOOTSTRAP_SERVERS, or run "
+                "`beliefstore up` in this directory first"
+            )
+        return cls(settings.kafka_bootstrap_servers, settings.topic,
+                   timeout_s=settings.produce_timeout_s)
+
+    # -- the three calls ---------------------------------------------------------------
+
+    def observe(
+        self,
+        subject_id: str,
+        context: str,
+        attribute: str,
+        value: str,
+        confidence: float,
+        source: str,
+        evidence: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        occurred_at: int | datetime | None = None,
+        event_id: str | None = None,
+    ) -> Receipt:
+        """Record that ``source`` observed ``context.attribute = value`` about ``subject_id``.
+
+        ``confidence`` is in [0, 1]; ``occurred_at`` is epoch ms or an aware datetime
+        (default: now); ``event_id`` defaults to a new UUID4.
+
+        Raises:
+            ValidationError: a field is invalid (nothing is produced).
+            ProduceError: the broker did not acknowledge within ``timeout_s``.
+        """
+        return self.send(ObservationRecorded(
+            event_id=event_id or str(uuid.uuid4()),
+            subject_id=subject_id,
+            source=source,
+            occurred_at=_millis(occurred_at),
+            context=context,
+            attribute=attribute,
+            value=value,
+            confidence=confidence,
+            evidence=evidence,
+            metadata=dict(metadata) if metadata is not None else {},
+        ))
+
+    def retract(
+        self,
+        subject_id: str,
+        retracted_event_id: str,
+        source: str,
+        reason: str | None = None,
+        occurred_at: int | datetime | None = None,
+        event_id: str | None = None,
+    ) -> Receipt:
+        """Withdraw observation ``retracted_event_id``; only counts if ``source`` made it.
+
+        Raises:
+            ValidationError, ProduceError: as :meth:`observe`.
+        """
+        return self.send(ObservationRetracted(
+            event_id=event_id or str(uuid.uuid4()),
+            subject_id=subject_id,
+            source=source,
+            occurred_at=_millis(occurred_at),
+            retracted_event_id=retracted_event_id,
+            reason=reason,
+        ))
+
+    def erase(
+        self,
+        subject_id: str,
+        source: str,
+        reason: str | None = None,
+        occurred_at: int | datetime | None = None,
+        event_id: str | None = None,
+    ) -> Receipt:
+        """Forget everything observed about ``subject_id`` up to ``occurred_at`` (default now).
+
+        Raises:
+            ValidationError, ProduceError: as :meth:`observe`.
+        """
+        return self.send(SubjectErased(
+            event_id=event_id or str(uuid.uuid4()),
+            subject_id=subject_id,
+            source=source,
+            occurred_at=_millis(occurred_at),
+            reason=reason,
+        ))
+
+    # -- sending -----------------------------------------------------------------------
+
+    def send(self, event: Event) -> Receipt:
+        """Validate, encode and produce one event; wait for the acknowledgement.
+
+        Raises:
+            ValidationError: the event is invalid (nothing is produced).
+            ProduceError: the broker did not acknowledge within ``timeout_s``.
+        """
+        return self.send_many([event])[0]
+
+    def send_many(self, events: Iterable[Event]) -> list[Receipt]:
+        """Produce several events pipelined, then wait for every acknowledgement.
+
+        All events are validated before the first is sent, so an invalid one means
+        none is produced.
+
+        Raises:
+            ValidationError: an event is invalid (nothing is produced).
+            ProduceError: an acknowledgement did not arrive within ``timeout_s``.
+        """
+        batch = [validate(e) for e in events]
+        payloads = [self.serde.encode(e) for e in batch]
+        try:
+            futures = [
+                self._producer.send(self.topic, key=e.subject_id, value=p)
+                for e, p in zip(batch, payloads, strict=True)
+            ]
+            receipts = []
+            for e, f in zip(batch, futures, strict=True):
+                md = f.get(timeout=self.timeout_s)
+                receipts.append(Receipt(e.event_id, md.topic, md.partition, md.offset))
+            return receipts
+        except KafkaError as exc:
+            raise ProduceError(f"the broker did not acknowledge the event(s): {exc}") from exc
+
+    def connected(self) -> bool:
+        """Whether the producer currently has a connection to the cluster."""
+        return bool(self._producer.bootstrap_connected())
+
+    def flush(self) -> None:
+        """Wait until every send so far is acknowledged."""
+        self._producer.flush(timeout=self.timeout_s)
+
+    def close(self) -> None:
+        """Flush and release the connection."""
+        self._producer.close(timeout=self.timeout_s)
+
+    def __enter__(self) -> BeliefProducer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,324 @@
+"""The projection's recorder: writes batches of events and their offsets to PostgreSQL.
+
+Everything one batch produces (its observations, retractions and erasures, the
+recomputed beliefs of every key it touched, and the next offset of every partition
+it read) is written in **one transaction**, so a crash at any point applies each
+event exactly once (the Kafka consumer documentation's "storing offsets outside
+Kafka"; the ``eventsourcing`` library's tracking records).
+
+Beliefs are recomputed from the stored events of each touched key with the pure
+:func:`~beliefstore.projector.fold.fold`, so they never depend on arrival order.
+This module touches PostgreSQL only; :mod:`beliefstore.projector.worker` brings Kafka.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from beliefstore.events.model import (
+    Event,
+    ObservationRecorded,
+    ObservationRetracted,
+    SubjectErased,
+)
+from beliefstore.projector.fold import Belief, FoldSettings, Key, fold
+from beliefstore.projector.tables import (
+    beliefs,
+    erasures,
+    observations,
+    projection_offsets,
+    retractions,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from beliefstore.timefmt import from_millis, to_millis
+
+_CHUNK = 1000
+
+
+@dataclass(frozen=True)
+class LogPosition:
+    """Where a message sits in the event log.
+
+    Attributes:
+        topic: Kafka topic.
+        partition: partition number.
+        offset: offset within the partition.
+        recorded_at: the broker's timestamp of the message, epoch ms (``None`` if unknown).
+        writer_fingerprint: hex CRC-64-AVRO fingerprint of the message's writer schema.
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    recorded_at: int | None
+    writer_fingerprint: str
+
+
+@dataclass(frozen=True)
+class LoggedEvent:
+    """An event together with its position in the log."""
+
+    event: Event
+    position: LogPosition
+
+
+@dataclass(frozen=True)
+class PartitionProgress:
+    """What a batch read from one partition.
+
+    Attributes:
+        next_offset: offset of the next message to apply (last applied + 1).
+        high_watermark: the partition's log end as seen in the fetch response, or ``None``.
+    """
+
+    next_offset: int
+    high_watermark: int | None = None
+
+
+def _position_columns(p: LogPosition) -> dict:
+    return {
+        "kafka_topic": p.topic,
+        "kafka_partition": p.partition,
+        "kafka_offset": p.offset,
+        "recorded_at": from_millis(p.recorded_at) if p.recorded_at is not None else None,
+        "writer_fingerprint": p.writer_fingerprint,
+    }
+
+
+def _position_of(row) -> LogPosition:
+    return LogPosition(
+        topic=row.kafka_topic,
+        partition=row.kafka_partition,
+        offset=row.kafka_offset,
+        recorded_at=to_millis(row.recorded_at) if row.recorded_at is not None else None,
+        writer_fingerprint=row.writer_fingerprint,
+    )
+
+
+def _chunks(items: Sequence, size: int = _CHUNK) -> Iterable[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+class ProjectionRecorder:
+    """Reads and writes one projection's rows and offsets.
+
+    Args:
+        engine: a SQLAlchemy engine whose ``search_path`` selects the projection's schema
+            (see :func:`beliefstore.db.make_engine`); tables must be migrated.
+        projection: the name offsets are stored under (``BELIEFSTORE_PROJECTION``).
+        fold_settings: half-lives and trust used to recompute beliefs.
+    """
+
+    def __init__(self, engine: sa.Engine, projection: str, fold_settings: FoldSettings):
+        self.engine = engine
+        self.projection = projection
+        self.fold_settings = fold_settings
+
+    # -- offsets -----------------------------------------------------------------------
+
+    def stored_offsets(self, topic: str) -> dict[int, int]:
+        """Partition → next offset to apply, for every partition this projection has seen."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(projection_offsets.c.partition, projection_offsets.c.next_offset).where(
+                    projection_offsets.c.projection == self.projection,
+                    projection_offsets.c.topic == topic,
+                )
+            )
+            return {r.partition: r.next_offset for r in rows}
+
+    # -- the batch transaction ---------------------------------------------------------
+
+    def apply(
+        self, topic: str, batch: Sequence[LoggedEvent], progress: dict[int, PartitionProgress]
+    ) -> int:
+        """Apply one batch in one transaction; return the number of beliefs recomputed.
+
+        ``batch`` holds the valid events read (any order, duplicates allowed: rows are
+        keyed by ``event_id``); ``progress`` holds, for every partition read (including
+        partitions whose messages were all poison), the next offset to store.
+        """
+        with self.engine.begin() as conn:
+            keys = self._insert_events(conn, batch)
+            recomputed = self.recompute(conn, keys) if keys else 0
+            if progress:
+                stmt = pg_insert(projection_offsets).values([
+                    {
+                        "projection": self.projection,
+                        "topic": topic,
+                        "partition": partition,
+                        "next_offset": p.next_offset,
+                        "high_watermark": p.high_watermark,
+                    }
+                    for partition, p in sorted(progress.items())
+                ])
+                conn.execute(stmt.on_conflict_do_update(
+                    index_elements=["projection", "topic", "partition"],
+                    set_={
+                        "next_offset": stmt.excluded.next_offset,
+                        "high_watermark": stmt.excluded.high_watermark,
+                        "updated_at": sa.func.now(),
+                    },
+                ))
+        return recomputed
+
+    def _insert_events(self, conn: sa.Connection, batch: Sequence[LoggedEvent]) -> set[Key]:
+        obs_rows, retraction_rows, erasure_rows = [], [], []
+        keys: set[Key] = set()
+        for item in batch:
+            e, pos = item.event, _position_columns(item.position)
+            if isinstance(e, ObservationRecorded):
+                keys.add(e.key)
+                obs_rows.append({
+                    "event_id": e.event_id, "subject_id": e.subject_id, "context": e.context,
+                    "attribute": e.attribute, "value": e.value, "confidence": e.confidence,
+                    "source": e.source, "occurred_at": from_millis(e.occurred_at),
+                    "evidence": e.evidence, "metadata": dict(e.metadata), **pos,
+                })
+            elif isinstance(e, ObservationRetracted):
+                retraction_rows.append({
+                    "event_id": e.event_id, "subject_id": e.subject_id, "source": e.source,
+                    "occurred_at": from_millis(e.occurred_at),
+                    "retracted_event_id": e.retracted_event_id, "reason": e.reason, **pos,
+                })
+            elif isinstance(e, SubjectErased):
+                erasure_rows.append({
+                    "event_id": e.event_id, "subject_id": e.subject_id, "source": e.source,
+                    "occurred_at": from_millis(e.occurred_at), "reason": e.reason, **pos,
+                })
+        for table, rows in ((observations, obs_rows), (retractions, retraction_rows),
+                            (erasures, erasure_rows)):
+            for chunk in _chunks(rows):
+                conn.execute(pg_insert(table).on_conflict_do_nothing(), list(chunk))
+
+        if retraction_rows:
+            targets = [r["retracted_event_id"] for r in retraction_rows]
+            o = observations
+            for chunk in _chunks(targets):
+                found = conn.execute(
+                    sa.select(o.c.subject_id, o.c.context, o.c.attribute).where(
+                        o.c.event_id.in_(chunk)
+                    ).distinct()
+                )
+                keys.update((r.subject_id, r.context, r.attribute) for r in found)
+        subjects = sorted({k[0] for k in keys} | {r["subject_id"] for r in erasure_rows})
+        if retraction_rows or obs_rows:
+            self._mark_retractions(conn, subjects)
+        if subjects:
+            erased = self._redact_erased(conn, subjects)
+            keys.update(erased)
+        return keys
+
+    @staticmethod
+    def _mark_retractions(conn: sa.Connection, subjects: list[str]) -> None:
+        # Retractions may arrive before their observation: mark in both directions.
+        o, r = observations, retractions
+        for chunk in _chunks(subjects):
+            conn.execute(
+                sa.update(o)
+                .where(
+                    r.c.retracted_event_id == o.c.event_id,
+                    r.c.source == o.c.source,
+                    o.c.retracted_by.is_(None),
+                    o.c.subject_id.in_(chunk),
+                )
+                .values(retracted_by=r.c.event_id)
+            )
+
+    @staticmethod
+    def _redact_erased(conn: sa.Connection, subjects: list[str]) -> set[Key]:
+        """Wipe value, evidence and metadata of every observation an erasure covers."""
+        o, e = observations, erasures
+        keys: set[Key] = set()
+        for chunk in _chunks(subjects):
+            rows = conn.execute(
+                sa.update(o)
+                .where(
+                    e.c.subject_id == o.c.subject_id,
+                    o.c.occurred_at <= e.c.occurred_at,
+                    o.c.erased_by.is_(None),
+                    o.c.subject_id.in_(chunk),
+                )
+                .values(erased_by=e.c.event_id, value=None, evidence=None, metadata=None)
+                .returning(o.c.subject_id, o.c.context, o.c.attribute)
+            )
+            keys.update((x.subject_id, x.context, x.attribute) for x in rows)
+        return keys
+
+    def recompute(self, conn: sa.Connection, keys: Iterable[Key]) -> int:
+        """Refold ``keys`` from their stored events and upsert (or delete) their beliefs."""
+        ordered = sorted(keys)
+        for chunk in _chunks(ordered):
+            events = [le.event for le in load_events(conn, chunk)]
+            folded = {b.key: b for b in fold(events, self.fold_settings)}
+            gone = [k for k in chunk if k not in folded]
+            if folded:
+                stmt = pg_insert(beliefs).values([_belief_row(b) for b in folded.values()])
+                conn.execute(stmt.on_conflict_do_update(
+                    index_elements=["subject_id", "context", "attribute"],
+                    set_={c: stmt.excluded[c] for c in _BELIEF_FIELDS} | {
+                        "updated_at": sa.func.now()
+                    },
+                ))
+            if gone:
+                conn.execute(sa.delete(beliefs).where(
+                    sa.tuple_(beliefs.c.subject_id, beliefs.c.context, beliefs.c.attribute)
+                    .in_(gone)
+                ))
+        return len(ordered)
+
+
+_BELIEF_FIELDS = ("value", "confidence", "score", "alternatives", "support", "sources",
+                  "source_count", "last_observed_at")
+
+
+def _belief_row(b: Belief) -> dict:
+    return {
+        "subject_id": b.subject_id, "context": b.context, "attribute": b.attribute,
+        "value": b.value, "confidence": b.confidence, "score": b.score,
+        "alternatives": b.alternatives, "support": list(b.support), "sources": list(b.sources),
+        "source_count": b.source_count, "last_observed_at": from_millis(b.last_observed_at),
+    }
+
+
+def load_events(conn: sa.Connection, keys: Sequence[Key]) -> list[LoggedEvent]:
+    """Every stored event that bears on ``keys``: their observations, the retractions
+    targeting those observations, and the erasures of their subjects.
+
+    Erased observations come back with an empty ``value`` (it was wiped); the fold
+    drops them because their erasure is among the events.
+    """
+    if not keys:
+        return []
+    o, r, e = observations, retractions, erasures
+    out: list[LoggedEvent] = []
+    obs_ids: list[str] = []
+    rows = conn.execute(
+        sa.select(o).where(sa.tuple_(o.c.subject_id, o.c.context, o.c.attribute).in_(keys))
+    )
+    for row in rows:
+        obs_ids.append(row.event_id)
+        out.append(LoggedEvent(ObservationRecorded(
+            event_id=row.event_id, subject_id=row.subject_id, source=row.source,
+            occurred_at=to_millis(row.occurred_at), context=row.context,
+            attribute=row.attribute, value=row.value if row.value is not None else "",
+            confidence=row.confidence, evidence=row.evidence, metadata=row.metadata or {},
+        ), _position_of(row)))
+    for chunk in _chunks(obs_ids):
+        for row in conn.execute(sa.select(r).where(r.c.retracted_event_id.in_(chunk))):
+            out.append(LoggedEvent(ObservationRetracted(
+                event_id=row.event_id, subject_id=row.subject_id, source=row.source,
+                occurred_at=to_millis(row.occurred_at),
+                retracted_event_id=row.retracted_event_id, reason=row.reason,
+            ), _position_of(row)))
+    subjects = sorted({k[0] for k in keys})
+    for row in conn.execute(sa.select(e).where(e.c.subject_id.in_(subjects))):
+        out.append(LoggedEvent(SubjectErased(
+            event_id=row.event_id, subject_id=row.subject_id, source=row.source,
+            occurred_at=to_millis(row.occurred_at), reason=row.reason,
+        ), _position_of(row)))
+    return out

@@ -1,0 +1,271 @@
+"""The projector worker: the one place that touches Kafka and PostgreSQL together.
+
+Loop: poll a batch from the event topic → decode each message (poison messages go
+to the dead-letter topic with headers naming the error and the original
+topic/partition/offset) → apply the batch and every partition's next offset in one
+PostgreSQL transaction (:meth:`ProjectionRecorder.apply`). On start it seeks every
+partition to the offset stored in ``projection_offsets`` (offset 0 when none), so a
+crash at any point applies each event exactly once. Kafka's own consumer-group
+offsets are never committed: PostgreSQL is the only record of progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+from beliefstore.events.serde import AvroSerde
+from beliefstore.projector.store import (
+    LoggedEvent,
+    LogPosition,
+    PartitionProgress,
+    ProjectionRecorder,
+)
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+
+from beliefstore.errors import PoisonEvent
+from beliefstore.settings import Settings
+from beliefstore.topics import ensure_topics
+
+log = logging.getLogger("beliefstore.projector")
+
+DLQ_HEADERS = (
+    "beliefstore.error.kind",
+    "beliefstore.error.reason",
+    "beliefstore.original.topic",
+    "beliefstore.original.partition",
+    "beliefstore.original.offset",
+    "beliefstore.original.timestamp",
+)
+"""Headers (UTF-8 values) of every message on the dead-letter topic."""
+
+
+@dataclass
+class WorkerStats:
+    """Counters since the worker started.
+
+    Attributes:
+        batches: transactions committed.
+        events: valid events applied (duplicates included).
+        poison: messages sent to the dead-letter topic.
+        beliefs_recomputed: beliefs refolded (a key counts once per batch).
+        started: ``time.monotonic()`` at start, seconds.
+    """
+
+    batches: int = 0
+    events: int = 0
+    poison: int = 0
+    beliefs_recomputed: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def rate(self) -> float:
+        """Messages (valid + poison) per second since start."""
+        return (self.events + self.poison) / max(time.monotonic() - self.started, 1e-9)
+
+
+class ProjectorWorker:
+    """Consumes the event topic and keeps the read model up to date.
+
+    Args:
+        settings: topic, DLQ topic, batch size, poll timeout, projection name, fold settings.
+        engine: engine on the read model's schema (tables migrated).
+        serde: Avro serde (default: the shipped schemas + ``BELIEFSTORE_SCHEMA_PATH``).
+        partitions: the partitions to own; default all of the topic's.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: sa.Engine,
+        *,
+        serde: AvroSerde | None = None,
+        partitions: list[int] | None = None,
+    ):
+        if not settings.kafka_bootstrap_servers:
+            raise ValueError("settings.kafka_bootstrap_servers is not set")
+        self.settings = settings
+        self.serde = serde or AvroSerde()
+        self.recorder = ProjectionRecorder(engine, settings.projection, settings.fold_settings)
+        self.stats = WorkerStats()
+        self._wanted_partitions = partitions
+        self._consumer: KafkaConsumer | None = None
+        self._dlq: KafkaProducer | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create the topics if needed, assign partitions and seek to the stored offsets."""
+        s = self.settings
+        ensure_topics(
+            s.kafka_bootstrap_servers,
+            {s.topic: s.partitions, s.dlq_topic: s.partitions},
+            replication_factor=s.replication_factor,
+        )
+        self._consumer = KafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap_servers,
+            client_id=f"beliefstore-projector-{s.projection}",
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=s.batch_size,
+        )
+        self._dlq = KafkaProducer(
+            bootstrap_servers=s.kafka_bootstrap_servers,
+            client_id="beliefstore-projector-dlq",
+            acks="all",
+            enable_idempotence=True,
+        )
+        partitions = self._wanted_partitions or self._topic_partitions()
+        tps = [TopicPartition(s.topic, p) for p in partitions]
+        self._consumer.assign(tps)
+        stored = self.recorder.stored_offsets(s.topic)
+        for tp in tps:
+            self._consumer.seek(tp, stored.get(tp.partition, 0))
+        log.info(
+            "projector %r assigned %s partition(s) of %s; resuming at %s",
+            s.projection, len(tps), s.topic,
+            {tp.partition: stored.get(tp.partition, 0) for tp in tps},
+        )
+
+    def _topic_partitions(self, timeout_s: float = 30.0) -> list[int]:
+        assert self._consumer is not None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = self._consumer.partitions_for_topic(self.settings.topic)
+            if found:
+                return sorted(found)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"topic {self.settings.topic!r} has no partitions")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        """Release the Kafka clients (the read model is always consistent)."""
+        if self._consumer is not None:
+            self._consumer.close(autocommit=False)
+            self._consumer = None
+        if self._dlq is not None:
+            self._dlq.close(timeout=10)
+            self._dlq = None
+
+    def __enter__(self) -> ProjectorWorker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def run(
+        self,
+        stop: threading.Event | None = None,
+        *,
+        until_caught_up: bool = False,
+        on_batch: Callable[[WorkerStats], None] | None = None,
+    ) -> WorkerStats:
+        """Process batches until ``stop`` is set (or, with ``until_caught_up``, until every
+        partition's position reaches its high watermark). The batch in progress when
+        ``stop`` is set is finished and committed first.
+        """
+        if self._consumer is None:
+            self.start()
+        while not (stop is not None and stop.is_set()):
+            applied = self.process_batch()
+            if applied and on_batch is not None:
+                on_batch(self.stats)
+            if until_caught_up and not applied and self.lag() == 0:
+                break
+        return self.stats
+
+    def lag(self) -> int | None:
+        """Messages between this worker's positions and the high watermarks; ``None`` if a
+        partition's high watermark is not known yet (no fetch response seen)."""
+        assert self._consumer is not None
+        total = 0
+        for tp in self._consumer.assignment():
+            hw = self._consumer.highwater(tp)
+            if hw is None:
+                return None
+            total += max(0, hw - self._consumer.position(tp))
+        return total
+
+    def process_batch(self) -> int:
+        """Poll once and apply what came back in one transaction; return messages handled."""
+        assert self._consumer is not None
+        polled = self._consumer.poll(
+            timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.batch_size
+        )
+        if not polled:
+            return 0
+        batch: list[LoggedEvent] = []
+        progress: dict[int, PartitionProgress] = {}
+        poison: list[tuple[ConsumerRecord, PoisonEvent]] = []
+        for tp, records in polled.items():
+            for record in records:
+                item = self._decode(record)
+                if isinstance(item, PoisonEvent):
+                    poison.append((record, item))
+                else:
+                    batch.append(item)
+            progress[tp.partition] = PartitionProgress(
+                next_offset=records[-1].offset + 1,
+                high_watermark=self._consumer.highwater(tp),
+            )
+        if poison:
+            self._dead_letter(poison)
+        recomputed = self.recorder.apply(self.settings.topic, batch, progress)
+        self.stats.batches += 1
+        self.stats.events += len(batch)
+        self.stats.poison += len(poison)
+        self.stats.beliefs_recomputed += recomputed
+        log.debug("batch: %d events, %d poison, %d beliefs", len(batch), len(poison), recomputed)
+        return len(batch) + len(poison)
+
+    def _decode(self, record: ConsumerRecord) -> LoggedEvent | PoisonEvent:
+        try:
+            decoded = self.serde.decode(record.value)
+        except PoisonEvent as exc:
+            return exc
+        if record.key is not None and record.key != decoded.event.subject_id.encode("utf-8"):
+            return PoisonEvent(
+                "invalid_event",
+                f"message key {record.key!r} is not the event's subject_id "
+                f"{decoded.event.subject_id!r}",
+            )
+        return LoggedEvent(decoded.event, LogPosition(
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            recorded_at=record.timestamp if record.timestamp is not None
+            and record.timestamp >= 0 else None,
+            writer_fingerprint=decoded.writer.fingerprint.hex(),
+        ))
+
+    def _dead_letter(self, poison: list[tuple[ConsumerRecord, PoisonEvent]]) -> None:
+        # Acknowledged before the batch commits: a crash in between re-sends the
+        # message to the DLQ (at-least-once there), but never loses it.
+        assert self._dlq is not None
+        futures = []
+        for record, error in poison:
+            log.warning(
+                "poison message %s[%d]@%d → %s: %s",
+                record.topic, record.partition, record.offset, self.settings.dlq_topic, error,
+            )
+            headers = [
+                (name, str(value).encode("utf-8"))
+                for name, value in zip(DLQ_HEADERS, (
+                    error.kind, error.reason, record.topic, record.partition, record.offset,
+                    record.timestamp,
+                ), strict=True)
+            ]
+            futures.append(self._dlq.send(
+                self.settings.dlq_topic, key=record.key, value=record.value, headers=headers
+            ))
+        for f in futures:
+            f.get(timeout=self.settings.produce_timeout_s)
