@@ -1,0 +1,257 @@
+"""Tests of the embedded default services, with real processes (no mocks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import psycopg
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient, NewTopic
+
+from beliefstore.services import EmbeddedKafka, EmbeddedPostgres, ServiceStartError, free_port
+
+pytestmark = pytest.mark.timeout(60)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def create_topic(bootstrap: str, name: str, partitions: int) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    try:
+        admin.create_topics([NewTopic(name, partitions, 1)])
+    finally:
+        admin.close()
+
+
+def produce(bootstrap: str, topic: str, messages: list[tuple[int, bytes]]) -> list[int]:
+    """Send (partition, value) pairs with acks=all + idempotence; return their offsets."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+    try:
+        futures = [producer.send(topic, value, partition=p) for p, value in messages]
+        producer.flush(10)
+        return [f.get(10).offset for f in futures]
+    finally:
+        producer.close()
+
+
+def consume_all(
+    bootstrap: str, topic: str, partitions: list[int], expected: int, timeout: float = 15.0
+) -> list[tuple[int, int, bytes]]:
+    """Read (partition, offset, value) from offset 0 until ``expected`` records arrived."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        got: list[tuple[int, int, bytes]] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < expected and time.monotonic() < deadline:
+            for tp, records in consumer.poll(timeout_ms=500).items():
+                got += [(tp.partition, r.offset, r.value) for r in records]
+        return sorted(got)
+    finally:
+        consumer.close()
+
+
+def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
+    """Wait until none of ``pids`` is a live process; return those still alive."""
+    deadline = time.monotonic() + timeout
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [
+            p for p in alive if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+        ]
+        time.sleep(0.05)
+    return alive
+
+
+def run_owner(script: str) -> subprocess.Popen[str]:
+    """Run ``script`` in a child Python that imports beliefstore from this checkout."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+@pytest.fixture
+def memory_kafka() -> Iterator[EmbeddedKafka]:
+    kafka = EmbeddedKafka(None)
+    kafka.start()
+    try:
+        yield kafka
+    finally:
+        kafka.stop()
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+def test_postgres_restart_keeps_data(tmp_path: Path) -> None:
+    data = tmp_path / "pg"
+    pg = EmbeddedPostgres(data, fast=True)
+    t0 = time.monotonic()
+    pg.start()
+    try:
+        print(f"postgres fresh start (initdb + start): {time.monotonic() - t0:.2f} s")
+        assert pg.url == f"postgresql+psycopg://postgres@127.0.0.1:{pg.port}/postgres"
+        with psycopg.connect(host="127.0.0.1", port=pg.port, user="postgres") as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            assert conn.execute("SHOW fsync").fetchone() == ("off",)
+            conn.execute("CREATE TABLE kept (id int PRIMARY KEY, note text)")
+            conn.execute("INSERT INTO kept VALUES (1, 'survives a restart')")
+        assert pg.socket_dir == pg.data_dir
+        assert (data / f".s.PGSQL.{pg.port}").is_socket()
+    finally:
+        pg.stop()
+    assert not pg.running
+    pg.stop()  # idempotent
+
+    with EmbeddedPostgres(data, fast=True) as again:
+        with psycopg.connect(again.conninfo) as conn:
+            rows = conn.execute("SELECT id, note FROM kept").fetchall()
+    assert rows == [(1, "survives a restart")]
+
+
+def test_postgres_default_is_durable_and_data_dir_is_exclusive(tmp_path: Path) -> None:
+    with EmbeddedPostgres(tmp_path / "pg") as pg:
+        with psycopg.connect(pg.conninfo) as conn:
+            assert conn.execute("SHOW fsync").fetchone() == ("on",)
+            assert conn.execute("SHOW max_connections").fetchone() == ("100",)
+        with pytest.raises(ServiceStartError, match="in use by another running instance"):
+            EmbeddedPostgres(tmp_path / "pg").start()
+        assert pg.running  # the failed second start did not touch the first server
+
+
+def test_postgres_orphan_of_a_dead_owner_is_replaced(tmp_path: Path) -> None:
+    data = tmp_path / "pg"
+    owner = run_owner(
+        f"""
+        import os, psycopg
+        from pathlib import Path
+        from beliefstore.services import EmbeddedPostgres
+        pg = EmbeddedPostgres(Path({str(data)!r}), fast=True).start()
+        with psycopg.connect(pg.conninfo) as conn:
+            conn.execute("CREATE TABLE t (x int)")
+            conn.execute("INSERT INTO t VALUES (42)")
+        print(pg.pid, flush=True)
+        os._exit(0)  # dies without stop() or atexit: the server is orphaned
+        """
+    )
+    out, _ = owner.communicate(timeout=30)
+    assert owner.returncode == 0
+    orphan = int(out.strip())
+    assert psutil.pid_exists(orphan)
+
+    with EmbeddedPostgres(data, fast=True) as pg:
+        assert wait_gone([orphan]) == []
+        assert pg.pid != orphan
+        with psycopg.connect(pg.conninfo) as conn:
+            assert conn.execute("SELECT x FROM t").fetchall() == [(42,)]
+
+
+# --------------------------------------------------------------------------- Kafka
+
+
+def test_kafka_memory_roundtrip(memory_kafka: EmbeddedKafka) -> None:
+    bootstrap = memory_kafka.bootstrap_servers
+    assert bootstrap == f"127.0.0.1:{memory_kafka.port}"
+    create_topic(bootstrap, "roundtrip", partitions=2)
+    sent = [(0, b"a0"), (1, b"b0"), (0, b"a1"), (1, b"b1")]
+    assert produce(bootstrap, "roundtrip", sent) == [0, 0, 1, 1]
+    assert consume_all(bootstrap, "roundtrip", [0, 1], expected=4) == [
+        (0, 0, b"a0"),
+        (0, 1, b"a1"),
+        (1, 0, b"b0"),
+        (1, 1, b"b1"),
+    ]
+
+
+def test_kafka_durable_log_survives_restart(tmp_path: Path) -> None:
+    data = tmp_path / "kafka"
+    t0 = time.monotonic()
+    with EmbeddedKafka(data) as kafka:
+        print(f"durable kafka first start: {time.monotonic() - t0:.2f} s")
+        first_port = kafka.port
+        create_topic(kafka.bootstrap_servers, "events", partitions=1)
+        assert produce(kafka.bootstrap_servers, "events", [(0, b"e0"), (0, b"e1"), (0, b"e2")]) == [
+            0,
+            1,
+            2,
+        ]
+    assert not kafka.running
+    assert (data / EmbeddedKafka.BUCKET).is_dir()
+
+    t0 = time.monotonic()
+    with EmbeddedKafka(data) as kafka:
+        print(f"durable kafka restart: {time.monotonic() - t0:.2f} s")
+        print(f"ports: {first_port} then {kafka.port}")
+        bootstrap = kafka.bootstrap_servers
+        assert consume_all(bootstrap, "events", [0], expected=3) == [
+            (0, 0, b"e0"),
+            (0, 1, b"e1"),
+            (0, 2, b"e2"),
+        ]
+        # The high watermark survived too: new records do not reuse offsets.
+        assert produce(bootstrap, "events", [(0, b"e3")]) == [3]
+
+
+def test_kafka_start_error_names_the_log(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))  # bound, not listening: the broker cannot bind it
+        port = taken.getsockname()[1]
+        kafka = EmbeddedKafka(None, port=port, log_path=tmp_path / "broker.log")
+        with pytest.raises(ServiceStartError) as raised:
+            kafka.start()
+    message = str(raised.value)
+    assert "Kafka broker (tansu)" in message
+    assert str(tmp_path / "broker.log") in message
+    assert "Address in use" in message
+    assert f"port {port} is taken" in message
+    assert not kafka.running
+
+
+def test_kafka_processes_die_with_their_owner(tmp_path: Path) -> None:
+    owner = run_owner(
+        f"""
+        import time
+        from pathlib import Path
+        from beliefstore.services import EmbeddedKafka
+        EmbeddedKafka(Path({str(tmp_path / "kafka")!r})).start()
+        print("ready", flush=True)
+        time.sleep(60)
+        """
+    )
+    try:
+        assert owner.stdout is not None
+        assert owner.stdout.readline().strip() == "ready"
+        children = [c.pid for c in psutil.Process(owner.pid).children(recursive=True)]
+        assert len(children) == 2  # tansu + localbucket
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    assert wait_gone(children) == []
+    # The directory lock died with the owner: the data dir is usable again.
+    with EmbeddedKafka(tmp_path / "kafka") as kafka:
+        assert kafka.running
+
+
+def test_free_port_is_bindable() -> None:
+    port = free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
