@@ -1,0 +1,383 @@
+"""The ``beliefstore`` command line."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from beliefstore.errors import BeliefstoreError, ValidationError
+from beliefstore.settings import Settings, SettingsError, parse_pairs, state_path, write_state
+
+app = typer.Typer(
+    help="beliefstore: an event-sourced store of what AI agents believe about the people "
+    "they serve. Observations are Avro events on Kafka; a projector folds them into a "
+    "self-model in PostgreSQL; an HTTP API serves it. Configure with KAFKA_BOOTSTRAP_SERVERS "
+    "and DATABASE_URL; when unset, `up` and `demo` start embedded services under "
+    "./.beliefstore/.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err = Console(stderr=True)
+log = logging.getLogger("beliefstore")
+
+
+def _logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
+    for noisy in ("kafka", "alembic", "uvicorn.error", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _settings(*, use_running: bool = True) -> Settings:
+    try:
+        return Settings.from_env(use_running=use_running)
+    except SettingsError as exc:
+        err.print(f"[red]configuration error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def _require_services(settings: Settings) -> None:
+    missing = [name for name, value in (("KAFKA_BOOTSTRAP_SERVERS", settings.kafka_bootstrap_servers),
+                                        ("DATABASE_URL", settings.database_url)) if not value]
+    if missing:
+        raise _fail(f"{' and '.join(missing)} not set and no `beliefstore up` is running in "
+                    "this directory: set them, or run `beliefstore up` first", 2)
+
+
+# -- services ----------------------------------------------------------------------------
+
+
+@app.command()
+def up(
+    api_port: Annotated[int | None, typer.Option(help="API port (default BELIEFSTORE_API_PORT "
+                                                      "or 8000).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Start everything in the foreground: embedded Kafka and PostgreSQL where none is
+    configured (data under ./.beliefstore/, kept across restarts), migrations, topics, the
+    projector and the API. Ctrl-C stops it all cleanly."""
+    from beliefstore.runtime import prepare, start_missing_services
+    from beliefstore.serve import ApiServer, ProjectorThread
+
+    _logging(verbose)
+    settings = _settings(use_running=False)
+    if api_port:
+        settings = replace(settings, api_port=api_port, api_url=f"http://{settings.api_host}:{api_port}")
+    with contextlib.ExitStack() as stack:
+        try:
+            settings = start_missing_services(settings, stack, durable=True)
+            engine = prepare(settings)
+        except (BeliefstoreError, RuntimeError, OSError) as exc:
+            raise _fail(str(exc)) from None
+        projector = ProjectorThread(settings, engine)
+        projector.start()
+        stack.callback(projector.stop)
+        api = ApiServer(settings, engine, settings.api_host, settings.api_port)
+        path = write_state(settings.home, {
+            "pid": os.getpid(),
+            "kafka_bootstrap_servers": settings.kafka_bootstrap_servers,
+            "database_url": settings.database_url,
+            "api_url": api.url,
+        })
+        stack.callback(lambda: path.unlink(missing_ok=True))
+        console.print(f"[bold]beliefstore is up[/] (addresses recorded in {path})")
+        console.print(f"  Kafka       {settings.kafka_bootstrap_servers}  topic {settings.topic}")
+        console.print(f"  PostgreSQL  {_redact(settings.database_url)}  schema {settings.db_schema}")
+        console.print(f"  API         {api.url}  (OpenAPI at {api.url}/docs)")
+        console.print("Press Ctrl-C to stop.")
+        api.run()
+        console.print("stopping: finishing the projector's batch, then the services")
+
+
+def _redact(url: str | None) -> str:
+    if not url:
+        return ""
+    import sqlalchemy as sa
+
+    return sa.make_url(url).render_as_string(hide_password=True)
+
+
+@app.command()
+def projector(
+    until_caught_up: Annotated[bool, typer.Option(
+        help="Exit 0 once every partition is projected up to its high watermark.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the projector worker: consume the event topic, fold each batch into the read model
+    in one transaction with the offsets. SIGTERM or Ctrl-C finishes the current batch,
+    commits and exits 0."""
+    from beliefstore.db import make_engine, migrate
+    from beliefstore.projector.worker import ProjectorWorker
+
+    _logging(verbose)
+    settings = _settings()
+    _require_services(settings)
+    engine = make_engine(settings.database_url, settings.db_schema)  # type: ignore[arg-type]
+    migrate(engine, settings.db_schema)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with ProjectorWorker(settings, engine) as worker:
+        stats = worker.run(stop, until_caught_up=until_caught_up)
+    log.info("projector stopped: %d events, %d poison in %d batches", stats.events,
+             stats.poison, stats.batches)
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="Bind address (BELIEFSTORE_API_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (BELIEFSTORE_API_PORT).")] = None,
+) -> None:
+    """Serve the HTTP API (self-model, beliefs, trace, POST /v1/observations, /docs)."""
+    from beliefstore.db import make_engine, migrate
+    from beliefstore.serve import ApiServer
+
+    _logging()
+    settings = _settings()
+    _require_services(settings)
+    engine = make_engine(settings.database_url, settings.db_schema)  # type: ignore[arg-type]
+    migrate(engine, settings.db_schema)
+    ApiServer(settings, engine, host or settings.api_host, port or settings.api_port).run()
+
+
+@app.command()
+def migrate() -> None:
+    """Create or upgrade the read model's tables (Alembic) in BELIEFSTORE_DB_SCHEMA."""
+    from beliefstore.db import make_engine
+    from beliefstore.db import migrate as run_migrations
+
+    settings = _settings()
+    if not settings.database_url:
+        raise _fail("DATABASE_URL is not set and no `beliefstore up` runs here", 2)
+    run_migrations(make_engine(settings.database_url, settings.db_schema), settings.db_schema)
+    console.print(f"read model migrated in schema {settings.db_schema}")
+
+
+# -- events ------------------------------------------------------------------------------
+
+
+@app.command()
+def produce(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSON Lines events.")],
+    batch: Annotated[int, typer.Option(help="Events per acknowledged batch.")] = 500,
+) -> None:
+    """Produce events from a JSON Lines file (DESIGN.md's event format) with a progress
+    bar. Invalid lines are refused and reported with their line number; the others are
+    produced. Exits 1 if any line was refused."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from beliefstore.events.jsonl import iter_lines
+    from beliefstore.events.producer import BeliefProducer
+
+    settings = _settings()
+    try:
+        producer = BeliefProducer.from_settings(settings)
+    except BeliefstoreError as exc:
+        raise _fail(str(exc), 2) from None
+    with file.open(encoding="utf-8") as f:
+        total = sum(1 for line in f if line.strip())
+    refused = produced = 0
+    pending: list[Any] = []
+    with producer, file.open(encoding="utf-8") as f, Progress(
+        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+        TimeRemainingColumn(), console=err,
+    ) as progress:
+        task = progress.add_task(f"producing to {settings.topic}", total=total)
+        for number, item in iter_lines(f):
+            if isinstance(item, ValidationError):
+                refused += 1
+                progress.console.print(f"[yellow]line {number} refused:[/] {item}")
+                progress.advance(task)
+                continue
+            pending.append(item)
+            if len(pending) >= batch:
+                produced += len(producer.send_many(pending))
+                progress.advance(task, len(pending))
+                pending = []
+        if pending:
+            produced += len(producer.send_many(pending))
+            progress.advance(task, len(pending))
+    console.print(f"produced {produced} event(s) to {settings.topic}; refused {refused} line(s)")
+    if refused:
+        raise typer.Exit(1)
+
+
+def _pairs(values: list[str], option: str) -> dict[str, float]:
+    try:
+        return parse_pairs(",".join(values), option)
+    except SettingsError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@app.command()
+def fold(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
+                                         help="JSON Lines events (or a JSON array).")],
+    default_half_life: Annotated[float | None, typer.Option(
+        help="Half-life of contexts without their own, seconds (default 2592000 = 30 days).")] = None,
+    half_life: Annotated[list[str] | None, typer.Option(
+        help="CONTEXT=SECONDS, repeatable.", metavar="CONTEXT=S")] = None,
+    trust: Annotated[list[str] | None, typer.Option(
+        help="SOURCE=WEIGHT, repeatable (default 1.0).", metavar="SOURCE=W")] = None,
+) -> None:
+    """Fold events offline, with no services, and print the beliefs as a JSON array of
+    {subject_id, context, attribute, value, confidence, alternatives, support}."""
+    from beliefstore.events.jsonl import read_events
+    from beliefstore.projector.fold import DEFAULT_HALF_LIFE_S, FoldSettings
+    from beliefstore.projector.fold import fold as run_fold
+
+    if default_half_life is not None and default_half_life <= 0:
+        raise typer.BadParameter("must be > 0 seconds", param_hint="--default-half-life")
+    settings = FoldSettings(
+        default_half_life_s=default_half_life or DEFAULT_HALF_LIFE_S,
+        half_lives=_pairs(half_life or [], "--half-life"),
+        trust=_pairs(trust or [], "--trust"),
+    )
+    if any(v <= 0 for v in settings.half_lives.values()):
+        raise typer.BadParameter("every half-life must be > 0 seconds", param_hint="--half-life")
+    try:
+        events = read_events(file)
+    except (ValidationError, ValueError) as exc:
+        raise _fail(f"{file}: {exc}") from None
+    beliefs = [
+        {
+            "subject_id": b.subject_id, "context": b.context, "attribute": b.attribute,
+            "value": b.value, "confidence": b.confidence, "alternatives": b.alternatives,
+            "support": list(b.support),
+        }
+        for b in run_fold(events, settings)
+    ]
+    sys.stdout.write(json.dumps(beliefs, indent=2, ensure_ascii=False) + "\n")
+
+
+# -- reads -------------------------------------------------------------------------------
+
+
+def _get(path: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    settings = _settings()
+    url = settings.api_url + path
+    try:
+        response = httpx.get(url, params=params, timeout=10)
+    except httpx.TransportError as exc:
+        raise _fail(f"cannot reach the API at {settings.api_url} ({exc}): run `beliefstore up`, "
+                    "or set BELIEFSTORE_API_URL", 2) from None
+    if response.status_code == 404:
+        raise _fail(response.json().get("detail", "not found"))
+    response.raise_for_status()
+    return response.json()
+
+
+def _fmt_alternatives(alternatives: dict[str, float]) -> str:
+    return ", ".join(f"{v} {c:.2f}" for v, c in sorted(alternatives.items(), key=lambda x: -x[1]))
+
+
+def print_self_model(model: dict[str, Any], out: Console = console) -> None:
+    """Print a ``GET /v1/subjects/{id}/self-model`` body as a table."""
+    table = Table(title=f"self-model of {model['subject_id']}", title_justify="left")
+    for column in ("context", "attribute", "value", "confidence", "alternatives", "sources"):
+        table.add_column(column, justify="right" if column == "confidence" else "left")
+    for context, beliefs in model["contexts"].items():
+        for b in beliefs:
+            table.add_row(context, b["attribute"], b["value"], f"{b['confidence']:.3f}",
+                          _fmt_alternatives(b["alternatives"]), ", ".join(b["sources"]))
+    out.print(table)
+
+
+def print_trace(trace: dict[str, Any], out: Console = console) -> None:
+    """Print a trace body as a table."""
+    belief = trace["belief"]
+    head = (f"{belief['value']} ({belief['confidence']:.3f})" if belief else "no belief")
+    table = Table(title=f"trace of {trace['subject_id']} {trace['context']}/{trace['attribute']}"
+                  f": {head}; half-life {trace['half_life_s']:.0f} s", title_justify="left")
+    for column in ("occurred_at", "source", "type", "value", "conf", "status", "weight",
+                   "kafka", "why"):
+        table.add_column(column)
+    for e in trace["events"]:
+        table.add_row(
+            e["occurred_at"][:19], e["source"], e["type"], e["value"] or "",
+            "" if e["confidence"] is None else f"{e['confidence']:.2f}", e["status"],
+            "" if e["weight"] is None else f"{e['weight']:+.3f}",
+            f"p{e['kafka']['partition']}@{e['kafka']['offset']}", e["reason"] or "",
+        )
+    out.print(table)
+
+
+@app.command("self-model")
+def self_model(
+    subject: Annotated[str, typer.Argument(help="Subject id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
+) -> None:
+    """Print a subject's self-model (through the API at BELIEFSTORE_API_URL, or the one
+    `beliefstore up` runs here)."""
+    model = _get(f"/v1/subjects/{subject}/self-model")
+    if as_json:
+        sys.stdout.write(json.dumps(model, indent=2) + "\n")
+    else:
+        print_self_model(model)
+
+
+@app.command()
+def trace(
+    subject: Annotated[str, typer.Argument(help="Subject id.")],
+    context: Annotated[str, typer.Argument(help="Context, e.g. support.")],
+    attribute: Annotated[str, typer.Argument(help="Attribute, e.g. emotional_state.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
+) -> None:
+    """Print every event behind one belief, counting or not and why, with Kafka positions."""
+    body = _get(f"/v1/subjects/{subject}/beliefs/{context}/{attribute}/trace")
+    if as_json:
+        sys.stdout.write(json.dumps(body, indent=2) + "\n")
+    else:
+        print_trace(body)
+
+
+@app.command()
+def demo(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the seed scenario end to end: a triage agent and a sentiment agent record what
+    they learned in a support conversation (one via the SDK to Kafka, one via the HTTP
+    API), one observation is retracted, the projector folds them into PostgreSQL, and the
+    billing agent's read of the self-model and one belief's trace are printed, both read
+    through the API."""
+    from beliefstore.demo import run_demo
+
+    _logging(verbose)
+    settings = _settings()
+    try:
+        run_demo(settings, console)
+    except (BeliefstoreError, RuntimeError, OSError, httpx.HTTPError) as exc:
+        raise _fail(str(exc)) from None
+
+
+def main() -> None:
+    """Entry point of the ``beliefstore`` script."""
+    app()
+
+
+__all__ = ["app", "main", "print_self_model", "print_trace", "state_path"]

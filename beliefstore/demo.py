@@ -1,0 +1,149 @@
+"""``beliefstore demo``: the seed scenario on real services.
+
+A customer writes to support about a charge for a plan they cancelled. The triage
+agent records what it learned through the Python SDK (straight to Kafka); a
+sentiment agent, which only speaks HTTP, posts its own observations to the API,
+one conflicting and two corroborating; the triage agent retracts one mistaken
+observation. The projector folds the events into PostgreSQL, and the billing agent,
+taking over the conversation, reads the self-model through the API; the trace of
+the contested belief is printed as an auditor would see it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from dataclasses import replace
+
+import httpx
+import sqlalchemy as sa
+from rich.console import Console
+
+from beliefstore.events.producer import BeliefProducer, Receipt
+from beliefstore.projector.tables import projection_offsets
+from beliefstore.settings import Settings, read_state
+from beliefstore.timefmt import now_millis
+
+TRIAGE = [
+    # context, attribute, value, confidence, evidence, minutes before now
+    ("support", "issue", "unauthorized_recurring_charge", 0.95,
+     "msg-1: 'you charged me again for a plan I cancelled in March'", 12),
+    ("support", "emotional_state", "frustrated", 0.88, "msg-3: 'third time I write about this'", 11),
+    ("support", "expertise_level", "high", 0.82, "msg-4: quotes the invoice id and the API", 10),
+    ("support", "communication_preference", "direct", 0.76, "msg-5: 'just tell me what you will do'", 9),
+    ("billing", "plan_status", "active", 0.6, "read from the wrong account", 8),
+]
+SENTIMENT = [
+    ("support", "emotional_state", "angry", 0.62, "tone model on msg-1..msg-5", 7),
+    ("support", "expertise_level", "high", 0.7, "vocabulary model on msg-4", 7),
+    ("support", "communication_preference", "direct", 0.8, "short imperative sentences", 6),
+]
+
+
+def _wait_projected(engine: sa.Engine, settings: Settings, receipts: list[Receipt],
+                    timeout_s: float = 60.0) -> None:
+    """Block until the projection's stored offsets are past every receipt's offset."""
+    needed: dict[int, int] = {}
+    for r in receipts:
+        needed[r.partition] = max(needed.get(r.partition, -1), r.offset)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(projection_offsets.c.partition,
+                                          projection_offsets.c.next_offset).where(
+                projection_offsets.c.projection == settings.projection,
+                projection_offsets.c.topic == settings.topic))
+            stored = {r.partition: r.next_offset for r in rows}
+        if all(stored.get(p, 0) > o for p, o in needed.items()):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the projector did not catch up within {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
+def run_demo(settings: Settings, console: Console) -> str:
+    """Run the scenario; return the subject id. Starts whatever is not running.
+
+    If ``beliefstore up`` runs in this directory, its services, projector and API are
+    used; otherwise the embedded services (data under ``.beliefstore/``), a projector
+    and the API are started for the demo and stopped at its end.
+    """
+    from beliefstore.db import make_engine
+    from beliefstore.runtime import prepare, start_missing_services
+    from beliefstore.serve import ApiServer, ProjectorThread
+    from beliefstore.services import free_port
+
+    subject = f"customer-{uuid.uuid4().hex[:8]}"
+    running_up = bool(read_state(settings.home))
+    with contextlib.ExitStack() as stack:
+        if running_up:
+            console.print(f"using the services of the running `beliefstore up` ({settings.api_url})")
+            engine = make_engine(settings.database_url or "", settings.db_schema)
+            api_url = settings.api_url
+        else:
+            console.print("starting the embedded Kafka broker and PostgreSQL (.beliefstore/)...")
+            settings = start_missing_services(settings, stack, durable=True)
+            engine = prepare(settings)
+            projector = ProjectorThread(settings, engine)
+            projector.start()
+            stack.callback(projector.stop)
+            server = ApiServer(settings, engine, "127.0.0.1", free_port()).start_in_thread()
+            stack.callback(server.stop)
+            api_url = server.url
+            settings = replace(settings, api_url=api_url)
+        console.print(f"Kafka {settings.kafka_bootstrap_servers}, API {api_url}, "
+                      f"subject [bold]{subject}[/]\n")
+
+        now = now_millis()
+        receipts: list[Receipt] = []
+        producer = stack.enter_context(BeliefProducer.from_settings(settings))
+        console.rule("triage_agent records what it learned (Python SDK → Kafka)")
+        retract_me = None
+        for context, attribute, value, confidence, evidence, minutes in TRIAGE:
+            r = producer.observe(subject, context, attribute, value, confidence,
+                                 source="triage_agent", evidence=evidence,
+                                 metadata={"model": "triage-v3", "session_id": "support-8812"},
+                                 occurred_at=now - minutes * 60_000)
+            receipts.append(r)
+            retract_me = r if attribute == "plan_status" else retract_me
+            console.print(f"  {context}/{attribute} = {value} ({confidence}) → "
+                          f"partition {r.partition} offset {r.offset}")
+        assert retract_me is not None
+        r = producer.retract(subject, retract_me.event_id, source="triage_agent",
+                             reason="read from another customer's account",
+                             occurred_at=now - 5 * 60_000)
+        receipts.append(r)
+        console.print(f"  retracts billing/plan_status ({retract_me.event_id[:8]}…) → "
+                      f"partition {r.partition} offset {r.offset}")
+
+        console.rule("sentiment_agent posts its observations (HTTP API → Kafka)")
+        with httpx.Client(base_url=api_url, timeout=30) as http:
+            for context, attribute, value, confidence, evidence, minutes in SENTIMENT:
+                response = http.post("/v1/observations", json={
+                    "subject_id": subject, "context": context, "attribute": attribute,
+                    "value": value, "confidence": confidence, "source": "sentiment_agent",
+                    "evidence": evidence, "occurred_at": now - minutes * 60_000,
+                })
+                response.raise_for_status()
+                body = response.json()
+                receipts.append(Receipt(**body))
+                console.print(f"  {context}/{attribute} = {value} ({confidence}) → 201, "
+                              f"partition {body['partition']} offset {body['offset']}")
+
+            console.print("\nwaiting for the projector to fold the events into PostgreSQL...")
+            _wait_projected(engine, settings, receipts)
+
+            from beliefstore.cli import print_self_model, print_trace
+
+            console.rule("billing_agent takes over: GET /v1/subjects/{id}/self-model")
+            model = http.get(f"/v1/subjects/{subject}/self-model")
+            model.raise_for_status()
+            print_self_model(model.json(), console)
+            console.rule("auditor: GET …/beliefs/support/emotional_state/trace")
+            trace = http.get(f"/v1/subjects/{subject}/beliefs/support/emotional_state/trace")
+            trace.raise_for_status()
+            print_trace(trace.json(), console)
+        console.print(f"\nTry: beliefstore trace {subject} billing plan_status  "
+                      "(with `beliefstore up` running)")
+    return subject

