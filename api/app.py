@@ -10,7 +10,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import sqlalchemy as sa
 from beliefstore.api import queries
@@ -37,7 +37,7 @@ from beliefstore.errors import ProduceError, ValidationError
 from beliefstore.settings import Settings
 from beliefstore.timefmt import from_millis, to_millis
 
-NOT_FOUND = {404: {"model": ErrorOut, "description": "Unknown subject or belief."}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "Unknown subject or belief."}}
 
 
 class AppState:

@@ -27,6 +27,7 @@ from beliefstore.timefmt import now_millis
 
 TRIAGE = [
     # context, attribute, value, confidence, evidence, minutes before now
+    ("support", "emotional_state", "confused", 0.55, "msg-1: first impression", 13),
     ("support", "issue", "unauthorized_recurring_charge", 0.95,
      "msg-1: 'you charged me again for a plan I cancelled in March'", 12),
     ("support", "emotional_state", "frustrated", 0.88, "msg-3: 'third time I write about this'", 11),
@@ -140,10 +141,10 @@ def run_demo(settings: Settings, console: Console) -> str:
             model = http.get(f"/v1/subjects/{subject}/self-model")
             model.raise_for_status()
             print_self_model(model.json(), console)
-            console.rule("auditor: GET …/beliefs/support/emotional_state/trace")
-            trace = http.get(f"/v1/subjects/{subject}/beliefs/support/emotional_state/trace")
-            trace.raise_for_status()
-            print_trace(trace.json(), console)
-        console.print(f"\nTry: beliefstore trace {subject} billing plan_status  "
-                      "(with `beliefstore up` running)")
+            for context, attribute in (("support", "emotional_state"), ("billing", "plan_status")):
+                console.rule(f"auditor: GET …/beliefs/{context}/{attribute}/trace")
+                trace = http.get(f"/v1/subjects/{subject}/beliefs/{context}/{attribute}/trace")
+                trace.raise_for_status()
+                print_trace(trace.json(), console)
+        console.print(f"\nWith `beliefstore up` running: beliefstore self-model {subject}")
     return subject

@@ -103,7 +103,7 @@ class SchemaRegistry:
         if not match:
             raise ValueError(f"{origin}: schema files must be named Name.vN.avsc")
         raw = json.loads(text)
-        parsed = fastavro.parse_schema(raw)
+        parsed: dict[str, Any] = fastavro.parse_schema(raw)  # type: ignore[assignment]
         name = parsed["name"]
         if name.rsplit(".", 1)[-1] != match["name"]:
             raise ValueError(f"{origin}: file name does not match record name {name}")

@@ -102,6 +102,7 @@ class ProjectorWorker:
     def start(self) -> None:
         """Create the topics if needed, assign partitions and seek to the stored offsets."""
         s = self.settings
+        assert s.kafka_bootstrap_servers  # checked in __init__
         ensure_topics(
             s.kafka_bootstrap_servers,
             {s.topic: s.partitions, s.dlq_topic: s.partitions},
