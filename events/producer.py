@@ -11,6 +11,7 @@ only speak HTTP use ``POST /v1/observations``, which applies the same validation
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -82,13 +83,13 @@ class BeliefProducer:
         **kafka_config: Any,
     ):
         self.topic = topic
+        self.bootstrap_servers = bootstrap_servers
         self.serde = serde or AvroSerde()
         self.timeout_s = timeout_s
         try:
             self._producer = KafkaProducer(
                 bootstrap_servers=bootstrap_servers,
                 client_id="beliefstore-producer",
-                key_serializer=lambda k: k.encode("utf-8"),
                 **{
                     "linger_ms": 5,
                     "request_timeout_ms": int(timeout_s * 1000),
@@ -227,7 +228,7 @@ class BeliefProducer:
         payloads = [self.serde.encode(e) for e in batch]
         try:
             futures = [
-                self._producer.send(self.topic, key=e.subject_id, value=p)
+                self._producer.send(self.topic, key=e.subject_id.encode("utf-8"), value=p)
                 for e, p in zip(batch, payloads, strict=True)
             ]
             receipts = []
@@ -238,9 +239,21 @@ class BeliefProducer:
         except KafkaError as exc:
             raise ProduceError(f"the broker did not acknowledge the event(s): {exc}") from exc
 
-    def connected(self) -> bool:
-        """Whether the producer currently has a connection to the cluster."""
-        return bool(self._producer.bootstrap_connected())
+    def connected(self, timeout_s: float = 2.0) -> bool:
+        """Whether the cluster is reachable: a bootstrap server accepts a TCP connection
+        within ``timeout_s``.
+
+        (kafka-python 3's ``bootstrap_connected()`` is only true while the bootstrap is in
+        flight, so it cannot answer this.)
+        """
+        for server in self.bootstrap_servers.split(","):
+            host, _, port = server.strip().rpartition(":")
+            try:
+                socket.create_connection((host.strip("[]"), int(port)), timeout_s).close()
+                return True
+            except (OSError, ValueError):
+                continue
+        return False
 
     def flush(self) -> None:
         """Wait until every send so far is acknowledged."""

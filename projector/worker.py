@@ -27,8 +27,9 @@ from beliefstore.projector.store import (
 )
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import OffsetOutOfRangeError
 
-from beliefstore.errors import PoisonEvent
+from beliefstore.errors import LogResetError, PoisonEvent
 from beliefstore.settings import Settings
 from beliefstore.topics import ensure_topics
 
@@ -113,7 +114,8 @@ class ProjectorWorker:
             client_id=f"beliefstore-projector-{s.projection}",
             group_id=None,
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            # Never jump silently: a stored offset outside the log is a LogResetError.
+            auto_offset_reset="none",
             max_poll_records=s.batch_size,
         )
         self._dlq = KafkaProducer(
@@ -199,9 +201,19 @@ class ProjectorWorker:
     def process_batch(self) -> int:
         """Poll once and apply what came back in one transaction; return messages handled."""
         assert self._consumer is not None
-        polled = self._consumer.poll(
-            timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.batch_size
-        )
+        try:
+            polled = self._consumer.poll(
+                timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.batch_size
+            )
+        except OffsetOutOfRangeError as exc:
+            raise self._log_reset(str(exc)) from exc
+        for tp in self._consumer.assignment():
+            hw = self._consumer.highwater(tp)
+            if hw is not None and self._consumer.position(tp) > hw:
+                raise self._log_reset(
+                    f"partition {tp.partition}: stored offset {self._consumer.position(tp)} is "
+                    f"beyond the log end {hw}"
+                )
         if not polled:
             return 0
         batch: list[LoggedEvent] = []
@@ -227,6 +239,16 @@ class ProjectorWorker:
         self.stats.beliefs_recomputed += recomputed
         log.debug("batch: %d events, %d poison, %d beliefs", len(batch), len(poison), recomputed)
         return len(batch) + len(poison)
+
+    def _log_reset(self, detail: str) -> LogResetError:
+        s = self.settings
+        return LogResetError(
+            f"the read model's offsets for topic {s.topic!r} lie beyond the broker's log "
+            f"({detail}): the broker lost its log, the topic was recreated, or "
+            f"KAFKA_BOOTSTRAP_SERVERS={s.kafka_bootstrap_servers} is another cluster. Point "
+            "at the cluster that holds the log, or rebuild the projection into a fresh "
+            f"schema (BELIEFSTORE_DB_SCHEMA) from offset 0. Refusing to skip or re-apply events."
+        )
 
     def _decode(self, record: ConsumerRecord) -> LoggedEvent | PoisonEvent:
         try:

@@ -85,3 +85,21 @@ def test_restart_after_poison_does_not_reprocess(settings, engine):
     with ProjectorWorker(settings, engine) as worker:
         assert worker.run(until_caught_up=True).poison == 0
     assert len(read_topic(settings.kafka_bootstrap_servers, settings.dlq_topic)) == 1
+
+
+def test_offsets_beyond_the_log_end_refuse_to_start(settings, engine, producer):
+    """A log reset (topic recreated, broker lost its log) is named, not skipped."""
+    import pytest
+
+    from beliefstore.errors import LogResetError
+
+    receipt = producer.observe("user-1", "support", "issue", "refund", 0.9, source="a")
+    with ProjectorWorker(settings, engine) as worker:
+        worker.run(until_caught_up=True)
+    with engine.begin() as conn:
+        conn.execute(sa.update(projection_offsets)
+                     .where(projection_offsets.c.partition == receipt.partition)
+                     .values(next_offset=receipt.offset + 1000))
+    with ProjectorWorker(settings, engine) as worker, pytest.raises(LogResetError) as info:
+        worker.run(until_caught_up=True)
+    assert "beyond" in str(info.value) and settings.topic in str(info.value)
