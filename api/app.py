@@ -13,6 +13,9 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import sqlalchemy as sa
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.responses import JSONResponse
+
 from beliefstore.api import queries
 from beliefstore.api.models import (
     BeliefOut,
@@ -27,17 +30,16 @@ from beliefstore.api.models import (
     TraceEventOut,
     TraceOut,
 )
+from beliefstore.errors import ProduceError, ValidationError
 from beliefstore.events.model import ObservationRecorded
 from beliefstore.events.producer import BeliefProducer
 from beliefstore.projector.fold import Key
-from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
-from fastapi.responses import JSONResponse
-
-from beliefstore.errors import ProduceError, ValidationError
 from beliefstore.settings import Settings
 from beliefstore.timefmt import from_millis, to_millis
 
-NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut, "description": "Unknown subject or belief."}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorOut, "description": "Unknown subject or belief."}
+}
 
 
 class AppState:

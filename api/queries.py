@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+
 from beliefstore.events.model import ObservationRecorded
 from beliefstore.projector.fold import Belief, FoldSettings, Key, TraceEntry, trace
 from beliefstore.projector.store import LogPosition, load_events

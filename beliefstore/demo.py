@@ -83,7 +83,11 @@ def run_demo(settings: Settings, console: Console) -> str:
             engine = make_engine(settings.database_url or "", settings.db_schema)
             api_url = settings.api_url
         else:
-            console.print("starting the embedded Kafka broker and PostgreSQL (.beliefstore/)...")
+            missing = [name for name, configured in (
+                ("Kafka broker", settings.kafka_bootstrap_servers),
+                ("PostgreSQL", settings.database_url)) if not configured]
+            if missing:
+                console.print(f"starting the embedded {' and '.join(missing)} (.beliefstore/)...")
             settings = start_missing_services(settings, stack, durable=True)
             engine = prepare(settings)
             projector = ProjectorThread(settings, engine)

@@ -11,10 +11,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
+from beliefstore.errors import FieldError, ValidationError
 from beliefstore.events.model import Event, ObservationRecorded
 from beliefstore.events.validation import from_dict
-
-from beliefstore.errors import FieldError, ValidationError
 
 
 def to_dict(event: Event) -> dict[str, Any]:

@@ -18,6 +18,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
+
+from beliefstore.errors import ProduceError
 from beliefstore.events.model import (
     Event,
     ObservationRecorded,
@@ -26,10 +30,6 @@ from beliefstore.events.model import (
 )
 from beliefstore.events.serde import AvroSerde
 from beliefstore.events.validation import validate
-from kafka import KafkaProducer
-from kafka.errors import KafkaError
-
-from beliefstore.errors import ProduceError
 from beliefstore.timefmt import now_millis, to_millis
 
 

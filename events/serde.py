@@ -25,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import fastavro
+from fastavro.schema import fingerprint as avro_fingerprint
+from fastavro.schema import to_parsing_canonical_form
+
+from beliefstore.errors import PoisonEvent, SchemaNotFound, ValidationError
 from beliefstore.events.model import (
     Event,
     ObservationRecorded,
@@ -32,10 +36,6 @@ from beliefstore.events.model import (
     SubjectErased,
 )
 from beliefstore.events.validation import validate
-from fastavro.schema import fingerprint as avro_fingerprint
-from fastavro.schema import to_parsing_canonical_form
-
-from beliefstore.errors import PoisonEvent, SchemaNotFound, ValidationError
 from beliefstore.timefmt import to_millis
 
 MAGIC = b"\xc3\x01"

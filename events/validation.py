@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
+from beliefstore.errors import FieldError, ValidationError
 from beliefstore.events.model import (
     EVENT_TYPES,
     Event,
@@ -21,8 +22,6 @@ from beliefstore.events.model import (
     ObservationRetracted,
     SubjectErased,
 )
-
-from beliefstore.errors import FieldError, ValidationError
 
 MAX_ID_LENGTH = 256
 """Longest subject_id / source, in characters."""

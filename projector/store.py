@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
 from beliefstore.events.model import (
     Event,
     ObservationRecorded,
@@ -31,8 +33,6 @@ from beliefstore.projector.tables import (
     projection_offsets,
     retractions,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-
 from beliefstore.timefmt import from_millis, to_millis
 
 _CHUNK = 1000

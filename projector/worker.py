@@ -18,6 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import OffsetOutOfRangeError
+
+from beliefstore.errors import LogResetError, PoisonEvent
 from beliefstore.events.serde import AvroSerde
 from beliefstore.projector.store import (
     LoggedEvent,
@@ -25,11 +30,6 @@ from beliefstore.projector.store import (
     PartitionProgress,
     ProjectionRecorder,
 )
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import OffsetOutOfRangeError
-
-from beliefstore.errors import LogResetError, PoisonEvent
 from beliefstore.settings import Settings
 from beliefstore.topics import ensure_topics
 

@@ -1,6 +1,7 @@
 """Alembic environment: runs on the connection handed over by :func:`beliefstore.db.migrate`."""
 
 from alembic import context
+
 from beliefstore.projector.tables import metadata
 
 connection = context.config.attributes["connection"]

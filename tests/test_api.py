@@ -1,0 +1,406 @@
+"""The HTTP API against real services: ingest (201 and every 422), reads, filters, 404s,
+traces with Kafka coordinates, OpenAPI and health endpoints."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import replace
+
+import httpx
+import pytest
+
+from beliefstore.events.model import ObservationRecorded
+from beliefstore.events.producer import BeliefProducer, Receipt
+from beliefstore.events.serde import AvroSerde
+from beliefstore.projector.fold import logit
+from beliefstore.serve import ApiServer, ProjectorThread
+from beliefstore.services import free_port
+from beliefstore.timefmt import from_millis
+from tests.conftest import read_topic, wait_caught_up
+
+T0 = 1767225600000  # 2026-01-01T00:00:00Z
+
+
+def observation(**overrides) -> dict:
+    body = {
+        "subject_id": "user-api",
+        "context": "support",
+        "attribute": "emotional_state",
+        "value": "frustrated",
+        "confidence": 0.88,
+        "source": "triage_agent",
+        "evidence": "msg-1842",
+        "metadata": {"model": "gpt-x", "session_id": "s-77"},
+        "occurred_at": T0,
+    }
+    body.update(overrides)
+    return body
+
+
+def _dt(text: str):
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+# -- POST /v1/observations ---------------------------------------------------------------
+
+
+def test_post_observation_is_produced_and_projected(settings, engine, api_url, projector):
+    event_id = str(uuid.uuid4())
+    response = httpx.post(f"{api_url}/v1/observations",
+                          json=observation(event_id=event_id), timeout=30)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert set(body) == {"event_id", "topic", "partition", "offset"}
+    assert body["event_id"] == event_id
+    assert body["topic"] == settings.topic
+    assert 0 <= body["partition"] < settings.partitions
+    assert body["offset"] >= 0
+
+    # Really on the topic, at the returned coordinates, decodable with the shipped schemas.
+    messages = read_topic(settings.kafka_bootstrap_servers, settings.topic)
+    assert [(m.partition, m.offset) for m in messages] == [(body["partition"], body["offset"])]
+    assert messages[0].key == b"user-api"
+    event = AvroSerde().decode(messages[0].value).event
+    assert isinstance(event, ObservationRecorded)
+    assert (event.event_id, event.subject_id, event.context, event.attribute, event.value,
+            event.confidence, event.source, event.evidence, event.occurred_at) == (
+        event_id, "user-api", "support", "emotional_state", "frustrated", 0.88, "triage_agent",
+        "msg-1842", T0)
+    assert dict(event.metadata) == {"model": "gpt-x", "session_id": "s-77"}
+
+    # And it ends up in the self-model once projected.
+    wait_caught_up(engine, settings, [Receipt(**body)])
+    model = httpx.get(f"{api_url}/v1/subjects/user-api/self-model").json()
+    assert model["belief_count"] == 1
+    [belief] = model["contexts"]["support"]
+    assert belief["attribute"] == "emotional_state"
+    assert belief["value"] == "frustrated"
+    assert belief["confidence"] == pytest.approx(0.88, abs=1e-6)
+    assert belief["support"] == [event_id]
+    assert belief["sources"] == ["triage_agent"]
+
+
+def test_post_observation_with_iso_time_and_defaults(settings, engine, api_url):
+    response = httpx.post(f"{api_url}/v1/observations", timeout=30, json={
+        "subject_id": "user-iso", "context": "billing", "attribute": "plan", "value": "pro",
+        "confidence": 1, "source": "sales_bot", "occurred_at": "2026-01-01T01:00:00+01:00",
+    })
+    assert response.status_code == 201, response.text
+    body = response.json()
+    uuid.UUID(body["event_id"])  # a generated UUID
+    [message] = read_topic(settings.kafka_bootstrap_servers, settings.topic)
+    event = AvroSerde().decode(message.value).event
+    assert event.event_id == body["event_id"]
+    assert event.occurred_at == T0  # 01:00+01:00 is midnight UTC
+    assert event.confidence == 1.0 and event.evidence is None and dict(event.metadata) == {}
+
+
+BAD_OBSERVATIONS = [
+    ("confidence_above_one", observation(confidence=1.5), ["confidence"]),
+    ("confidence_below_zero", observation(confidence=-0.1), ["confidence"]),
+    ("empty_subject_id", observation(subject_id=""), ["subject_id"]),
+    ("blank_subject_id", observation(subject_id="   "), ["subject_id"]),
+    ("empty_source", observation(source=""), ["source"]),
+    ("unknown_field", {**observation(), "colour": "blue"}, ["colour"]),
+    ("value_number", observation(value=42), ["value"]),
+    ("value_null", observation(value=None), ["value"]),
+    ("value_too_long", observation(value="x" * 4097), ["value"]),
+    ("evidence_too_long", observation(evidence="e" * 16385), ["evidence"]),
+    ("context_with_space", observation(context="customer support"), ["context"]),
+    ("event_id_not_uuid", observation(event_id="not-a-uuid"), ["event_id"]),
+    ("metadata_value_not_string", observation(metadata={"model": 3}), ["metadata", "model"]),
+    ("occurred_at_without_timezone", observation(occurred_at="2026-01-01T00:00:00"),
+     ["occurred_at"]),
+    ("missing_confidence", {k: v for k, v in observation().items() if k != "confidence"},
+     ["confidence"]),
+]
+
+
+def _locs(response: httpx.Response) -> list[list]:
+    detail = response.json()["detail"]
+    assert isinstance(detail, list) and detail, detail
+    for item in detail:
+        assert item["msg"], item
+    return [item["loc"] for item in detail]
+
+
+def _names(loc: list, field_path: list[str]) -> bool:
+    """Whether ``loc`` names the field: ``["body", "value"]``, or ``["body", "metadata.model"]``
+    for our validation, or pydantic's ``["body", "metadata", "model"]``."""
+    return loc[0] == "body" and (loc[1:] == field_path or loc[1:] == [".".join(field_path)])
+
+
+def test_bad_observations_are_refused_with_the_field_and_nothing_is_produced(settings, api_url):
+    with httpx.Client(base_url=api_url, timeout=30) as http:
+        for name, body, field_path in BAD_OBSERVATIONS:
+            response = http.post("/v1/observations", json=body)
+            assert response.status_code == 422, (name, response.text)
+            locs = _locs(response)
+            assert any(_names(loc, field_path) for loc in locs), (name, locs)
+
+        # NaN is not JSON, but Python's json accepts it: send the raw text.
+        raw = json.dumps(observation()).replace('"confidence": 0.88', '"confidence": NaN')
+        assert "NaN" in raw
+        response = http.post("/v1/observations", content=raw,
+                             headers={"content-type": "application/json"})
+        assert response.status_code == 422, response.text
+        assert any(_names(loc, ["confidence"]) for loc in _locs(response)), response.text
+
+    # After all the refused posts, nothing at all was produced.
+    assert read_topic(settings.kafka_bootstrap_servers, settings.topic) == []
+
+    # Control: a valid post on the same topic is found by the same read.
+    ok = httpx.post(f"{api_url}/v1/observations", json=observation(subject_id="control"),
+                    timeout=30)
+    assert ok.status_code == 201, ok.text
+    messages = read_topic(settings.kafka_bootstrap_servers, settings.topic)
+    assert [AvroSerde().decode(m.value).event.subject_id for m in messages] == ["control"]
+
+
+# -- reads: 404s and filters -------------------------------------------------------------
+
+
+def test_unknown_subject_and_attribute_are_404_with_a_helpful_message(
+    settings, engine, producer, projector, api_url
+):
+    receipt = producer.observe("user-known", "support", "emotional_state", "calm", 0.7,
+                               source="triage_agent", occurred_at=T0)
+    wait_caught_up(engine, settings, [receipt])
+    with httpx.Client(base_url=api_url, timeout=10) as http:
+        for path in ("/v1/subjects/nobody-here/self-model",
+                     "/v1/subjects/nobody-here/beliefs",
+                     "/v1/subjects/nobody-here/beliefs/support/emotional_state/trace"):
+            response = http.get(path)
+            assert response.status_code == 404, (path, response.text)
+            detail = response.json()["detail"]
+            assert isinstance(detail, str)
+            assert "'nobody-here'" in detail and "no beliefs or observations" in detail, detail
+            assert "projector" in detail  # says how to fix it
+
+        response = http.get("/v1/subjects/user-known/beliefs/support/no_such_attribute/trace")
+        assert response.status_code == 404, response.text
+        detail = response.json()["detail"]
+        assert "'user-known'" in detail and "support/no_such_attribute" in detail, detail
+
+        # The known key itself answers 200.
+        assert http.get("/v1/subjects/user-known/beliefs/support/emotional_state/trace"
+                        ).status_code == 200
+
+
+def test_beliefs_filters_by_context_and_min_confidence(
+    settings, engine, producer, projector, api_url
+):
+    s = "user-filter"
+    receipts = [
+        producer.observe(s, "support", "emotional_state", "frustrated", 0.9, "triage_agent",
+                         occurred_at=T0),
+        producer.observe(s, "support", "expertise_level", "high", 0.6, "triage_agent",
+                         occurred_at=T0),
+        producer.observe(s, "billing", "plan_status", "cancelled", 0.95, "billing_agent",
+                         occurred_at=T0),
+        producer.observe(s, "billing", "payment_method", "card", 0.55, "billing_agent",
+                         occurred_at=T0),
+    ]
+    wait_caught_up(engine, settings, receipts)
+
+    def get(**params):
+        response = httpx.get(f"{api_url}/v1/subjects/{s}/beliefs", params=params, timeout=10)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["subject_id"] == s
+        return [(b["context"], b["attribute"]) for b in body["beliefs"]]
+
+    assert get() == [("billing", "payment_method"), ("billing", "plan_status"),
+                     ("support", "emotional_state"), ("support", "expertise_level")]
+    assert get(context="support") == [("support", "emotional_state"),
+                                      ("support", "expertise_level")]
+    assert get(min_confidence=0.8) == [("billing", "plan_status"),
+                                       ("support", "emotional_state")]
+    assert get(context="billing", min_confidence=0.9) == [("billing", "plan_status")]
+    assert get(context="billing", min_confidence=0.99) == []  # known subject: 200, empty
+    assert get(context="purchase_motivation") == []
+
+    for bad in ("1.5", "-0.1", "high"):
+        response = httpx.get(f"{api_url}/v1/subjects/{s}/beliefs",
+                             params={"min_confidence": bad}, timeout=10)
+        assert response.status_code == 422, (bad, response.text)
+        assert ["query", "min_confidence"] in _locs(response), response.text
+
+
+# -- trace -------------------------------------------------------------------------------
+
+
+def test_trace_explains_every_status_with_kafka_coordinates(settings, engine):
+    settings = replace(settings, half_lives={"support": 7200.0}, trust={"billing_agent": 2.0})
+    s, ctx, attr = "user-trace", "support", "emotional_state"
+    ids = {name: str(uuid.uuid4()) for name in
+           ("old", "new", "mistaken", "retraction", "billing", "foreign_retraction")}
+    with BeliefProducer.from_settings(settings) as producer:
+        r = {
+            # triage says frustrated, then changes its mind: the first is superseded.
+            "old": producer.observe(s, ctx, attr, "frustrated", 0.7, "triage_agent",
+                                    occurred_at=T0, event_id=ids["old"]),
+            # sentiment says calm, then retracts it itself.
+            "mistaken": producer.observe(s, ctx, attr, "calm", 0.9, "sentiment_agent",
+                                         occurred_at=T0 + 1000, event_id=ids["mistaken"]),
+            # billing says angry; sentiment tries to retract it (not its source: ignored).
+            "billing": producer.observe(s, ctx, attr, "angry", 0.8, "billing_agent",
+                                        evidence="msg-9", occurred_at=T0 + 1500,
+                                        event_id=ids["billing"]),
+            "new": producer.observe(s, ctx, attr, "angry", 0.75, "triage_agent",
+                                    occurred_at=T0 + 3_600_000, event_id=ids["new"]),
+            "retraction": producer.retract(s, ids["mistaken"], "sentiment_agent",
+                                           reason="wrong conversation", occurred_at=T0 + 3000,
+                                           event_id=ids["retraction"]),
+            "foreign_retraction": producer.retract(s, ids["billing"], "sentiment_agent",
+                                                   occurred_at=T0 + 4000,
+                                                   event_id=ids["foreign_retraction"]),
+        }
+        # A second subject, erased after one observation; a later observation still counts.
+        e = "user-erased"
+        erased_ids = {"before": str(uuid.uuid4()), "after": str(uuid.uuid4())}
+        r["erased_before"] = producer.observe(e, ctx, attr, "sad", 0.9, "triage_agent",
+                                              evidence="msg-secret", occurred_at=T0,
+                                              event_id=erased_ids["before"])
+        r["erasure"] = producer.erase(e, "privacy_bot", reason="GDPR request",
+                                      occurred_at=T0 + 1000)
+        r["erased_after"] = producer.observe(e, ctx, attr, "calm", 0.6, "sentiment_agent",
+                                             occurred_at=T0 + 2000,
+                                             event_id=erased_ids["after"])
+    projector = ProjectorThread(settings, engine)
+    projector.start()
+    server = ApiServer(settings, engine, "127.0.0.1", free_port()).start_in_thread()
+    try:
+        wait_caught_up(engine, settings, r.values())
+        response = httpx.get(f"{server.url}/v1/subjects/{s}/beliefs/{ctx}/{attr}/trace")
+        assert response.status_code == 200, response.text
+        t = response.json()
+        erased_response = httpx.get(f"{server.url}/v1/subjects/{e}/beliefs/{ctx}/{attr}/trace")
+        assert erased_response.status_code == 200, erased_response.text
+        et = erased_response.json()
+    finally:
+        server.stop()
+        projector.stop()
+    assert projector.error is None
+
+    assert (t["subject_id"], t["context"], t["attribute"]) == (s, ctx, attr)
+    assert t["half_life_s"] == 7200.0
+    assert t["trust"] == {"billing_agent": 2.0, "sentiment_agent": 1.0, "triage_agent": 1.0}
+    events = {ev["event_id"]: ev for ev in t["events"]}
+    assert set(events) == set(ids.values())
+    # Sorted by (occurred_at, event_id).
+    assert [ev["event_id"] for ev in t["events"]] == [
+        ids[n] for n in ("old", "mistaken", "billing", "retraction", "foreign_retraction", "new")
+    ]
+
+    expected = {
+        "old": ("observed", "superseded", f"superseded by {ids['new']} of the same source"),
+        "mistaken": ("observed", "retracted", f"retracted by {ids['retraction']}"),
+        "retraction": ("retracted", "retraction", f"retracts {ids['mistaken']}"),
+        "billing": ("observed", "counting", None),
+        "foreign_retraction": ("retracted", "retraction_ignored",
+                               f"retraction of {ids['billing']} by sentiment_agent, "
+                               "not its source billing_agent"),
+        "new": ("observed", "counting", None),
+    }
+    for name, (kind, status, reason) in expected.items():
+        ev = events[ids[name]]
+        assert (ev["type"], ev["status"], ev["reason"]) == (kind, status, reason), (name, ev)
+        assert ev["kafka"] == {"topic": settings.topic, "partition": r[name].partition,
+                               "offset": r[name].offset}, name
+        assert ev["recorded_at"] is not None
+        assert len(ev["writer_fingerprint"]) == 16
+        int(ev["writer_fingerprint"], 16)
+        if status == "counting":
+            assert ev["weight"] is not None and ev["decay"] is not None, name
+        else:
+            assert ev["weight"] is None and ev["decay"] is None, name
+
+    # Weights: trust · logit(c) · 2^(−age/H), t_ref = the newest counting observation.
+    billing, new = events[ids["billing"]], events[ids["new"]]
+    assert new["decay"] == pytest.approx(1.0)
+    assert new["weight"] == pytest.approx(logit(0.75))
+    age_s = (3_600_000 - 1500) / 1000
+    assert billing["decay"] == pytest.approx(2 ** (-age_s / 7200))
+    assert billing["weight"] == pytest.approx(2.0 * logit(0.8) * billing["decay"])
+    assert billing["value"] == "angry" and billing["evidence"] == "msg-9"
+    assert billing["confidence"] == 0.8
+    assert _dt(billing["occurred_at"]) == from_millis(T0 + 1500)
+    retraction = events[ids["retraction"]]
+    assert retraction["value"] is None and retraction["confidence"] is None
+    assert retraction["retracted_event_id"] == ids["mistaken"]
+    assert events[ids["mistaken"]]["value"] == "calm"  # retracted, not erased: still shown
+
+    belief = t["belief"]
+    assert belief["value"] == "angry"
+    assert sorted(belief["support"]) == sorted([ids["billing"], ids["new"]])
+    assert belief["sources"] == ["billing_agent", "triage_agent"]
+    assert belief["source_count"] == 2
+    assert belief["alternatives"] == {}
+
+    # The erased subject: the observation before the erasure is erased, its value and
+    # evidence withheld; the later one counts.
+    ev_events = {ev["event_id"]: ev for ev in et["events"]}
+    assert set(ev_events) == set(erased_ids.values())
+    before, after = ev_events[erased_ids["before"]], ev_events[erased_ids["after"]]
+    assert before["status"] == "erased"
+    assert before["reason"] == f"subject erased by {r['erasure'].event_id}"
+    assert before["value"] is None and before["evidence"] is None
+    assert before["weight"] is None and before["decay"] is None
+    assert before["kafka"]["partition"] == r["erased_before"].partition
+    assert before["kafka"]["offset"] == r["erased_before"].offset
+    assert after["status"] == "counting" and after["value"] == "calm"
+    assert after["kafka"]["offset"] == r["erased_after"].offset
+    assert et["belief"]["value"] == "calm" and et["belief"]["support"] == [erased_ids["after"]]
+    assert et["trust"] == {"sentiment_agent": 1.0, "triage_agent": 1.0}
+
+
+# -- OpenAPI and health ------------------------------------------------------------------
+
+
+def test_openapi_and_docs_are_served(api_url):
+    spec = httpx.get(f"{api_url}/openapi.json", timeout=10)
+    assert spec.status_code == 200
+    paths = spec.json()["paths"]
+    for path in ("/v1/subjects/{subject_id}/self-model",
+                 "/v1/subjects/{subject_id}/beliefs",
+                 "/v1/subjects/{subject_id}/beliefs/{context}/{attribute}/trace",
+                 "/v1/observations", "/healthz", "/readyz"):
+        assert path in paths, path
+    assert "post" in paths["/v1/observations"]
+    docs = httpx.get(f"{api_url}/docs", timeout=10)
+    assert docs.status_code == 200
+    assert docs.headers["content-type"].startswith("text/html")
+    assert "swagger" in docs.text.lower()
+
+
+def test_health_and_readiness(settings, engine, producer, api_url):
+    health = httpx.get(f"{api_url}/healthz", timeout=10)
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+
+    # Before any projector batch, the lag is unknown.
+    ready = httpx.get(f"{api_url}/readyz", timeout=30)
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["projection_lag"] is None
+
+    receipts = [producer.observe(f"user-ready-{i}", "support", "mood", "ok", 0.6, "bot",
+                                 occurred_at=T0) for i in range(3)]
+    projector = ProjectorThread(settings, engine)
+    projector.start()
+    try:
+        wait_caught_up(engine, settings, receipts)
+    finally:
+        projector.stop()
+    assert projector.error is None
+
+    ready = httpx.get(f"{api_url}/readyz", timeout=30)
+    assert ready.status_code == 200, ready.text
+    body = ready.json()
+    assert body["ready"] is True
+    assert body["database"]["ok"] is True
+    assert body["broker"]["ok"] is True
+    assert isinstance(body["projection_lag"], int) and not isinstance(body["projection_lag"], bool)
+    assert body["projection_lag"] == 0
