@@ -33,6 +33,7 @@ from beliefstore.api.models import (
 from beliefstore.errors import ProduceError, ValidationError
 from beliefstore.events.model import ObservationRecorded
 from beliefstore.events.producer import BeliefProducer
+from beliefstore.projector.catalog import CatalogError, ProjectionCatalog
 from beliefstore.projector.fold import Key
 from beliefstore.settings import Settings
 from beliefstore.timefmt import from_millis, to_millis
@@ -43,17 +44,21 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
 
 
 class AppState:
-    """What the endpoints depend on: settings, the read model's engine and a producer.
+    """What the endpoints depend on: settings, the projection catalog and a producer.
 
     The producer is created on first use, so reads work while the broker is down.
     """
 
-    def __init__(self, settings: Settings, engine: sa.Engine,
+    def __init__(self, settings: Settings, catalog: ProjectionCatalog,
                  producer: BeliefProducer | None = None):
         self.settings = settings
-        self.engine = engine
+        self.catalog = catalog
         self._producer = producer
         self._lock = threading.Lock()
+
+    def engine(self) -> sa.Engine:
+        """The engine of the active projection's schema (blue/green: follows a switch)."""
+        return self.catalog.engine(self.catalog.active().schema)
 
     def producer(self) -> BeliefProducer:
         with self._lock:
@@ -71,7 +76,7 @@ def _state(request: Request) -> AppState:
 
 
 def _connection(state: Annotated[AppState, Depends(_state)]) -> Iterator[sa.Connection]:
-    with state.engine.connect() as conn:
+    with state.engine().connect() as conn:
         yield conn
 
 
@@ -97,17 +102,17 @@ def _unknown(subject_id: str) -> HTTPException:
     )
 
 
-def create_app(settings: Settings, engine: sa.Engine,
+def create_app(settings: Settings, catalog: ProjectionCatalog,
                producer: BeliefProducer | None = None) -> FastAPI:
-    """Build the API on an engine whose search_path selects the read model's schema.
+    """Build the API; it serves the catalog's active projection.
 
     Args:
-        settings: topic, projection name, fold settings (for traces).
-        engine: see :func:`beliefstore.db.make_engine`; tables must be migrated.
+        settings: topic and fold settings (for traces).
+        catalog: the projection catalog (migrated, see :meth:`ProjectionCatalog.ensure`).
         producer: used by ``POST /v1/observations``; by default one is made from
             ``settings`` on the first POST.
     """
-    state = AppState(settings, engine, producer)
+    state = AppState(settings, catalog, producer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -241,11 +246,12 @@ def create_app(settings: Settings, engine: sa.Engine,
         """Readiness: the database and the broker are reachable; reports projection lag."""
         lag = None
         try:
-            with state.engine.connect() as conn:
+            with state.engine().connect() as conn:
                 conn.execute(sa.text("SELECT 1"))
-                lag = queries.projection_lag(conn, state.settings.projection, state.settings.topic)
+                lag = queries.projection_lag(conn, state.catalog.active().name,
+                                             state.settings.topic)
             database = CheckOut(ok=True, detail="reachable")
-        except sa.exc.SQLAlchemyError as exc:
+        except (sa.exc.SQLAlchemyError, CatalogError) as exc:
             database = CheckOut(ok=False, detail=f"unreachable: {exc.__class__.__name__}")
         try:
             connected = state.producer().connected()

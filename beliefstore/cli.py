@@ -92,13 +92,13 @@ def up(
     with contextlib.ExitStack() as stack:
         try:
             settings = start_missing_services(settings, stack, durable=True)
-            engine = prepare(settings)
+            catalog = prepare(settings)
         except (BeliefstoreError, RuntimeError, OSError) as exc:
             raise _fail(str(exc)) from None
-        projector = ProjectorThread(settings, engine)
+        projector = ProjectorThread(settings, catalog)
         projector.start()
         stack.callback(projector.stop)
-        api = ApiServer(settings, engine, settings.api_host, settings.api_port)
+        api = ApiServer(settings, settings.api_host, settings.api_port, catalog=catalog)
         path = write_state(settings.home, {
             "pid": os.getpid(),
             "kafka_bootstrap_servers": settings.kafka_bootstrap_servers,
@@ -130,21 +130,23 @@ def projector(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the projector worker: consume the event topic, fold each batch into the read model
-    in one transaction with the offsets. SIGTERM or Ctrl-C finishes the current batch,
-    commits and exits 0."""
-    from beliefstore.db import make_engine, migrate
-    from beliefstore.projector.worker import ProjectorWorker
+    in one transaction with the offsets. It follows the active projection (see `replay
+    --switch`). SIGTERM or Ctrl-C finishes the current batch, commits and exits 0."""
+    from beliefstore.projector.catalog import ProjectionCatalog
+    from beliefstore.serve import run_active_projection
 
     _logging(verbose)
     settings = _settings()
     _require_services(settings)
-    engine = make_engine(settings.database_url, settings.db_schema)  # type: ignore[arg-type]
-    migrate(engine, settings.db_schema)
+    catalog = ProjectionCatalog.from_settings(settings)
+    catalog.ensure()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    with ProjectorWorker(settings, engine) as worker:
-        stats = worker.run(stop, until_caught_up=until_caught_up)
+    try:
+        stats = run_active_projection(settings, catalog, stop, until_caught_up=until_caught_up)
+    except BeliefstoreError as exc:
+        raise _fail(str(exc)) from None
     log.info("projector stopped: %d events, %d poison in %d batches", stats.events,
              stats.poison, stats.batches)
 
@@ -155,28 +157,33 @@ def api(
     port: Annotated[int | None, typer.Option(help="Port (BELIEFSTORE_API_PORT).")] = None,
 ) -> None:
     """Serve the HTTP API (self-model, beliefs, trace, POST /v1/observations, /docs)."""
-    from beliefstore.db import make_engine, migrate
+    from beliefstore.projector.catalog import ProjectionCatalog
     from beliefstore.serve import ApiServer
 
     _logging()
     settings = _settings()
     _require_services(settings)
-    engine = make_engine(settings.database_url, settings.db_schema)  # type: ignore[arg-type]
-    migrate(engine, settings.db_schema)
-    ApiServer(settings, engine, host or settings.api_host, port or settings.api_port).run()
+    catalog = ProjectionCatalog.from_settings(settings)
+    catalog.ensure()
+    ApiServer(settings, host or settings.api_host, port or settings.api_port,
+              catalog=catalog).run()
 
 
 @app.command()
 def migrate() -> None:
-    """Create or upgrade the read model's tables (Alembic) in BELIEFSTORE_DB_SCHEMA."""
-    from beliefstore.db import make_engine
+    """Create or upgrade the read model's tables (Alembic) in BELIEFSTORE_DB_SCHEMA and every
+    registered projection's schema."""
     from beliefstore.db import migrate as run_migrations
+    from beliefstore.projector.catalog import ProjectionCatalog
 
     settings = _settings()
     if not settings.database_url:
         raise _fail("DATABASE_URL is not set and no `beliefstore up` runs here", 2)
-    run_migrations(make_engine(settings.database_url, settings.db_schema), settings.db_schema)
-    console.print(f"read model migrated in schema {settings.db_schema}")
+    catalog = ProjectionCatalog.from_settings(settings)
+    catalog.ensure()
+    for info in catalog.list():
+        run_migrations(catalog.engine(info.schema), info.schema)
+        console.print(f"projection {info.name}: schema {info.schema} migrated")
 
 
 # -- events ------------------------------------------------------------------------------

@@ -12,16 +12,15 @@ the contested belief is printed as an auditor would see it.
 from __future__ import annotations
 
 import contextlib
-import time
 import uuid
 from dataclasses import replace
 
 import httpx
-import sqlalchemy as sa
 from rich.console import Console
 
 from beliefstore.events.producer import BeliefProducer, Receipt
-from beliefstore.projector.tables import projection_offsets
+from beliefstore.projector.catalog import ProjectionCatalog
+from beliefstore.serve import wait_projected
 from beliefstore.settings import Settings, read_state
 from beliefstore.timefmt import now_millis
 
@@ -42,27 +41,6 @@ SENTIMENT = [
 ]
 
 
-def _wait_projected(engine: sa.Engine, settings: Settings, receipts: list[Receipt],
-                    timeout_s: float = 60.0) -> None:
-    """Block until the projection's stored offsets are past every receipt's offset."""
-    needed: dict[int, int] = {}
-    for r in receipts:
-        needed[r.partition] = max(needed.get(r.partition, -1), r.offset)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with engine.connect() as conn:
-            rows = conn.execute(sa.select(projection_offsets.c.partition,
-                                          projection_offsets.c.next_offset).where(
-                projection_offsets.c.projection == settings.projection,
-                projection_offsets.c.topic == settings.topic))
-            stored = {r.partition: r.next_offset for r in rows}
-        if all(stored.get(p, 0) > o for p, o in needed.items()):
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the projector did not catch up within {timeout_s:.0f} s")
-        time.sleep(0.1)
-
-
 def run_demo(settings: Settings, console: Console) -> str:
     """Run the scenario; return the subject id. Starts whatever is not running.
 
@@ -70,7 +48,6 @@ def run_demo(settings: Settings, console: Console) -> str:
     used; otherwise the embedded services (data under ``.beliefstore/``), a projector
     and the API are started for the demo and stopped at its end.
     """
-    from beliefstore.db import make_engine
     from beliefstore.runtime import prepare, start_missing_services
     from beliefstore.serve import ApiServer, ProjectorThread
     from beliefstore.services import free_port
@@ -80,7 +57,7 @@ def run_demo(settings: Settings, console: Console) -> str:
     with contextlib.ExitStack() as stack:
         if running_up:
             console.print(f"using the services of the running `beliefstore up` ({settings.api_url})")
-            engine = make_engine(settings.database_url or "", settings.db_schema)
+            catalog = ProjectionCatalog.from_settings(settings)
             api_url = settings.api_url
         else:
             missing = [name for name, configured in (
@@ -89,11 +66,12 @@ def run_demo(settings: Settings, console: Console) -> str:
             if missing:
                 console.print(f"starting the embedded {' and '.join(missing)} (.beliefstore/)...")
             settings = start_missing_services(settings, stack, durable=True)
-            engine = prepare(settings)
-            projector = ProjectorThread(settings, engine)
+            catalog = prepare(settings)
+            projector = ProjectorThread(settings, catalog)
             projector.start()
             stack.callback(projector.stop)
-            server = ApiServer(settings, engine, "127.0.0.1", free_port()).start_in_thread()
+            server = ApiServer(settings, "127.0.0.1", free_port(), catalog=catalog)
+            server.start_in_thread()
             stack.callback(server.stop)
             api_url = server.url
             settings = replace(settings, api_url=api_url)
@@ -137,7 +115,7 @@ def run_demo(settings: Settings, console: Console) -> str:
                               f"partition {body['partition']} offset {body['offset']}")
 
             console.print("\nwaiting for the projector to fold the events into PostgreSQL...")
-            _wait_projected(engine, settings, receipts)
+            wait_projected(catalog, settings.topic, receipts)
 
             from beliefstore.cli import print_self_model, print_trace
 

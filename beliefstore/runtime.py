@@ -8,9 +8,7 @@ import contextlib
 import logging
 from dataclasses import replace
 
-import sqlalchemy as sa
-
-from beliefstore.db import make_engine, migrate
+from beliefstore.projector.catalog import ProjectionCatalog
 from beliefstore.settings import Settings
 from beliefstore.topics import ensure_topics
 
@@ -50,18 +48,19 @@ def start_missing_services(
     return settings
 
 
-def prepare(settings: Settings) -> sa.Engine:
-    """Apply migrations and create the topics; return an engine on the read model.
+def prepare(settings: Settings) -> ProjectionCatalog:
+    """Apply migrations, register the default projection and create the topics; return
+    the projection catalog.
 
     Raises:
         kafka.errors.KafkaError, sqlalchemy.exc.SQLAlchemyError: a service is unreachable.
     """
     assert settings.database_url and settings.kafka_bootstrap_servers
-    engine = make_engine(settings.database_url, settings.db_schema)
-    migrate(engine, settings.db_schema)
+    catalog = ProjectionCatalog.from_settings(settings)
+    catalog.ensure()
     ensure_topics(
         settings.kafka_bootstrap_servers,
         {settings.topic: settings.partitions, settings.dlq_topic: settings.partitions},
         replication_factor=settings.replication_factor,
     )
-    return engine
+    return catalog

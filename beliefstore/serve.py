@@ -5,40 +5,107 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 import sqlalchemy as sa
 import uvicorn
 
 from beliefstore.api.app import create_app
-from beliefstore.projector.worker import ProjectorWorker
+from beliefstore.events.producer import Receipt
+from beliefstore.projector.catalog import ProjectionCatalog
+from beliefstore.projector.tables import projection_offsets
+from beliefstore.projector.worker import ProjectorWorker, WorkerStats
 from beliefstore.settings import Settings
 
 log = logging.getLogger("beliefstore")
 
 
-class ProjectorThread(threading.Thread):
-    """A :class:`ProjectorWorker` in a daemon thread; :meth:`stop` finishes the batch in
-    progress, commits it and returns. An exception in the worker is kept in ``error``."""
+def run_active_projection(
+    settings: Settings,
+    catalog: ProjectionCatalog,
+    stop: threading.Event,
+    *,
+    until_caught_up: bool = False,
+    on_batch: Callable[[ProjectorWorker, WorkerStats], None] | None = None,
+) -> WorkerStats:
+    """Keep the *active* projection up to date until ``stop`` is set.
 
-    def __init__(self, settings: Settings, engine: sa.Engine, *, report_every_s: float = 10.0):
+    When ``beliefstore replay --switch`` makes another projection active, the worker
+    finishes its batch, and a new one resumes from the new projection's stored offsets.
+    Returns the last worker's counters.
+    """
+    stats = WorkerStats()
+    while not stop.is_set():
+        info = catalog.active()
+        projection_settings = replace(settings, db_schema=info.schema, projection=info.name)
+        with ProjectorWorker(projection_settings, catalog.engine(info.schema)) as worker:
+            stats = worker.run(
+                stop,
+                until_caught_up=until_caught_up,
+                on_batch=(lambda s, w=worker: on_batch(w, s)) if on_batch else None,
+                keep_running=lambda name=info.name: catalog.active().name == name,
+            )
+        if until_caught_up and catalog.active().name == info.name:
+            break
+        if not stop.is_set():
+            log.info("active projection changed from %r; following it", info.name)
+    return stats
+
+
+def wait_projected(catalog: ProjectionCatalog, topic: str, receipts: Iterable[Receipt],
+                   timeout_s: float = 60.0) -> None:
+    """Block until the active projection's stored offsets are past every receipt's offset.
+
+    Raises:
+        TimeoutError: not caught up within ``timeout_s`` seconds.
+    """
+    needed: dict[int, int] = {}
+    for r in receipts:
+        needed[r.partition] = max(needed.get(r.partition, -1), r.offset)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = catalog.active()
+        with catalog.engine(info.schema).connect() as conn:
+            rows = conn.execute(sa.select(projection_offsets.c.partition,
+                                          projection_offsets.c.next_offset).where(
+                projection_offsets.c.projection == info.name,
+                projection_offsets.c.topic == topic))
+            stored = {r.partition: r.next_offset for r in rows}
+        if all(stored.get(p, 0) > o for p, o in needed.items()):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the projector did not catch up within {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
+class ProjectorThread(threading.Thread):
+    """The projector in a daemon thread, following the active projection; :meth:`stop`
+    finishes the batch in progress, commits it and returns. An exception in the worker is
+    kept in ``error``."""
+
+    def __init__(self, settings: Settings, catalog: ProjectionCatalog | None = None, *,
+                 report_every_s: float = 10.0):
         super().__init__(name="projector", daemon=True)
-        self.worker = ProjectorWorker(settings, engine)
+        self.settings = settings
+        self._own_catalog = catalog is None
+        self.catalog = catalog or ProjectionCatalog.from_settings(settings)
         self._stop_event = threading.Event()
         self.error: BaseException | None = None
         self._report_every_s = report_every_s
         self._last_report = time.monotonic()
 
-    def _report(self, stats) -> None:
+    def _report(self, worker: ProjectorWorker, stats: WorkerStats) -> None:
         now = time.monotonic()
         if now - self._last_report >= self._report_every_s:
             self._last_report = now
             log.info("projector: %d events, %d poison, %.0f msg/s, lag %s",
-                     stats.events, stats.poison, stats.rate, self.worker.lag())
+                     stats.events, stats.poison, stats.rate, worker.lag())
 
     def run(self) -> None:
         try:
-            with self.worker:
-                self.worker.run(self._stop_event, on_batch=self._report)
+            run_active_projection(self.settings, self.catalog, self._stop_event,
+                                  on_batch=self._report)
         except BaseException as exc:  # surfaced by the owner
             self.error = exc
             log.exception("projector stopped with an error")
@@ -46,6 +113,8 @@ class ProjectorThread(threading.Thread):
     def stop(self, timeout: float = 30.0) -> None:
         self._stop_event.set()
         self.join(timeout)
+        if self._own_catalog:
+            self.catalog.dispose()
 
 
 class ApiServer:
@@ -55,9 +124,13 @@ class ApiServer:
     from a daemon thread and returns once it accepts connections.
     """
 
-    def __init__(self, settings: Settings, engine: sa.Engine, host: str, port: int):
-        config = uvicorn.Config(create_app(settings, engine), host=host, port=port,
-                                log_level="warning", access_log=False)
+    def __init__(self, settings: Settings, host: str, port: int, *,
+                 catalog: ProjectionCatalog | None = None):
+        self._own_catalog = catalog is None
+        self.catalog = catalog or ProjectionCatalog.from_settings(settings)
+        app = create_app(settings, self.catalog)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                access_log=False)
         self.server = uvicorn.Server(config)
         self.url = f"http://{host}:{port}"
         self._thread: threading.Thread | None = None
@@ -79,3 +152,5 @@ class ApiServer:
         self.server.should_exit = True
         if self._thread is not None:
             self._thread.join(10)
+        if self._own_catalog:
+            self.catalog.dispose()

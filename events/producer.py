@@ -93,6 +93,8 @@ class BeliefProducer:
                 **{
                     "linger_ms": 5,
                     "request_timeout_ms": int(timeout_s * 1000),
+                    # kafka-python requires delivery > linger + request timeout.
+                    "delivery_timeout_ms": int(timeout_s * 1000) + 5_000,
                     **kafka_config,
                     "acks": "all",
                     "enable_idempotence": True,

@@ -171,14 +171,17 @@ class ProjectorWorker:
         *,
         until_caught_up: bool = False,
         on_batch: Callable[[WorkerStats], None] | None = None,
+        keep_running: Callable[[], bool] | None = None,
     ) -> WorkerStats:
-        """Process batches until ``stop`` is set (or, with ``until_caught_up``, until every
-        partition's position reaches its high watermark). The batch in progress when
-        ``stop`` is set is finished and committed first.
+        """Process batches until ``stop`` is set, or ``keep_running()`` turns false (checked
+        between batches), or, with ``until_caught_up``, every partition's position reaches
+        its high watermark. The batch in progress is always finished and committed first.
         """
         if self._consumer is None:
             self.start()
         while not (stop is not None and stop.is_set()):
+            if keep_running is not None and not keep_running():
+                break
             applied = self.process_batch()
             if applied and on_batch is not None:
                 on_batch(self.stats)

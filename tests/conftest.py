@@ -19,10 +19,11 @@ import pytest
 import sqlalchemy as sa
 from kafka import KafkaConsumer, TopicPartition
 
-from beliefstore.db import make_engine, migrate
+from beliefstore.db import make_engine
 from beliefstore.events.producer import BeliefProducer
 from beliefstore.events.validation import from_dict
-from beliefstore.serve import ApiServer, ProjectorThread
+from beliefstore.projector.catalog import ProjectionCatalog
+from beliefstore.serve import ApiServer, ProjectorThread, wait_projected
 from beliefstore.services import EmbeddedKafka, EmbeddedPostgres, free_port
 from beliefstore.settings import Settings
 from beliefstore.topics import ensure_topics
@@ -78,17 +79,27 @@ def settings(kafka_bootstrap: str, database_url: str, tmp_path: Path) -> Setting
 
 
 @pytest.fixture
-def engine(settings: Settings) -> Iterator[sa.Engine]:
-    """An engine on this test's migrated schema; the schema is dropped afterwards."""
-    assert settings.database_url
-    eng = make_engine(settings.database_url, settings.db_schema, pool_size=4)
-    migrate(eng, settings.db_schema)
+def catalog(settings: Settings) -> Iterator[ProjectionCatalog]:
+    """This test's projection catalog, migrated, with the default projection active; its
+    schemas (the base one and any rebuilt) are dropped afterwards."""
+    cat = ProjectionCatalog.from_settings(settings)
+    cat.ensure()
     ensure_topics(settings.kafka_bootstrap_servers or "",
                   {settings.topic: settings.partitions, settings.dlq_topic: 1})
-    yield eng
+    yield cat
+    schemas = [info.schema for info in cat.list()]
+    cat.dispose()
+    eng = make_engine(settings.database_url or "", "public")
     with eng.begin() as conn:
-        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{settings.db_schema}" CASCADE'))
+        for schema in schemas:
+            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
     eng.dispose()
+
+
+@pytest.fixture
+def engine(catalog: ProjectionCatalog) -> sa.Engine:
+    """An engine on this test's migrated base schema (the default projection)."""
+    return catalog.engine()
 
 
 @pytest.fixture
@@ -100,7 +111,7 @@ def producer(settings: Settings, engine: sa.Engine) -> Iterator[BeliefProducer]:
 @pytest.fixture
 def projector(settings: Settings, engine: sa.Engine) -> Iterator[ProjectorThread]:
     """A projector worker running in a thread for this test."""
-    thread = ProjectorThread(settings, engine)
+    thread = ProjectorThread(settings)
     thread.start()
     yield thread
     thread.stop()
@@ -110,16 +121,18 @@ def projector(settings: Settings, engine: sa.Engine) -> Iterator[ProjectorThread
 @pytest.fixture
 def api_url(settings: Settings, engine: sa.Engine) -> Iterator[str]:
     """The API served by uvicorn on a free loopback port."""
-    server = ApiServer(settings, engine, "127.0.0.1", free_port()).start_in_thread()
+    server = ApiServer(settings, "127.0.0.1", free_port()).start_in_thread()
     yield server.url
     server.stop()
 
 
-def wait_caught_up(engine: sa.Engine, settings: Settings, receipts, timeout_s: float = 30.0):
-    """Block until the projection's stored offsets are past every receipt."""
-    from beliefstore.demo import _wait_projected
-
-    _wait_projected(engine, settings, list(receipts), timeout_s)
+def wait_caught_up(settings: Settings, receipts, timeout_s: float = 30.0):
+    """Block until the active projection's stored offsets are past every receipt."""
+    cat = ProjectionCatalog.from_settings(settings)
+    try:
+        wait_projected(cat, settings.topic, list(receipts), timeout_s)
+    finally:
+        cat.dispose()
 
 
 def read_topic(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list:

@@ -72,7 +72,7 @@ def test_post_observation_is_produced_and_projected(settings, engine, api_url, p
     assert dict(event.metadata) == {"model": "gpt-x", "session_id": "s-77"}
 
     # And it ends up in the self-model once projected.
-    wait_caught_up(engine, settings, [Receipt(**body)])
+    wait_caught_up(settings, [Receipt(**body)])
     model = httpx.get(f"{api_url}/v1/subjects/user-api/self-model").json()
     assert model["belief_count"] == 1
     [belief] = model["contexts"]["support"]
@@ -168,7 +168,7 @@ def test_unknown_subject_and_attribute_are_404_with_a_helpful_message(
 ):
     receipt = producer.observe("user-known", "support", "emotional_state", "calm", 0.7,
                                source="triage_agent", occurred_at=T0)
-    wait_caught_up(engine, settings, [receipt])
+    wait_caught_up(settings, [receipt])
     with httpx.Client(base_url=api_url, timeout=10) as http:
         for path in ("/v1/subjects/nobody-here/self-model",
                      "/v1/subjects/nobody-here/beliefs",
@@ -204,7 +204,7 @@ def test_beliefs_filters_by_context_and_min_confidence(
         producer.observe(s, "billing", "payment_method", "card", 0.55, "billing_agent",
                          occurred_at=T0),
     ]
-    wait_caught_up(engine, settings, receipts)
+    wait_caught_up(settings, receipts)
 
     def get(**params):
         response = httpx.get(f"{api_url}/v1/subjects/{s}/beliefs", params=params, timeout=10)
@@ -270,11 +270,11 @@ def test_trace_explains_every_status_with_kafka_coordinates(settings, engine):
         r["erased_after"] = producer.observe(e, ctx, attr, "calm", 0.6, "sentiment_agent",
                                              occurred_at=T0 + 2000,
                                              event_id=erased_ids["after"])
-    projector = ProjectorThread(settings, engine)
+    projector = ProjectorThread(settings)
     projector.start()
-    server = ApiServer(settings, engine, "127.0.0.1", free_port()).start_in_thread()
+    server = ApiServer(settings, "127.0.0.1", free_port()).start_in_thread()
     try:
-        wait_caught_up(engine, settings, r.values())
+        wait_caught_up(settings, r.values())
         response = httpx.get(f"{server.url}/v1/subjects/{s}/beliefs/{ctx}/{attr}/trace")
         assert response.status_code == 200, response.text
         t = response.json()
@@ -388,10 +388,10 @@ def test_health_and_readiness(settings, engine, producer, api_url):
 
     receipts = [producer.observe(f"user-ready-{i}", "support", "mood", "ok", 0.6, "bot",
                                  occurred_at=T0) for i in range(3)]
-    projector = ProjectorThread(settings, engine)
+    projector = ProjectorThread(settings)
     projector.start()
     try:
-        wait_caught_up(engine, settings, receipts)
+        wait_caught_up(settings, receipts)
     finally:
         projector.stop()
     assert projector.error is None

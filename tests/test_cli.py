@@ -192,7 +192,7 @@ def test_self_model_and_trace_commands(settings, engine, producer, projector, ap
         producer.observe(s, "billing", "plan_status", "cancelled_in_march", 0.95,
                          "billing_agent", occurred_at=T0),
     ]
-    wait_caught_up(engine, settings, receipts)
+    wait_caught_up(settings, receipts)
     env = cli_env(settings, tmp_path, api_url)
 
     result = run(["self-model", s], env, tmp_path)

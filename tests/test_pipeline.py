@@ -25,11 +25,11 @@ def test_vector_through_live_pipeline(case, settings, engine):
     with BeliefProducer.from_settings(settings) as producer:
         # One send per event, in the vector's delivery order (duplicates included).
         receipts = [producer.send(e) for e in case_events(case)]
-    projector = ProjectorThread(settings, engine)
+    projector = ProjectorThread(settings)
     projector.start()
-    server = ApiServer(settings, engine, "127.0.0.1", free_port()).start_in_thread()
+    server = ApiServer(settings, "127.0.0.1", free_port()).start_in_thread()
     try:
-        wait_caught_up(engine, settings, receipts)
+        wait_caught_up(settings, receipts)
         got = []
         for subject in sorted({e["subject_id"] for e in case["events"]}):
             response = httpx.get(f"{server.url}/v1/subjects/{subject}/self-model")

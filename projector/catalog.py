@@ -1,0 +1,231 @@
+"""The projection catalog: the read models in the database and which one is served.
+
+Blue/green rebuilds: the default projection lives in the base schema
+(``BELIEFSTORE_DB_SCHEMA``); ``beliefstore replay`` builds another one in its own
+schema (``<base>__<name>``) from offset 0, and ``--switch`` makes it the *active*
+one in one transaction. The API and the live projector follow the active projection;
+the old one stays until ``beliefstore projections drop NAME``.
+
+The catalog table (``projections``) lives in the base schema.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+
+from beliefstore.db import check_schema_name, make_engine, migrate
+
+DEFAULT_PROJECTION = "self_model"
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+
+
+class CatalogError(ValueError):
+    """A projection name is invalid, unknown, already taken, or active (cannot be dropped)."""
+
+
+@dataclass(frozen=True)
+class ProjectionInfo:
+    """One read model.
+
+    Attributes:
+        name: the projection's name (``self_model`` for the default one).
+        schema: the PostgreSQL schema holding its tables.
+        active: whether the API serves it.
+        status: ``live``, ``building`` or ``built``.
+        created_at: when it was registered.
+        switched_at: when it last became active, or ``None``.
+    """
+
+    name: str
+    schema: str
+    active: bool
+    status: str
+    created_at: datetime
+    switched_at: datetime | None
+
+
+def _table(base_schema: str) -> sa.Table:
+    return sa.Table(
+        "projections", sa.MetaData(schema=base_schema),
+        sa.Column("name", sa.Text, primary_key=True),
+        sa.Column("schema_name", sa.Text),
+        sa.Column("active", sa.Boolean),
+        sa.Column("status", sa.Text),
+        sa.Column("created_at", sa.DateTime(timezone=True)),
+        sa.Column("switched_at", sa.DateTime(timezone=True)),
+    )
+
+
+class ProjectionCatalog:
+    """Lists, registers, switches and drops projections; hands out one engine per schema.
+
+    Args:
+        database_url: the PostgreSQL URL.
+        base_schema: the schema of the default projection and of the catalog.
+        cache_s: how long :meth:`active` may answer from memory, seconds.
+    """
+
+    def __init__(self, database_url: str, base_schema: str = "public", *, cache_s: float = 1.0):
+        self.database_url = database_url
+        self.base_schema = check_schema_name(base_schema)
+        self.table = _table(base_schema)
+        self.cache_s = cache_s
+        self._engines: dict[str, sa.Engine] = {}
+        self._lock = threading.Lock()
+        self._active: tuple[float, ProjectionInfo] | None = None
+
+    @classmethod
+    def from_settings(cls, settings) -> ProjectionCatalog:
+        """The catalog of ``settings.database_url`` with base schema ``settings.db_schema``.
+
+        Raises:
+            ValueError: DATABASE_URL is not set.
+        """
+        if not settings.database_url:
+            raise ValueError("DATABASE_URL is not set")
+        return cls(settings.database_url, settings.db_schema)
+
+    # -- engines -----------------------------------------------------------------------
+
+    def engine(self, schema: str | None = None) -> sa.Engine:
+        """The (cached) engine whose search_path is ``schema`` (default: the base schema)."""
+        schema = schema or self.base_schema
+        with self._lock:
+            if schema not in self._engines:
+                self._engines[schema] = make_engine(self.database_url, schema)
+            return self._engines[schema]
+
+    def dispose(self) -> None:
+        """Close every engine's connections."""
+        with self._lock:
+            for engine in self._engines.values():
+                engine.dispose()
+            self._engines.clear()
+
+    # -- catalog -----------------------------------------------------------------------
+
+    def ensure(self) -> None:
+        """Migrate the base schema and register the default projection (active) if the
+        catalog is empty."""
+        engine = self.engine()
+        migrate(engine, self.base_schema)
+        with engine.begin() as conn:
+            if conn.execute(sa.select(sa.func.count()).select_from(self.table)).scalar_one():
+                return
+            conn.execute(self.table.insert().values(
+                name=DEFAULT_PROJECTION, schema_name=self.base_schema, active=True,
+                status="live", switched_at=sa.func.now(),
+            ))
+
+    def list(self) -> list[ProjectionInfo]:
+        """Every registered projection, oldest first."""
+        with self.engine().connect() as conn:
+            rows = conn.execute(sa.select(self.table).order_by(self.table.c.created_at))
+            return [self._info(r) for r in rows]
+
+    def get(self, name: str) -> ProjectionInfo:
+        """The projection called ``name``.
+
+        Raises:
+            CatalogError: no such projection.
+        """
+        with self.engine().connect() as conn:
+            row = conn.execute(sa.select(self.table).where(self.table.c.name == name)).first()
+        if row is None:
+            raise CatalogError(f"no projection named {name!r}; see `beliefstore projections list`")
+        return self._info(row)
+
+    def active(self) -> ProjectionInfo:
+        """The projection the API serves (cached for ``cache_s`` seconds).
+
+        Raises:
+            CatalogError: the catalog is empty (run ``beliefstore migrate``).
+        """
+        now = time.monotonic()
+        cached = self._active
+        if cached is not None and now - cached[0] < self.cache_s:
+            return cached[1]
+        with self.engine().connect() as conn:
+            row = conn.execute(sa.select(self.table).where(self.table.c.active)).first()
+        if row is None:
+            raise CatalogError("no active projection: run `beliefstore migrate` first")
+        info = self._info(row)
+        self._active = (now, info)
+        return info
+
+    def schema_for(self, name: str) -> str:
+        """The schema a projection called ``name`` gets (``<base>__<name>``)."""
+        if not _NAME.match(name):
+            raise CatalogError(
+                f"projection name {name!r} must match [a-z][a-z0-9_]{{0,30}}"
+            )
+        return check_schema_name(f"{self.base_schema}__{name}"[:63])
+
+    def create(self, name: str) -> ProjectionInfo:
+        """Register a new, inactive projection (status ``building``) and migrate its schema.
+
+        Raises:
+            CatalogError: bad or taken name.
+        """
+        schema = self.schema_for(name)
+        with self.engine().begin() as conn:
+            taken = conn.execute(sa.select(self.table.c.name).where(
+                (self.table.c.name == name) | (self.table.c.schema_name == schema))).first()
+            if taken:
+                raise CatalogError(f"a projection named {name!r} exists; pick another --name "
+                                   "or `beliefstore projections drop` it")
+            conn.execute(self.table.insert().values(name=name, schema_name=schema,
+                                                    active=False, status="building"))
+        migrate(self.engine(schema), schema)
+        return self.get(name)
+
+    def mark(self, name: str, status: str) -> None:
+        """Set a projection's status (``building`` → ``built``)."""
+        with self.engine().begin() as conn:
+            conn.execute(self.table.update().where(self.table.c.name == name)
+                         .values(status=status))
+
+    def switch(self, name: str) -> ProjectionInfo:
+        """Make ``name`` the active projection, atomically (one transaction).
+
+        Raises:
+            CatalogError: no such projection.
+        """
+        self.get(name)
+        with self.engine().begin() as conn:
+            conn.execute(self.table.update().where(self.table.c.active).values(active=False))
+            conn.execute(self.table.update().where(self.table.c.name == name)
+                         .values(active=True, switched_at=sa.func.now()))
+        self._active = None
+        return self.get(name)
+
+    def drop(self, name: str) -> None:
+        """Drop an inactive projection's schema and unregister it.
+
+        Raises:
+            CatalogError: unknown, active, or the base schema's default projection.
+        """
+        info = self.get(name)
+        if info.active:
+            raise CatalogError(f"{name!r} is the active projection; switch to another first")
+        if info.schema == self.base_schema:
+            raise CatalogError(f"{name!r} lives in the base schema {info.schema!r} with the "
+                               "catalog; it cannot be dropped")
+        engine = self.engine(info.schema)
+        engine.dispose()
+        with self._lock:
+            self._engines.pop(info.schema, None)
+        with self.engine().begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{info.schema}" CASCADE'))
+            conn.execute(self.table.delete().where(self.table.c.name == name))
+
+    @staticmethod
+    def _info(row: sa.Row) -> ProjectionInfo:
+        return ProjectionInfo(row.name, row.schema_name, row.active, row.status,
+                              row.created_at, row.switched_at)
