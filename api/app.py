@@ -6,11 +6,12 @@ document is served at ``/openapi.json`` and browsable at ``/docs``.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
@@ -22,6 +23,8 @@ from beliefstore.api.models import (
     BeliefsOut,
     CheckOut,
     ErrorOut,
+    HistoryEntryOut,
+    HistoryOut,
     KafkaPosition,
     ObservationIn,
     ReadyOut,
@@ -34,7 +37,9 @@ from beliefstore.errors import ProduceError, ValidationError
 from beliefstore.events.model import ObservationRecorded
 from beliefstore.events.producer import BeliefProducer
 from beliefstore.projector.catalog import CatalogError, ProjectionCatalog
-from beliefstore.projector.fold import Key
+from beliefstore.projector.fold import Belief, Key
+from beliefstore.projector.store import load_events, load_subject_events
+from beliefstore.projector.timeline import Axis, beliefs_as_of, history
 from beliefstore.settings import Settings
 from beliefstore.timefmt import from_millis, to_millis
 
@@ -83,6 +88,12 @@ def _connection(state: Annotated[AppState, Depends(_state)]) -> Iterator[sa.Conn
 State = Annotated[AppState, Depends(_state)]
 Conn = Annotated[sa.Connection, Depends(_connection)]
 SubjectId = Annotated[str, Path(description="The subject (person) id.", max_length=256)]
+AsOf = Annotated[datetime | None, Query(
+    description="Answer as of this instant (ISO 8601 with timezone, e.g. 2026-01-05T12:00Z): "
+    "the fold of the events up to it. Erasures always apply.")]
+TimeAxis = Annotated[Axis, Query(
+    description="recorded: events appended to the log by as_of (what the system believed "
+    "then); occurred: events observed by as_of (what we now know was true then).")]
 
 
 def _belief(row: sa.Row) -> BeliefOut:
@@ -92,6 +103,21 @@ def _belief(row: sa.Row) -> BeliefOut:
         support=row.support, source_count=row.source_count,
         last_observed_at=row.last_observed_at, updated_at=row.updated_at,
     )
+
+
+def _computed_belief(b: Belief) -> BeliefOut:
+    return BeliefOut(
+        context=b.context, attribute=b.attribute, value=b.value, confidence=b.confidence,
+        alternatives=b.alternatives, sources=list(b.sources), support=list(b.support),
+        source_count=b.source_count, last_observed_at=from_millis(b.last_observed_at),
+        updated_at=None,
+    )
+
+
+def _no_key(conn: sa.Connection, subject_id: str, context: str, attribute: str) -> NoReturn:
+    if not queries.subject_known(conn, subject_id):
+        raise _unknown(subject_id)
+    raise HTTPException(404, f"subject {subject_id!r} has no observations of {context}/{attribute}")
 
 
 def _unknown(subject_id: str) -> HTTPException:
@@ -135,33 +161,75 @@ def create_app(settings: Settings, catalog: ProjectionCatalog,
             for e in exc.errors
         ]})
 
+    def _beliefs(conn: sa.Connection, state: AppState, subject_id: str, as_of: datetime | None,
+                 time_axis: Axis, context: str | None = None,
+                 min_confidence: float | None = None) -> list[BeliefOut]:
+        if as_of is None:
+            rows = queries.belief_rows(conn, subject_id, context, min_confidence)
+            found = [_belief(r) for r in rows]
+        else:
+            if as_of.tzinfo is None:
+                raise HTTPException(422, "as_of needs a timezone, e.g. 2026-01-05T12:00Z")
+            logged = load_subject_events(conn, subject_id)
+            found = [
+                _computed_belief(b) for b in beliefs_as_of(
+                    logged, to_millis(as_of), time_axis, state.settings.fold_settings)
+                if (context is None or b.context == context)
+                and (min_confidence is None or b.confidence >= min_confidence)
+            ]
+        if not found and not queries.subject_known(conn, subject_id):
+            raise _unknown(subject_id)
+        return found
+
     @app.get("/v1/subjects/{subject_id}/self-model", response_model=SelfModelOut,
              responses=NOT_FOUND, tags=["handoff"])
-    def self_model(subject_id: SubjectId, conn: Conn) -> SelfModelOut:
-        """Everything currently believed about the subject, grouped by context: each
-        belief with its confidence, alternatives and the sources behind it."""
-        rows = queries.belief_rows(conn, subject_id)
-        if not rows and not queries.subject_known(conn, subject_id):
-            raise _unknown(subject_id)
+    def self_model(subject_id: SubjectId, conn: Conn, state: State, as_of: AsOf = None,
+                   time: TimeAxis = "recorded") -> SelfModelOut:
+        """Everything believed about the subject, grouped by context: each belief with its
+        confidence, alternatives and the sources behind it. Now, or ``as_of`` a past
+        instant (folded from the stored events; ``time`` picks the axis)."""
+        found = _beliefs(conn, state, subject_id, as_of, time)
         contexts: dict[str, list[BeliefOut]] = {}
-        for row in rows:
-            contexts.setdefault(row.context, []).append(_belief(row))
-        return SelfModelOut(subject_id=subject_id, contexts=contexts, belief_count=len(rows))
+        for b in found:
+            contexts.setdefault(b.context, []).append(b)
+        return SelfModelOut(subject_id=subject_id, contexts=contexts, belief_count=len(found),
+                            as_of=as_of, time=time if as_of else None)
 
     @app.get("/v1/subjects/{subject_id}/beliefs", response_model=BeliefsOut,
              responses=NOT_FOUND, tags=["handoff"])
     def subject_beliefs(
         subject_id: SubjectId,
         conn: Conn,
+        state: State,
         context: Annotated[str | None, Query(description="Only this context.")] = None,
         min_confidence: Annotated[float | None, Query(
             ge=0.0, le=1.0, description="Only beliefs at least this confident, in [0, 1].")] = None,
+        as_of: AsOf = None,
+        time: TimeAxis = "recorded",
     ) -> BeliefsOut:
-        """The subject's beliefs, optionally of one context and above a confidence."""
-        rows = queries.belief_rows(conn, subject_id, context, min_confidence)
-        if not rows and not queries.subject_known(conn, subject_id):
-            raise _unknown(subject_id)
-        return BeliefsOut(subject_id=subject_id, beliefs=[_belief(r) for r in rows])
+        """The subject's beliefs, optionally of one context and above a confidence; now or
+        ``as_of`` a past instant."""
+        found = _beliefs(conn, state, subject_id, as_of, time, context, min_confidence)
+        return BeliefsOut(subject_id=subject_id, beliefs=found)
+
+    @app.get("/v1/subjects/{subject_id}/beliefs/{context}/{attribute}/history",
+             response_model=HistoryOut, responses=NOT_FOUND, tags=["audit"])
+    def belief_history(subject_id: SubjectId, context: str, attribute: str, conn: Conn,
+                       state: State) -> HistoryOut:
+        """How the belief evolved: each (recorded_at, value, confidence) after an event
+        that changed it, in log order, with that event."""
+        key: Key = (subject_id, context, attribute)
+        logged = load_events(conn, [key])
+        if not any(isinstance(i.event, ObservationRecorded) for i in logged):
+            _no_key(conn, subject_id, context, attribute)
+        changes = history(logged, key, state.settings.fold_settings)
+        return HistoryOut(subject_id=subject_id, context=context, attribute=attribute, changes=[
+            HistoryEntryOut(
+                recorded_at=from_millis(c.recorded_at), value=c.value, confidence=c.confidence,
+                event_id=c.event.event_id, event_type=c.event.type, source=c.event.source,
+                kafka_partition=c.partition, kafka_offset=c.offset)
+            for c in changes
+        ])
 
     @app.get("/v1/subjects/{subject_id}/beliefs/{context}/{attribute}/trace",
              response_model=TraceOut, responses=NOT_FOUND, tags=["audit"])
@@ -173,11 +241,7 @@ def create_app(settings: Settings, catalog: ProjectionCatalog,
         fold_settings = state.settings.fold_settings
         t = queries.key_trace(conn, key, fold_settings)
         if not t.entries:
-            if not queries.subject_known(conn, subject_id):
-                raise _unknown(subject_id)
-            raise HTTPException(
-                404, f"subject {subject_id!r} has no observations of {context}/{attribute}"
-            )
+            _no_key(conn, subject_id, context, attribute)
         events = []
         for entry in t.entries:
             e, pos = entry.event, t.positions[entry.event.event_id]
@@ -198,15 +262,22 @@ def create_app(settings: Settings, catalog: ProjectionCatalog,
                 reason=entry.reason,
                 weight=entry.weight,
                 decay=entry.decay,
+                trust=entry.trust,
+                log_odds=entry.log_odds,
                 kafka=KafkaPosition(topic=pos.topic, partition=pos.partition, offset=pos.offset),
                 writer_fingerprint=pos.writer_fingerprint,
             ))
         sources = sorted({ev.source for ev in events})
+        weights: dict[str, list[float]] = {}
+        for entry in t.entries:
+            if entry.weight is not None and isinstance(entry.event, ObservationRecorded):
+                weights.setdefault(entry.event.value, []).append(entry.weight)
         return TraceOut(
             subject_id=subject_id, context=context, attribute=attribute,
             belief=_belief(t.row) if t.row is not None else None,
             half_life_s=fold_settings.half_life_s(context),
             trust={s: fold_settings.trust_of(s) for s in sources},
+            scores={v: math.fsum(ws) for v, ws in sorted(weights.items())},
             events=events,
         )
 

@@ -64,7 +64,8 @@ class BeliefOut(BaseModel):
     support: list[str] = Field(description="Event ids of those observations.")
     source_count: int = Field(description="Distinct sources with a counting observation.")
     last_observed_at: datetime
-    updated_at: datetime
+    updated_at: datetime | None = Field(
+        description="When the projector last wrote it; null for an as_of view (computed).")
 
 
 class SelfModelOut(BaseModel):
@@ -73,6 +74,9 @@ class SelfModelOut(BaseModel):
     subject_id: str
     contexts: dict[str, list[BeliefOut]]
     belief_count: int
+    as_of: datetime | None = Field(None, description="The instant of a past view, else null.")
+    time: Literal["recorded", "occurred"] | None = Field(
+        None, description="The time axis of a past view, else null.")
 
 
 class BeliefsOut(BaseModel):
@@ -108,6 +112,9 @@ class TraceEventOut(BaseModel):
     reason: str | None = Field(description="Why the event does not count (which event caused it).")
     weight: float | None = Field(description="Log-odds weight w_i of a counting observation.")
     decay: float | None = Field(description="Recency factor 2^(-age/H) of a counting observation.")
+    trust: float | None = Field(None, description="The source's trust (counting observations).")
+    log_odds: float | None = Field(
+        None, description="logit(clip(confidence, 0.001, 0.999)) (counting observations).")
     kafka: KafkaPosition
     writer_fingerprint: str = Field(description="CRC-64-AVRO fingerprint of the writer schema (hex).")
 
@@ -121,7 +128,31 @@ class TraceOut(BaseModel):
     belief: BeliefOut | None = Field(description="Null when no observation counts any more.")
     half_life_s: float
     trust: dict[str, float] = Field(description="Trust of every source in the trace.")
+    scores: dict[str, float] = Field(
+        description="Score of every value: the sum of its counting observations' weights.")
     events: list[TraceEventOut]
+
+
+class HistoryEntryOut(BaseModel):
+    """The belief after one event that changed it."""
+
+    recorded_at: datetime = Field(description="When the event was appended to the log.")
+    value: str | None = Field(description="The belief's value after it; null: no belief.")
+    confidence: float | None
+    event_id: str
+    event_type: Literal["observed", "retracted"]
+    source: str
+    kafka_partition: int
+    kafka_offset: int
+
+
+class HistoryOut(BaseModel):
+    """How one belief evolved, in log order."""
+
+    subject_id: str
+    context: str
+    attribute: str
+    changes: list[HistoryEntryOut]
 
 
 class ErrorOut(BaseModel):

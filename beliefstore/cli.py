@@ -306,7 +306,8 @@ def _fmt_alternatives(alternatives: dict[str, float]) -> str:
 
 def print_self_model(model: dict[str, Any], out: Console = console) -> None:
     """Print a ``GET /v1/subjects/{id}/self-model`` body as a table."""
-    table = Table(title=f"self-model of {model['subject_id']}", title_justify="left")
+    when = f" as of {model['as_of']} ({model['time']})" if model.get("as_of") else ""
+    table = Table(title=f"self-model of {model['subject_id']}{when}", title_justify="left")
     for column in ("context", "attribute", "value", "confidence", "alternatives", "sources"):
         table.add_column(column, justify="right" if column == "confidence" else "left")
     for context, beliefs in model["contexts"].items():
@@ -338,11 +339,32 @@ def print_trace(trace: dict[str, Any], out: Console = console) -> None:
 @app.command("self-model")
 def self_model(
     subject: Annotated[str, typer.Argument(help="Subject id.")],
+    as_of: Annotated[str | None, typer.Option(
+        help="A past instant, ISO 8601 with timezone (e.g. 2026-01-05T12:00Z): what was "
+        "believed then.")] = None,
+    time: Annotated[str, typer.Option(
+        help="Time axis of --as-of: recorded (appended to the log by then) or occurred "
+        "(observed by then).")] = "recorded",
     as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
 ) -> None:
-    """Print a subject's self-model (through the API at BELIEFSTORE_API_URL, or the one
-    `beliefstore up` runs here)."""
-    model = _get(f"/v1/subjects/{subject}/self-model")
+    """Print a subject's self-model, now or as of a past instant (through the API at
+    BELIEFSTORE_API_URL, or the one `beliefstore up` runs here)."""
+    params: dict[str, Any] = {}
+    if as_of is not None:
+        from datetime import datetime
+
+        try:
+            instant = datetime.fromisoformat(as_of)
+        except ValueError:
+            raise typer.BadParameter("not ISO 8601, e.g. 2026-01-05T12:00Z",
+                                     param_hint="--as-of") from None
+        if instant.tzinfo is None:
+            raise typer.BadParameter("needs a timezone, e.g. 2026-01-05T12:00Z",
+                                     param_hint="--as-of")
+        if time not in ("recorded", "occurred"):
+            raise typer.BadParameter("must be recorded or occurred", param_hint="--time")
+        params = {"as_of": instant.isoformat(), "time": time}
+    model = _get(f"/v1/subjects/{subject}/self-model", params)
     if as_json:
         sys.stdout.write(json.dumps(model, indent=2) + "\n")
     else:
@@ -365,6 +387,29 @@ def trace(
 
 
 @app.command()
+def history(
+    subject: Annotated[str, typer.Argument(help="Subject id.")],
+    context: Annotated[str, typer.Argument(help="Context, e.g. support.")],
+    attribute: Annotated[str, typer.Argument(help="Attribute, e.g. emotional_state.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
+) -> None:
+    """Print how one belief evolved: value and confidence after each event that changed it."""
+    body = _get(f"/v1/subjects/{subject}/beliefs/{context}/{attribute}/history")
+    if as_json:
+        sys.stdout.write(json.dumps(body, indent=2) + "\n")
+        return
+    table = Table(title=f"history of {subject} {context}/{attribute}", title_justify="left")
+    for column in ("recorded_at", "value", "confidence", "event", "source", "kafka"):
+        table.add_column(column)
+    for c in body["changes"]:
+        table.add_row(c["recorded_at"][:23], c["value"] or "(no belief)",
+                      "" if c["confidence"] is None else f"{c['confidence']:.3f}",
+                      f"{c['event_type']} {c['event_id'][:8]}…", c["source"],
+                      f"p{c['kafka_partition']}@{c['kafka_offset']}")
+    console.print(table)
+
+
+@app.command()
 def demo(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -383,9 +428,159 @@ def demo(
         raise _fail(str(exc)) from None
 
 
+# -- auditors: replay and projections ------------------------------------------------
+
+projections_app = typer.Typer(help="List, switch and drop projections (read models built "
+                              "by `replay`; the API serves the active one).",
+                              no_args_is_help=True)
+app.add_typer(projections_app, name="projections")
+
+
+def _catalog(settings: Settings):
+    from beliefstore.projector.catalog import ProjectionCatalog
+
+    if not settings.database_url:
+        raise _fail("DATABASE_URL is not set and no `beliefstore up` runs here", 2)
+    catalog = ProjectionCatalog.from_settings(settings)
+    catalog.ensure()
+    return catalog
+
+
+def _print_differences(title: str, diffs: list, limit: int = 20) -> None:
+    table = Table(title=title, title_justify="left")
+    for column in ("subject_id", "context", "attribute", "rebuilt", "other"):
+        table.add_column(column)
+
+    def show(row) -> str:
+        return "—" if row is None else (f"{row.value} {row.confidence:.6f} "
+                                        f"support {len(row.support)}")
+
+    for d in diffs[:limit]:
+        table.add_row(*d.key, show(d.left), show(d.right))
+    console.print(table)
+    if len(diffs) > limit:
+        console.print(f"... and {len(diffs) - limit} more")
+
+
+@app.command()
+def replay(
+    name: Annotated[str | None, typer.Option(
+        help="Name of the rebuilt projection: lowercase letters, digits and _; "
+        "default replay_<UTC time>.")] = None,
+    switch: Annotated[bool, typer.Option(
+        help="Make the API (and the live projector) use the rebuilt projection, atomically, "
+        "if it equals the pure fold of the log.")] = False,
+    fold_check: Annotated[bool, typer.Option(
+        help="Also fold every event of the log in memory and compare.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Rebuild the read model from offset 0 of every partition into a fresh projection
+    (its own schema; the live one keeps serving), with progress; then compare it row by
+    row with the live projection and with the pure fold of the log, and print the
+    differences. Exit 1 if the rebuild differs from the pure fold."""
+    import time as _time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from beliefstore.projector.catalog import CatalogError
+    from beliefstore.projector.replay import replay as run_replay
+
+    _logging(verbose)
+    settings = _settings()
+    _require_services(settings)
+    catalog = _catalog(settings)
+    name = name or _time.strftime("replay_%Y%m%d_%H%M%S", _time.gmtime())
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                  MofNCompleteColumn(), TextColumn("{task.fields[rate]:>8.0f} events/s"),
+                  TimeRemainingColumn(), console=err) as progress:
+        task = progress.add_task(f"replaying {settings.topic} into {name}", total=None, rate=0.0)
+        started = _time.monotonic()
+
+        def on_progress(done: int, total: int | None) -> None:
+            rate = done / max(_time.monotonic() - started, 1e-9)
+            progress.update(task, completed=done, total=total, rate=rate)
+
+        try:
+            report = run_replay(settings, catalog, name, check_fold=fold_check, switch=switch,
+                                on_progress=on_progress)
+        except (CatalogError, BeliefstoreError) as exc:
+            raise _fail(str(exc)) from None
+    console.print(f"rebuilt projection [bold]{report.projection.name}[/] (schema "
+                  f"{report.projection.schema}): {report.stats.events} events, "
+                  f"{report.stats.poison} poison, {report.seconds:.1f} s, "
+                  f"{report.rate:.0f} events/s")
+    if report.vs_live:
+        _print_differences(f"{len(report.vs_live)} difference(s) with the live projection "
+                           f"{report.live.name!r} (it may simply be behind)", report.vs_live)
+    else:
+        console.print(f"identical to the live projection {report.live.name!r}")
+    if report.vs_fold is None:
+        console.print("pure-fold check skipped (--no-fold-check)")
+    elif report.vs_fold:
+        _print_differences(f"{len(report.vs_fold)} difference(s) with the pure fold of the log",
+                           report.vs_fold)
+    else:
+        console.print("identical to the pure fold of every event on the log")
+    if report.switched:
+        console.print(f"the API now serves {report.projection.name!r}; the old projection "
+                      f"{report.live.name!r} stays until `beliefstore projections drop "
+                      f"{report.live.name}`")
+    elif switch:
+        console.print("[red]not switched[/]: the rebuild differs from the pure fold")
+    if report.vs_fold:
+        raise typer.Exit(1)
+
+
+@projections_app.command("list")
+def projections_list() -> None:
+    """Show every projection, which one is active, and its schema."""
+    catalog = _catalog(_settings())
+    table = Table()
+    for column in ("name", "schema", "active", "status", "created_at", "switched_at"):
+        table.add_column(column)
+    for info in catalog.list():
+        table.add_row(info.name, info.schema, "yes" if info.active else "", info.status,
+                      info.created_at.isoformat(timespec="seconds"),
+                      info.switched_at.isoformat(timespec="seconds") if info.switched_at else "")
+    console.print(table)
+
+
+@projections_app.command("switch")
+def projections_switch(name: Annotated[str, typer.Argument(help="Projection to serve.")]) -> None:
+    """Make NAME the active projection (e.g. to roll back a switch)."""
+    from beliefstore.projector.catalog import CatalogError
+
+    try:
+        info = _catalog(_settings()).switch(name)
+    except CatalogError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"the API now serves {info.name!r} (schema {info.schema})")
+
+
+@projections_app.command("drop")
+def projections_drop(name: Annotated[str, typer.Argument(help="Projection to drop.")]) -> None:
+    """Drop an inactive projection and its schema."""
+    from beliefstore.projector.catalog import CatalogError
+
+    try:
+        _catalog(_settings()).drop(name)
+    except CatalogError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"dropped projection {name!r}")
+
+
 def main() -> None:
     """Entry point of the ``beliefstore`` script."""
     app()
 
 
 __all__ = ["app", "main", "print_self_model", "print_trace", "state_path"]
+
+
+def _register_audit_commands() -> None:
+    from beliefstore.audit_cli import register
+
+    register(app)
+
+
+_register_audit_commands()

@@ -18,8 +18,11 @@ def ensure_topics(
 ) -> None:
     """Create each topic (name → partition count) unless it exists.
 
-    The event topic keeps its log forever (``retention.ms=-1``): it is the system of
-    record. Waits until every topic shows up in the cluster's metadata.
+    Topics keep their log forever (``retention.ms=-1``): the event topic is the system
+    of record. Record timestamps are the broker's append time
+    (``message.timestamp.type=LogAppendTime``), which the read model stores as
+    ``recorded_at``; brokers that ignore the setting (the embedded Tansu) keep the
+    producer's send time. Waits until every topic shows up in the cluster's metadata.
 
     Raises:
         kafka.errors.KafkaError: the cluster refused or could not be reached in time.
@@ -33,7 +36,8 @@ def ensure_topics(
         existing = set(admin.list_topics())
         missing = [
             NewTopic(name, num_partitions=n, replication_factor=replication_factor,
-                     topic_configs={"retention.ms": "-1"})
+                     topic_configs={"retention.ms": "-1",
+                                    "message.timestamp.type": "LogAppendTime"})
             for name, n in topics.items()
             if name not in existing
         ]

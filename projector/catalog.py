@@ -1,12 +1,14 @@
 """The projection catalog: the read models in the database and which one is served.
 
-Blue/green rebuilds: the default projection lives in the base schema
-(``BELIEFSTORE_DB_SCHEMA``); ``beliefstore replay`` builds another one in its own
-schema (``<base>__<name>``) from offset 0, and ``--switch`` makes it the *active*
-one in one transaction. The API and the live projector follow the active projection;
-the old one stays until ``beliefstore projections drop NAME``.
+Every projection lives in its own PostgreSQL schema, ``<base>_<name>`` where
+``<base>`` is ``BELIEFSTORE_DB_SCHEMA``: the default one is ``<base>_self_model``.
+Blue/green rebuilds: ``beliefstore replay`` builds another projection from offset 0,
+and ``--switch`` makes it the *active* one in one transaction. The API and the live
+projector follow the active projection; the old one stays until
+``beliefstore projections drop NAME``.
 
-The catalog table (``projections``) lives in the base schema.
+The catalog itself is one table, ``<base>.projections``, created on first use; each
+projection's tables are created by the Alembic migrations in its own schema.
 """
 
 from __future__ import annotations
@@ -54,11 +56,15 @@ def _table(base_schema: str) -> sa.Table:
     return sa.Table(
         "projections", sa.MetaData(schema=base_schema),
         sa.Column("name", sa.Text, primary_key=True),
-        sa.Column("schema_name", sa.Text),
-        sa.Column("active", sa.Boolean),
-        sa.Column("status", sa.Text),
-        sa.Column("created_at", sa.DateTime(timezone=True)),
-        sa.Column("switched_at", sa.DateTime(timezone=True)),
+        sa.Column("schema_name", sa.Text, nullable=False, unique=True),
+        sa.Column("active", sa.Boolean, nullable=False, server_default=sa.false()),
+        sa.Column("status", sa.Text, nullable=False, server_default="live"),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False,
+                  server_default=sa.func.now()),
+        sa.Column("switched_at", sa.DateTime(timezone=True), nullable=True),
+        # At most one active projection.
+        sa.Index("projections_one_active", "active", unique=True,
+                 postgresql_where=sa.text("active")),
     )
 
 
@@ -111,17 +117,22 @@ class ProjectionCatalog:
     # -- catalog -----------------------------------------------------------------------
 
     def ensure(self) -> None:
-        """Migrate the base schema and register the default projection (active) if the
-        catalog is empty."""
+        """Create the catalog if needed, register and migrate the default projection
+        (active) when the catalog is empty, and migrate the active projection's schema."""
         engine = self.engine()
-        migrate(engine, self.base_schema)
         with engine.begin() as conn:
-            if conn.execute(sa.select(sa.func.count()).select_from(self.table)).scalar_one():
-                return
-            conn.execute(self.table.insert().values(
-                name=DEFAULT_PROJECTION, schema_name=self.base_schema, active=True,
-                status="live", switched_at=sa.func.now(),
-            ))
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:s))"),
+                         {"s": f"catalog:{self.base_schema}"})
+            conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self.base_schema}"'))
+            self.table.create(conn, checkfirst=True)
+            if not conn.execute(sa.select(sa.func.count()).select_from(self.table)).scalar_one():
+                conn.execute(self.table.insert().values(
+                    name=DEFAULT_PROJECTION, schema_name=self.schema_for(DEFAULT_PROJECTION),
+                    active=True, status="live", switched_at=sa.func.now(),
+                ))
+        self._active = None
+        active = self.active()
+        migrate(self.engine(active.schema), active.schema)
 
     def list(self) -> list[ProjectionInfo]:
         """Every registered projection, oldest first."""
@@ -160,12 +171,12 @@ class ProjectionCatalog:
         return info
 
     def schema_for(self, name: str) -> str:
-        """The schema a projection called ``name`` gets (``<base>__<name>``)."""
+        """The schema a projection called ``name`` gets (``<base>_<name>``)."""
         if not _NAME.match(name):
             raise CatalogError(
                 f"projection name {name!r} must match [a-z][a-z0-9_]{{0,30}}"
             )
-        return check_schema_name(f"{self.base_schema}__{name}"[:63])
+        return check_schema_name(f"{self.base_schema}_{name}"[:63])
 
     def create(self, name: str) -> ProjectionInfo:
         """Register a new, inactive projection (status ``building``) and migrate its schema.
@@ -209,14 +220,11 @@ class ProjectionCatalog:
         """Drop an inactive projection's schema and unregister it.
 
         Raises:
-            CatalogError: unknown, active, or the base schema's default projection.
+            CatalogError: unknown or active.
         """
         info = self.get(name)
         if info.active:
             raise CatalogError(f"{name!r} is the active projection; switch to another first")
-        if info.schema == self.base_schema:
-            raise CatalogError(f"{name!r} lives in the base schema {info.schema!r} with the "
-                               "catalog; it cannot be dropped")
         engine = self.engine(info.schema)
         engine.dispose()
         with self._lock:

@@ -125,8 +125,11 @@ class TraceEntry:
         event: the observation or retraction.
         status: see :class:`Status`.
         reason: for a non-counting event, the event id that caused it and how.
-        weight: the log-odds weight ``w_i`` for a counting observation, else ``None``.
+        weight: the weight ``w_i = trust · log_odds · decay`` of a counting observation,
+            else ``None``.
         decay: the factor ``2^(−age/H)`` for a counting observation, else ``None``.
+        trust: the source's trust for a counting observation, else ``None``.
+        log_odds: ``logit(clip(confidence))`` for a counting observation, else ``None``.
     """
 
     event: ObservationRecorded | ObservationRetracted
@@ -134,6 +137,8 @@ class TraceEntry:
     reason: str | None = None
     weight: float | None = None
     decay: float | None = None
+    trust: float | None = None
+    log_odds: float | None = None
 
 
 def logit(p: float) -> float:
@@ -221,10 +226,12 @@ def _fold_key(
     newest: dict[str, int] = {}
     for o in counting:
         decay = 2.0 ** (-(t_ref - o.occurred_at) / half_life_ms)
-        w = settings.trust_of(o.source) * logit(o.confidence) * decay
+        trust, log_odds = settings.trust_of(o.source), logit(o.confidence)
+        w = trust * log_odds * decay
         weights[o.value].append(w)
         newest[o.value] = max(newest.get(o.value, o.occurred_at), o.occurred_at)
-        entries.append(TraceEntry(o, Status.COUNTING, None, weight=w, decay=decay))
+        entries.append(TraceEntry(o, Status.COUNTING, None, weight=w, decay=decay, trust=trust,
+                                  log_odds=log_odds))
     scores = {v: math.fsum(ws) for v, ws in weights.items()}
     winner = max(scores, key=lambda v: (scores[v], newest[v], v))
 

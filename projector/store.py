@@ -294,13 +294,23 @@ def load_events(conn: sa.Connection, keys: Sequence[Key]) -> list[LoggedEvent]:
     """
     if not keys:
         return []
+    o = observations
+    return _load(conn, sa.tuple_(o.c.subject_id, o.c.context, o.c.attribute).in_(keys),
+                 sorted({k[0] for k in keys}))
+
+
+def load_subject_events(conn: sa.Connection, subject_id: str) -> list[LoggedEvent]:
+    """Every stored event about ``subject_id``: its observations, the retractions
+    targeting them, and its erasures (as :func:`load_events`)."""
+    return _load(conn, observations.c.subject_id == subject_id, [subject_id])
+
+
+def _load(conn: sa.Connection, which: sa.ColumnElement[bool],
+          subjects: list[str]) -> list[LoggedEvent]:
     o, r, e = observations, retractions, erasures
     out: list[LoggedEvent] = []
     obs_ids: list[str] = []
-    rows = conn.execute(
-        sa.select(o).where(sa.tuple_(o.c.subject_id, o.c.context, o.c.attribute).in_(keys))
-    )
-    for row in rows:
+    for row in conn.execute(sa.select(o).where(which)):
         obs_ids.append(row.event_id)
         out.append(LoggedEvent(ObservationRecorded(
             event_id=row.event_id, subject_id=row.subject_id, source=row.source,
@@ -315,7 +325,6 @@ def load_events(conn: sa.Connection, keys: Sequence[Key]) -> list[LoggedEvent]:
                 occurred_at=to_millis(row.occurred_at),
                 retracted_event_id=row.retracted_event_id, reason=row.reason,
             ), _position_of(row)))
-    subjects = sorted({k[0] for k in keys})
     for row in conn.execute(sa.select(e).where(e.c.subject_id.in_(subjects))):
         out.append(LoggedEvent(SubjectErased(
             event_id=row.event_id, subject_id=row.subject_id, source=row.source,

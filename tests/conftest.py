@@ -87,7 +87,7 @@ def catalog(settings: Settings) -> Iterator[ProjectionCatalog]:
     ensure_topics(settings.kafka_bootstrap_servers or "",
                   {settings.topic: settings.partitions, settings.dlq_topic: 1})
     yield cat
-    schemas = [info.schema for info in cat.list()]
+    schemas = [info.schema for info in cat.list()] + [settings.db_schema]
     cat.dispose()
     eng = make_engine(settings.database_url or "", "public")
     with eng.begin() as conn:
@@ -98,8 +98,8 @@ def catalog(settings: Settings) -> Iterator[ProjectionCatalog]:
 
 @pytest.fixture
 def engine(catalog: ProjectionCatalog) -> sa.Engine:
-    """An engine on this test's migrated base schema (the default projection)."""
-    return catalog.engine()
+    """An engine on this test's active projection (the default one, ``<schema>_self_model``)."""
+    return catalog.engine(catalog.active().schema)
 
 
 @pytest.fixture
