@@ -235,6 +235,28 @@ def produce(
         raise typer.Exit(1)
 
 
+@app.command()
+def simulate(
+    events: Annotated[int, typer.Option(help="Number of events (duplicates included).")] = 10000,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same events.")] = 7,
+    subjects: Annotated[int | None, typer.Option(help="Number of subjects (default events/10).")] = None,
+    output: Annotated[Path | None, typer.Option(help="Write JSON Lines here (default stdout).")] = None,
+) -> None:
+    """Generate a deterministic synthetic workload as JSON Lines: agents observing people
+    with Zipf-distributed activity, supersessions, own- and other-source retractions,
+    erasures and duplicate deliveries. Feed it to `produce` or `fold`."""
+    from beliefstore.events.jsonl import dumps
+    from beliefstore.workload import generate
+
+    lines = (dumps(e) + "\n" for e in generate(events, seed=seed, subjects=subjects))
+    if output is None:
+        sys.stdout.writelines(lines)
+    else:
+        with output.open("w", encoding="utf-8") as f:
+            f.writelines(lines)
+        err.print(f"wrote {events} events to {output}")
+
+
 def _pairs(values: list[str], option: str) -> dict[str, float]:
     try:
         return parse_pairs(",".join(values), option)
