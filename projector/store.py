@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from beliefstore.events.model import (
@@ -27,6 +28,7 @@ from beliefstore.events.model import (
 )
 from beliefstore.projector.fold import Belief, FoldSettings, Key, fold
 from beliefstore.projector.tables import (
+    belief_sources,
     beliefs,
     erasures,
     observations,
@@ -141,21 +143,18 @@ class ProjectionRecorder:
         ``batch`` holds the valid events read (any order, duplicates allowed: rows are
         keyed by ``event_id``); ``progress`` holds, for every partition read (including
         partitions whose messages were all poison), the next offset to store.
+
+        Steps: insert the events; mark retractions and wipe erased observations (both
+        directions, as a retraction or erasure may arrive before its observation);
+        bring ``belief_sources`` up to date (an upsert for new observations, a refresh
+        from ``observations`` for pairs a retraction or erasure touched); refold every
+        touched key from its ``belief_sources`` rows; store the offsets.
         """
         with self.engine.begin() as conn:
-            keys = self._insert_events(conn, batch)
+            keys = self._apply_events(conn, batch)
             recomputed = self.recompute(conn, keys) if keys else 0
             if progress:
-                stmt = pg_insert(projection_offsets).values([
-                    {
-                        "projection": self.projection,
-                        "topic": topic,
-                        "partition": partition,
-                        "next_offset": p.next_offset,
-                        "high_watermark": p.high_watermark,
-                    }
-                    for partition, p in sorted(progress.items())
-                ])
+                stmt = pg_insert(projection_offsets)
                 conn.execute(stmt.on_conflict_do_update(
                     index_elements=["projection", "topic", "partition"],
                     set_={
@@ -163,16 +162,18 @@ class ProjectionRecorder:
                         "high_watermark": stmt.excluded.high_watermark,
                         "updated_at": sa.func.now(),
                     },
-                ))
+                ), [
+                    {"projection": self.projection, "topic": topic, "partition": partition,
+                     "next_offset": p.next_offset, "high_watermark": p.high_watermark}
+                    for partition, p in sorted(progress.items())
+                ])
         return recomputed
 
-    def _insert_events(self, conn: sa.Connection, batch: Sequence[LoggedEvent]) -> set[Key]:
+    def _apply_events(self, conn: sa.Connection, batch: Sequence[LoggedEvent]) -> set[Key]:
         obs_rows, retraction_rows, erasure_rows = [], [], []
-        keys: set[Key] = set()
         for item in batch:
             e, pos = item.event, _position_columns(item.position)
             if isinstance(e, ObservationRecorded):
-                keys.add(e.key)
                 obs_rows.append({
                     "event_id": e.event_id, "subject_id": e.subject_id, "context": e.context,
                     "attribute": e.attribute, "value": e.value, "confidence": e.confidence,
@@ -192,78 +193,113 @@ class ProjectionRecorder:
                 })
         for table, rows in ((observations, obs_rows), (retractions, retraction_rows),
                             (erasures, erasure_rows)):
-            for chunk in _chunks(rows):
-                conn.execute(pg_insert(table).on_conflict_do_nothing(), list(chunk))
+            if rows:
+                conn.execute(pg_insert(table).on_conflict_do_nothing(), rows)
 
-        if retraction_rows:
-            targets = [r["retracted_event_id"] for r in retraction_rows]
-            o = observations
-            for chunk in _chunks(targets):
-                found = conn.execute(
-                    sa.select(o.c.subject_id, o.c.context, o.c.attribute).where(
-                        o.c.event_id.in_(chunk)
-                    ).distinct()
-                )
-                keys.update((r.subject_id, r.context, r.attribute) for r in found)
-        subjects = sorted({k[0] for k in keys} | {r["subject_id"] for r in erasure_rows})
-        if retraction_rows or obs_rows:
-            self._mark_retractions(conn, subjects)
-        if subjects:
-            erased = self._redact_erased(conn, subjects)
-            keys.update(erased)
+        obs_ids = sorted({r["event_id"] for r in obs_rows})
+        retraction_ids = sorted({r["event_id"] for r in retraction_rows})
+        erasure_ids = sorted({r["event_id"] for r in erasure_rows})
+        o, r, e = observations, retractions, erasures
+        # Pairs whose counting observation may have gone: refreshed from observations.
+        stale: set[tuple[str, str, str, str]] = set()
+        pair = (o.c.subject_id, o.c.context, o.c.attribute, o.c.source)
+        if retraction_ids:
+            stale.update(tuple(row) for row in conn.execute(
+                sa.update(o).where(
+                    r.c.event_id.in_(retraction_ids), o.c.event_id == r.c.retracted_event_id,
+                    o.c.source == r.c.source, o.c.retracted_by.is_(None),
+                ).values(retracted_by=r.c.event_id).returning(*pair)
+            ))
+        if erasure_ids:
+            stale.update(tuple(row) for row in conn.execute(
+                sa.update(o).where(
+                    e.c.event_id.in_(erasure_ids), o.c.subject_id == e.c.subject_id,
+                    o.c.occurred_at <= e.c.occurred_at, o.c.erased_by.is_(None),
+                ).values(erased_by=e.c.event_id, value=None, evidence=None, metadata=None)
+                .returning(*pair)
+            ))
+        if obs_ids:
+            # Retractions and erasures that arrived before these observations.
+            conn.execute(sa.update(o).where(
+                o.c.event_id.in_(obs_ids), r.c.retracted_event_id == o.c.event_id,
+                r.c.source == o.c.source, o.c.retracted_by.is_(None),
+            ).values(retracted_by=r.c.event_id))
+            conn.execute(sa.update(o).where(
+                o.c.event_id.in_(obs_ids), e.c.subject_id == o.c.subject_id,
+                o.c.occurred_at <= e.c.occurred_at, o.c.erased_by.is_(None),
+            ).values(erased_by=e.c.event_id, value=None, evidence=None, metadata=None))
+            self._advance_sources(conn, obs_ids)
+        if stale:
+            self._refresh_sources(conn, sorted(stale))
+        keys = {(x["subject_id"], x["context"], x["attribute"]) for x in obs_rows}
+        keys.update(p[:3] for p in stale)
         return keys
 
     @staticmethod
-    def _mark_retractions(conn: sa.Connection, subjects: list[str]) -> None:
-        # Retractions may arrive before their observation: mark in both directions.
-        o, r = observations, retractions
-        for chunk in _chunks(subjects):
-            conn.execute(
-                sa.update(o)
-                .where(
-                    r.c.retracted_event_id == o.c.event_id,
-                    r.c.source == o.c.source,
-                    o.c.retracted_by.is_(None),
-                    o.c.subject_id.in_(chunk),
-                )
-                .values(retracted_by=r.c.event_id)
-            )
+    def _counting_latest(where: sa.ColumnElement[bool]) -> sa.Select:
+        o = observations
+        return (
+            sa.select(o.c.subject_id, o.c.context, o.c.attribute, o.c.source, o.c.event_id,
+                      o.c.occurred_at, o.c.value, o.c.confidence)
+            .where(where, o.c.retracted_by.is_(None), o.c.erased_by.is_(None))
+            .ext(distinct_on(o.c.subject_id, o.c.context, o.c.attribute, o.c.source))
+            .order_by(o.c.subject_id, o.c.context, o.c.attribute, o.c.source,
+                      o.c.occurred_at.desc(), o.c.event_id.desc())
+        )
 
-    @staticmethod
-    def _redact_erased(conn: sa.Connection, subjects: list[str]) -> set[Key]:
-        """Wipe value, evidence and metadata of every observation an erasure covers."""
-        o, e = observations, erasures
-        keys: set[Key] = set()
-        for chunk in _chunks(subjects):
-            rows = conn.execute(
-                sa.update(o)
-                .where(
-                    e.c.subject_id == o.c.subject_id,
-                    o.c.occurred_at <= e.c.occurred_at,
-                    o.c.erased_by.is_(None),
-                    o.c.subject_id.in_(chunk),
-                )
-                .values(erased_by=e.c.event_id, value=None, evidence=None, metadata=None)
-                .returning(o.c.subject_id, o.c.context, o.c.attribute)
-            )
-            keys.update((x.subject_id, x.context, x.attribute) for x in rows)
-        return keys
+    def _advance_sources(self, conn: sa.Connection, obs_ids: list[str]) -> None:
+        """Upsert each (belief, source)'s newest counting observation among ``obs_ids``,
+        where it is newer than the stored one."""
+        bs = belief_sources
+        latest = self._counting_latest(observations.c.event_id.in_(obs_ids)).subquery()
+        stmt = pg_insert(bs).from_select(
+            [c.name for c in bs.columns], sa.select(*latest.c)
+        )
+        conn.execute(stmt.on_conflict_do_update(
+            index_elements=["subject_id", "context", "attribute", "source"],
+            set_={c: stmt.excluded[c] for c in ("event_id", "occurred_at", "value", "confidence")},
+            where=sa.tuple_(bs.c.occurred_at, bs.c.event_id)
+            < sa.tuple_(stmt.excluded.occurred_at, stmt.excluded.event_id),
+        ))
+
+    def _refresh_sources(self, conn: sa.Connection,
+                         pairs: list[tuple[str, str, str, str]]) -> None:
+        """Recompute ``belief_sources`` rows of ``pairs`` from ``observations``."""
+        bs, o = belief_sources, observations
+        for chunk in _chunks(pairs):
+            conn.execute(sa.delete(bs).where(
+                sa.tuple_(bs.c.subject_id, bs.c.context, bs.c.attribute, bs.c.source)
+                .in_(chunk)))
+            latest = self._counting_latest(
+                sa.tuple_(o.c.subject_id, o.c.context, o.c.attribute, o.c.source).in_(chunk)
+            ).subquery()
+            conn.execute(pg_insert(bs).from_select(
+                [c.name for c in bs.columns], sa.select(*latest.c)))
 
     def recompute(self, conn: sa.Connection, keys: Iterable[Key]) -> int:
-        """Refold ``keys`` from their stored events and upsert (or delete) their beliefs."""
+        """Refold ``keys`` from their ``belief_sources`` rows; upsert (or delete) their beliefs."""
         ordered = sorted(keys)
+        bs = belief_sources
         for chunk in _chunks(ordered):
-            events = [le.event for le in load_events(conn, chunk)]
+            events = [
+                ObservationRecorded(
+                    event_id=row.event_id, subject_id=row.subject_id, source=row.source,
+                    occurred_at=to_millis(row.occurred_at), context=row.context,
+                    attribute=row.attribute, value=row.value, confidence=row.confidence,
+                )
+                for row in conn.execute(sa.select(bs).where(
+                    sa.tuple_(bs.c.subject_id, bs.c.context, bs.c.attribute).in_(chunk)))
+            ]
             folded = {b.key: b for b in fold(events, self.fold_settings)}
             gone = [k for k in chunk if k not in folded]
             if folded:
-                stmt = pg_insert(beliefs).values([_belief_row(b) for b in folded.values()])
+                stmt = pg_insert(beliefs)
                 conn.execute(stmt.on_conflict_do_update(
                     index_elements=["subject_id", "context", "attribute"],
                     set_={c: stmt.excluded[c] for c in _BELIEF_FIELDS} | {
                         "updated_at": sa.func.now()
                     },
-                ))
+                ), [_belief_row(b) for b in folded.values()])
             if gone:
                 conn.execute(sa.delete(beliefs).where(
                     sa.tuple_(beliefs.c.subject_id, beliefs.c.context, beliefs.c.attribute)

@@ -46,6 +46,7 @@ observations = sa.Table(
               doc="event_id of the erasure that forgot it (value, evidence, metadata wiped)."),
     *_kafka_columns(),
     sa.Index("observations_key", "subject_id", "context", "attribute"),
+    sa.Index("observations_key_source", "subject_id", "context", "attribute", "source"),
 )
 """One row per ObservationRecorded: what a trace reads. Immutable except for the
 retraction mark and the erasure redaction."""
@@ -74,6 +75,23 @@ erasures = sa.Table(
     *_kafka_columns(),
 )
 """One row per SubjectErased."""
+
+belief_sources = sa.Table(
+    "belief_sources",
+    metadata,
+    sa.Column("subject_id", sa.Text, primary_key=True),
+    sa.Column("context", sa.Text, primary_key=True),
+    sa.Column("attribute", sa.Text, primary_key=True),
+    sa.Column("source", sa.Text, primary_key=True),
+    sa.Column("event_id", sa.Uuid(as_uuid=False), nullable=False),
+    sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("confidence", sa.Float(precision=53), nullable=False),
+)
+"""Per (belief, source): the source's latest observation that counts (not retracted, not
+erased), by (occurred_at, event_id). Derived from observations; the fold of these rows
+equals the fold of every event of the key, because the fold's steps 1-3 (dedupe,
+drop retracted/erased, per-source supersession) leave exactly them."""
 
 beliefs = sa.Table(
     "beliefs",
