@@ -127,28 +127,63 @@ def _redact(url: str | None) -> str:
 def projector(
     until_caught_up: Annotated[bool, typer.Option(
         help="Exit 0 once every partition is projected up to its high watermark.")] = False,
+    group: Annotated[str | None, typer.Option(
+        help="Join this consumer group (Kafka spreads the partitions over its members); "
+        "run one process per member, or use --workers.")] = None,
+    workers: Annotated[int, typer.Option(
+        min=1, help="Run N worker processes in one consumer group (default group "
+        "`beliefstore-projector`) and supervise them.")] = 1,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Run the projector worker: consume the event topic, fold each batch into the read model
-    in one transaction with the offsets. It follows the active projection (see `replay
-    --switch`). SIGTERM or Ctrl-C finishes the current batch, commits and exits 0."""
+    """Run the projector: consume the event topic, fold each batch into the read model in
+    one transaction with the offsets. It follows the active projection (see `replay
+    --switch`). Alone it owns every partition; with --group/--workers the members of a
+    consumer group share them, each fenced off from partitions it lost. SIGTERM or
+    Ctrl-C finishes the current batch, commits and exits 0."""
     from beliefstore.projector.catalog import ProjectionCatalog
     from beliefstore.serve import run_active_projection
 
     _logging(verbose)
     settings = _settings()
     _require_services(settings)
+    if workers > 1:
+        raise typer.Exit(_supervise_workers(workers, group or "beliefstore-projector",
+                                            until_caught_up, verbose))
     catalog = ProjectionCatalog.from_settings(settings)
     catalog.ensure()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        stats = run_active_projection(settings, catalog, stop, until_caught_up=until_caught_up)
+        stats = run_active_projection(settings, catalog, stop, until_caught_up=until_caught_up,
+                                      group=group)
     except BeliefstoreError as exc:
         raise _fail(str(exc)) from None
     log.info("projector stopped: %d events, %d poison in %d batches", stats.events,
              stats.poison, stats.batches)
+
+
+def _supervise_workers(count: int, group: str, until_caught_up: bool, verbose: bool) -> int:
+    """Run ``count`` `projector --group` processes; forward SIGTERM/SIGINT; return the
+    first non-zero exit code (0 when all exit cleanly)."""
+    import subprocess
+
+    command = [sys.argv[0], "projector", "--group", group]
+    command += ["--until-caught-up"] if until_caught_up else []
+    command += ["--verbose"] if verbose else []
+    children = [subprocess.Popen(command) for _ in range(count)]
+    log.info("started %d projector workers in group %r: pids %s", count, group,
+             [c.pid for c in children])
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    codes = [child.wait() for child in children]
+    return next((c for c in codes if c != 0), 0)
 
 
 @app.command()

@@ -7,7 +7,8 @@
      ├── PoisonEvent          a message on the topic cannot be decoded or validated
      │    └── SchemaNotFound  its writer-schema fingerprint is in no known schema
      ├── ProduceError         the broker did not acknowledge a send
-     └── LogResetError        a stored offset lies beyond the partition's end
+     ├── LogResetError        a stored offset lies beyond the partition's end
+     └── FencedError          another worker claimed a partition this one was committing for
 """
 
 from __future__ import annotations
@@ -98,3 +99,19 @@ class LogResetError(BeliefstoreError):
     The broker's log was lost or the topic was recreated; continuing would skip
     or duplicate events. Replay the projection, or point at the right cluster.
     """
+
+
+class FencedError(BeliefstoreError):
+    """Another projector worker claimed a partition since this one did; the batch was
+    rolled back. (A rebalance moved the partition, or a second worker started.)
+
+    Attributes:
+        partitions: the partitions this worker no longer owns.
+    """
+
+    def __init__(self, partitions: list[int], detail: str = ""):
+        self.partitions = partitions
+        super().__init__(
+            f"partition(s) {partitions} were claimed by another worker; this worker's batch "
+            f"was rolled back{': ' + detail if detail else ''}"
+        )

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 import uvicorn
 
 from beliefstore.api.app import create_app
+from beliefstore.errors import FencedError
 from beliefstore.events.producer import Receipt
 from beliefstore.projector.catalog import ProjectionCatalog
 from beliefstore.projector.tables import projection_offsets
@@ -28,24 +29,38 @@ def run_active_projection(
     *,
     until_caught_up: bool = False,
     on_batch: Callable[[ProjectorWorker, WorkerStats], None] | None = None,
+    group: str | None = None,
 ) -> WorkerStats:
     """Keep the *active* projection up to date until ``stop`` is set.
 
     When ``beliefstore replay --switch`` makes another projection active, the worker
     finishes its batch, and a new one resumes from the new projection's stored offsets.
-    Returns the last worker's counters.
+    With ``group``, the worker is a member of consumer group ``<group>.<projection>``;
+    when it is fenced off (its partition moved while it was committing) it rejoins the
+    group, which assigns it partitions afresh. Returns the last worker's counters.
+
+    Raises:
+        FencedError: without ``group``, another worker took a partition over.
     """
     stats = WorkerStats()
     while not stop.is_set():
         info = catalog.active()
         projection_settings = replace(settings, db_schema=info.schema, projection=info.name)
-        with ProjectorWorker(projection_settings, catalog.engine(info.schema)) as worker:
-            stats = worker.run(
-                stop,
-                until_caught_up=until_caught_up,
-                on_batch=(lambda s, w=worker: on_batch(w, s)) if on_batch else None,
-                keep_running=lambda name=info.name: catalog.active().name == name,
-            )
+        worker = ProjectorWorker(projection_settings, catalog.engine(info.schema),
+                                 group=f"{group}.{info.name}" if group else None)
+        try:
+            with worker:
+                stats = worker.run(
+                    stop,
+                    until_caught_up=until_caught_up,
+                    on_batch=(lambda s, w=worker: on_batch(w, s)) if on_batch else None,
+                    keep_running=lambda name=info.name: catalog.active().name == name,
+                )
+        except FencedError as exc:
+            if not group:
+                raise
+            log.warning("%s; rejoining the group", exc)
+            continue
         if until_caught_up and catalog.active().name == info.name:
             break
         if not stop.is_set():

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from beliefstore.errors import FencedError
 from beliefstore.events.model import (
     Event,
     ObservationRecorded,
@@ -65,6 +66,19 @@ class LoggedEvent:
 
     event: Event
     position: LogPosition
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A worker's ownership of a partition.
+
+    Attributes:
+        epoch: the partition's epoch after the claim; commits must present it.
+        next_offset: where the worker must resume (the stored next offset).
+    """
+
+    epoch: int
+    next_offset: int
 
 
 @dataclass(frozen=True)
@@ -133,16 +147,53 @@ class ProjectionRecorder:
             )
             return {r.partition: r.next_offset for r in rows}
 
+    def claim(self, topic: str, partitions: Iterable[int], owner: str) -> dict[int, Claim]:
+        """Take ownership of ``partitions``: bump each one's epoch and record ``owner``.
+
+        Returns partition → :class:`Claim` (the new epoch and the stored next offset to
+        seek to). A claim waits for a batch of the previous owner that is being committed
+        (it holds the row lock), so the offset it returns is never stale; a batch of the
+        previous owner that commits later is fenced off by the epoch check in
+        :meth:`apply`.
+        """
+        p = projection_offsets
+        claims: dict[int, Claim] = {}
+        with self.engine.begin() as conn:
+            for partition in sorted(partitions):
+                stmt = pg_insert(p).values(projection=self.projection, topic=topic,
+                                           partition=partition, next_offset=0, owner=owner,
+                                           epoch=1)
+                row = conn.execute(stmt.on_conflict_do_update(
+                    index_elements=["projection", "topic", "partition"],
+                    set_={"owner": owner, "epoch": p.c.epoch + 1, "updated_at": sa.func.now()},
+                ).returning(p.c.epoch, p.c.next_offset)).one()
+                claims[partition] = Claim(row.epoch, row.next_offset)
+        return claims
+
     # -- the batch transaction ---------------------------------------------------------
 
     def apply(
-        self, topic: str, batch: Sequence[LoggedEvent], progress: dict[int, PartitionProgress]
+        self,
+        topic: str,
+        batch: Sequence[LoggedEvent],
+        progress: dict[int, PartitionProgress],
+        fence: dict[int, int] | None = None,
     ) -> int:
         """Apply one batch in one transaction; return the number of beliefs recomputed.
 
         ``batch`` holds the valid events read (any order, duplicates allowed: rows are
         keyed by ``event_id``); ``progress`` holds, for every partition read (including
-        partitions whose messages were all poison), the next offset to store.
+        partitions whose messages were all poison), the next offset to store; ``fence``
+        holds the epoch of every partition of ``progress`` from :meth:`claim` (``None``:
+        no ownership check, for a sole worker without claims).
+
+        Each subject's events live in one partition (key = subject_id), so two workers
+        never write the same belief at once: partition ownership is all the locking
+        the read model needs.
+
+        Raises:
+            FencedError: a partition was claimed by another worker since; nothing of the
+                batch is committed.
 
         Steps: insert the events; mark retractions and wipe erased observations (both
         directions, as a retraction or erasure may arrive before its observation);
@@ -151,6 +202,8 @@ class ProjectionRecorder:
         touched key from its ``belief_sources`` rows; store the offsets.
         """
         with self.engine.begin() as conn:
+            if fence is not None and progress:
+                self._check_fence(conn, topic, {p: fence.get(p, -1) for p in progress})
             keys = self._apply_events(conn, batch)
             recomputed = self.recompute(conn, keys) if keys else 0
             if progress:
@@ -168,6 +221,18 @@ class ProjectionRecorder:
                     for partition, p in sorted(progress.items())
                 ])
         return recomputed
+
+    def _check_fence(self, conn: sa.Connection, topic: str, epochs: dict[int, int]) -> None:
+        # Lock the offset rows first: a concurrent claim waits for this transaction.
+        p = projection_offsets
+        rows = conn.execute(sa.select(p.c.partition, p.c.epoch).where(
+            p.c.projection == self.projection, p.c.topic == topic,
+            p.c.partition.in_(sorted(epochs)),
+        ).with_for_update())
+        current = {r.partition: r.epoch for r in rows}
+        lost = sorted(part for part, epoch in epochs.items() if current.get(part) != epoch)
+        if lost:
+            raise FencedError(lost, f"stored epochs {current}, this worker's {epochs}")
 
     def _apply_events(self, conn: sa.Connection, batch: Sequence[LoggedEvent]) -> set[Key]:
         obs_rows, retraction_rows, erasure_rows = [], [], []

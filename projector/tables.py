@@ -122,6 +122,9 @@ projection_offsets = sa.Table(
               doc="The offset of the next message to apply."),
     sa.Column("high_watermark", sa.BigInteger, nullable=True,
               doc="The partition's log end seen by the worker at that batch (for lag)."),
+    sa.Column("owner", sa.Text, nullable=True, doc="The worker that claimed the partition."),
+    sa.Column("epoch", sa.BigInteger, nullable=False, server_default="0",
+              doc="Bumped by every claim; a commit with an older epoch is fenced off."),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False,
               server_default=sa.func.now()),
 )

@@ -12,13 +12,16 @@ offsets are never committed: PostgreSQL is the only record of progress.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import OffsetOutOfRangeError
 
@@ -77,7 +80,14 @@ class ProjectorWorker:
         settings: topic, DLQ topic, batch size, poll timeout, projection name, fold settings.
         engine: engine on the read model's schema (tables migrated).
         serde: Avro serde (default: the shipped schemas + ``BELIEFSTORE_SCHEMA_PATH``).
-        partitions: the partitions to own; default all of the topic's.
+        partitions: the partitions to own (manual assignment); default all of the topic's.
+        group: consumer-group id; when set, partitions are spread over the group's
+            members by Kafka (``partitions`` is ignored) and each member claims those it
+            gets in PostgreSQL (see :meth:`ProjectionRecorder.claim`).
+
+    Every worker claims its partitions (bumping their epoch) and presents the epochs at
+    each commit: a worker that lost a partition, to a rebalance or to a second worker,
+    cannot commit for it any more (:class:`~beliefstore.errors.FencedError`).
     """
 
     def __init__(
@@ -87,6 +97,7 @@ class ProjectorWorker:
         *,
         serde: AvroSerde | None = None,
         partitions: list[int] | None = None,
+        group: str | None = None,
     ):
         if not settings.kafka_bootstrap_servers:
             raise ValueError("settings.kafka_bootstrap_servers is not set")
@@ -95,6 +106,9 @@ class ProjectorWorker:
         self.recorder = ProjectionRecorder(engine, settings.projection, settings.fold_settings)
         self.stats = WorkerStats()
         self._wanted_partitions = partitions
+        self.group = group
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._epochs: dict[int, int] = {}
         self._consumer: KafkaConsumer | None = None
         self._dlq: KafkaProducer | None = None
 
@@ -112,11 +126,14 @@ class ProjectorWorker:
         self._consumer = KafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap_servers,
             client_id=f"beliefstore-projector-{s.projection}",
-            group_id=None,
+            group_id=self.group,
+            # Offsets live in PostgreSQL only; the group is used for assignment alone.
             enable_auto_commit=False,
             # Never jump silently: a stored offset outside the log is a LogResetError.
             auto_offset_reset="none",
             max_poll_records=s.batch_size,
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=3_000,
         )
         self._dlq = KafkaProducer(
             bootstrap_servers=s.kafka_bootstrap_servers,
@@ -124,17 +141,27 @@ class ProjectorWorker:
             acks="all",
             enable_idempotence=True,
         )
+        if self.group:
+            self._consumer.subscribe([s.topic], listener=_Rebalance(self))
+            log.info("projector %r joining consumer group %r on %s as %s", s.projection,
+                     self.group, s.topic, self.owner)
+            return
         partitions = self._wanted_partitions or self._topic_partitions()
         tps = [TopicPartition(s.topic, p) for p in partitions]
         self._consumer.assign(tps)
-        stored = self.recorder.stored_offsets(s.topic)
+        self._claim(tps)
+
+    def _claim(self, tps: list[TopicPartition]) -> None:
+        """Claim ``tps`` in PostgreSQL and seek each to its stored next offset."""
+        assert self._consumer is not None
+        claims = self.recorder.claim(self.settings.topic, [tp.partition for tp in tps],
+                                     self.owner)
         for tp in tps:
-            self._consumer.seek(tp, stored.get(tp.partition, 0))
-        log.info(
-            "projector %r assigned %s partition(s) of %s; resuming at %s",
-            s.projection, len(tps), s.topic,
-            {tp.partition: stored.get(tp.partition, 0) for tp in tps},
-        )
+            self._epochs[tp.partition] = claims[tp.partition].epoch
+            self._consumer.seek(tp, claims[tp.partition].next_offset)
+        log.info("projector %r owns partition(s) %s of %s; resuming at %s",
+                 self.settings.projection, sorted(claims), self.settings.topic,
+                 {p: c.next_offset for p, c in sorted(claims.items())})
 
     def _topic_partitions(self, timeout_s: float = 30.0) -> list[int]:
         assert self._consumer is not None
@@ -191,8 +218,11 @@ class ProjectorWorker:
 
     def lag(self) -> int | None:
         """Messages between this worker's positions and the high watermarks; ``None`` if a
-        partition's high watermark is not known yet (no fetch response seen)."""
+        partition's high watermark is not known yet (no fetch response seen) or no
+        partition is assigned (yet)."""
         assert self._consumer is not None
+        if not self._consumer.assignment():
+            return None
         total = 0
         for tp in self._consumer.assignment():
             hw = self._consumer.highwater(tp)
@@ -235,7 +265,7 @@ class ProjectorWorker:
             )
         if poison:
             self._dead_letter(poison)
-        recomputed = self.recorder.apply(self.settings.topic, batch, progress)
+        recomputed = self.recorder.apply(self.settings.topic, batch, progress, self._epochs)
         self.stats.batches += 1
         self.stats.events += len(batch)
         self.stats.poison += len(poison)
@@ -295,3 +325,26 @@ class ProjectorWorker:
             ))
         for f in futures:
             f.get(timeout=self.settings.produce_timeout_s)
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """Claims the partitions the group assigns, and forgets the ones it revokes.
+
+    Kafka runs these callbacks inside ``poll()``, between batches, so no batch of this
+    worker is in flight when a partition moves; a worker that stalls past the session
+    timeout is fenced off by the epoch check instead.
+    """
+
+    def __init__(self, worker: ProjectorWorker):
+        self.worker = worker
+
+    def on_partitions_revoked(self, revoked) -> None:
+        for tp in revoked:
+            self.worker._epochs.pop(tp.partition, None)
+        if revoked:
+            log.info("partition(s) %s revoked from %s", sorted(tp.partition for tp in revoked),
+                     self.worker.owner)
+
+    def on_partitions_assigned(self, assigned) -> None:
+        if assigned:
+            self.worker._claim(sorted(assigned, key=lambda tp: tp.partition))
