@@ -148,11 +148,13 @@ def events_get(
     """
     from beliefstore.cli import _fail, _settings
     from beliefstore.eventlog import LogReadError, MessageNotFound, fetch_message
+    from beliefstore.events.serde import AvroSerde
 
     settings = _settings()
     bootstrap = _kafka(settings)
     try:
-        message = fetch_message(bootstrap, topic or settings.topic, partition, offset)
+        message = fetch_message(bootstrap, topic or settings.topic, partition, offset,
+                                serde=AvroSerde.for_settings(settings))
     except MessageNotFound as exc:
         raise _fail(str(exc), 1) from None
     except LogReadError as exc:
@@ -288,6 +290,7 @@ def _from_read_model(settings: Settings, subject: str, progress: Any) -> tuple[l
 def _from_log(settings: Settings, subject: str, progress: Any) -> tuple[list[Event], str]:
     from beliefstore.cli import _fail
     from beliefstore.eventlog import LogReadError, MessageNotFound, iter_subject_events
+    from beliefstore.events.serde import AvroSerde
 
     bootstrap = _kafka(settings)
     task = progress.add_task(f"scanning {settings.topic}", total=None)
@@ -298,7 +301,8 @@ def _from_log(settings: Settings, subject: str, progress: Any) -> tuple[list[Eve
     events: list[Event] = []
     seen: set[str] = set()
     duplicates = 0
-    scan = iter_subject_events(bootstrap, settings.topic, subject, progress=advance)
+    scan = iter_subject_events(bootstrap, settings.topic, subject, progress=advance,
+                               serde=AvroSerde.for_settings(settings))
     try:
         for message in scan:
             assert message.decoded is not None

@@ -26,6 +26,7 @@ from kafka.partitioner.default import DefaultPartitioner
 
 from beliefstore.errors import BeliefstoreError, PoisonEvent
 from beliefstore.events.model import Event
+from beliefstore.events.sealing import EventShredded
 from beliefstore.events.serde import AvroSerde, DecodedEvent
 
 ProgressCallback = Callable[[int, int], None]
@@ -106,6 +107,8 @@ def decode_record(record: Any, serde: AvroSerde) -> RawMessage:
         decoded = serde.decode(record.value)
     except PoisonEvent as exc:
         error = exc
+    except EventShredded as exc:
+        error = PoisonEvent("shredded", str(exc))  # not poison: its subject was erased
     if decoded is not None and record.key is not None \
             and record.key != decoded.event.subject_id.encode("utf-8"):
         error = PoisonEvent(

@@ -14,6 +14,7 @@ import uvicorn
 from beliefstore.api.app import create_app
 from beliefstore.errors import FencedError
 from beliefstore.events.producer import Receipt
+from beliefstore.events.serde import AvroSerde
 from beliefstore.projector.catalog import ProjectionCatalog
 from beliefstore.projector.tables import projection_offsets
 from beliefstore.projector.worker import ProjectorWorker, WorkerStats
@@ -43,10 +44,12 @@ def run_active_projection(
         FencedError: without ``group``, another worker took a partition over.
     """
     stats = WorkerStats()
+    # The keyring lives in the base schema, not in the projection's.
+    serde = AvroSerde.for_settings(settings)
     while not stop.is_set():
         info = catalog.active()
         projection_settings = replace(settings, db_schema=info.schema, projection=info.name)
-        worker = ProjectorWorker(projection_settings, catalog.engine(info.schema),
+        worker = ProjectorWorker(projection_settings, catalog.engine(info.schema), serde=serde,
                                  group=f"{group}.{info.name}" if group else None)
         try:
             with worker:

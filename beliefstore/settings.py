@@ -21,7 +21,27 @@ api_host                           BELIEFSTORE_API_HOST             ``127.0.0.1`
 api_port                           BELIEFSTORE_API_PORT             8000
 api_url                            BELIEFSTORE_API_URL              ``http://<api_host>:<api_port>``
 home                               BELIEFSTORE_HOME                 ``./.beliefstore`` (embedded data)
+auth                               BELIEFSTORE_AUTH                 ``on`` (``off``: no API keys checked)
+sealing                            BELIEFSTORE_SEALING              ``on``: observations' personal fields
+                                                                    sealed per subject (crypto-shredding)
+(master key)                       BELIEFSTORE_MASTER_KEY           none → ``<home>/master.key`` (32 bytes,
+                                                                    base64; wraps the subject data keys)
+api_key                            BELIEFSTORE_API_KEY              none; the key CLI reads send
+max_body_bytes                     BELIEFSTORE_MAX_BODY_BYTES       65536 (larger request bodies: 413)
+rate_limit                         BELIEFSTORE_RATE_LIMIT           50 requests/s per key (0: no limit)
+rate_burst                         BELIEFSTORE_RATE_BURST           100 requests (token bucket size)
+access_topic                       BELIEFSTORE_ACCESS_TOPIC         ``beliefstore.access`` (read log)
+kafka_security_protocol            KAFKA_SECURITY_PROTOCOL          ``PLAINTEXT`` (or SSL, SASL_SSL, ...)
+kafka_sasl_mechanism               KAFKA_SASL_MECHANISM             none (PLAIN, SCRAM-SHA-256/512)
+kafka_sasl_username                KAFKA_SASL_USERNAME              none
+kafka_sasl_password                KAFKA_SASL_PASSWORD              none (never printed)
+kafka_ssl_cafile                   KAFKA_SSL_CAFILE                 none; CA bundle (PEM) for SSL
+kafka_ssl_certfile                 KAFKA_SSL_CERTFILE               none; client certificate (mTLS)
+kafka_ssl_keyfile                  KAFKA_SSL_KEYFILE                none; client key (mTLS)
 =================================  ===============================  =================================
+
+The ``KAFKA_SECURITY_*``/``KAFKA_SASL_*``/``KAFKA_SSL_*`` settings reach kafka-python
+through :meth:`Settings.kafka_client_config`.
 
 ``BELIEFSTORE_SCHEMA_PATH`` (extra ``.avsc`` folders) is read by
 :meth:`beliefstore.events.serde.SchemaRegistry.default`.
@@ -61,10 +81,28 @@ ENV_VARS = (
     "BELIEFSTORE_API_URL",
     "BELIEFSTORE_HOME",
     "BELIEFSTORE_SCHEMA_PATH",
+    "BELIEFSTORE_AUTH",
+    "BELIEFSTORE_SEALING",
+    "BELIEFSTORE_MASTER_KEY",
+    "BELIEFSTORE_API_KEY",
+    "BELIEFSTORE_MAX_BODY_BYTES",
+    "BELIEFSTORE_RATE_LIMIT",
+    "BELIEFSTORE_RATE_BURST",
+    "BELIEFSTORE_ACCESS_TOPIC",
+    "KAFKA_SECURITY_PROTOCOL",
+    "KAFKA_SASL_MECHANISM",
+    "KAFKA_SASL_USERNAME",
+    "KAFKA_SASL_PASSWORD",
+    "KAFKA_SSL_CAFILE",
+    "KAFKA_SSL_CERTFILE",
+    "KAFKA_SSL_KEYFILE",
 )
 """Every environment variable beliefstore reads."""
 
 STATE_FILE = "services.json"
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER")
 
 
 class SettingsError(ValueError):
@@ -104,6 +142,39 @@ def _number(env: Mapping[str, str], name: str, default: float, cast: type = int)
     return value
 
 
+def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("on", "true", "1", "yes"):
+        return True
+    if raw in ("off", "false", "0", "no"):
+        return False
+    raise SettingsError(f"{name}={raw!r} must be on or off")
+
+
+def _non_negative(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise SettingsError(f"{name}={raw!r} must be a finite number >= 0 (0 turns it off)")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str | None:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    if raw.upper() not in choices:
+        raise SettingsError(f"{name}={raw!r} must be one of {', '.join(choices)}")
+    return raw.upper()
+
+
 @dataclass(frozen=True)
 class Settings:
     """All configuration; see the module docstring for variables, defaults and units."""
@@ -126,6 +197,20 @@ class Settings:
     api_port: int = 8000
     api_url: str = "http://127.0.0.1:8000"
     home: Path = Path(".beliefstore")
+    auth: bool = True
+    sealing: bool = True
+    api_key: str | None = field(default=None, repr=False)
+    max_body_bytes: int = 64 * 1024
+    rate_limit: float = 50.0
+    rate_burst: int = 100
+    access_topic: str = "beliefstore.access"
+    kafka_security_protocol: str | None = None
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = field(default=None, repr=False)
+    kafka_ssl_cafile: str | None = None
+    kafka_ssl_certfile: str | None = None
+    kafka_ssl_keyfile: str | None = None
 
     @classmethod
     def from_env(
@@ -171,7 +256,26 @@ class Settings:
             api_port=port,
             api_url=(env.get("BELIEFSTORE_API_URL") or f"http://{host}:{port}").rstrip("/"),
             home=Path(env.get("BELIEFSTORE_HOME") or ".beliefstore"),
+            auth=_switch(env, "BELIEFSTORE_AUTH", True),
+            sealing=_switch(env, "BELIEFSTORE_SEALING", True),
+            api_key=(env.get("BELIEFSTORE_API_KEY") or "").strip() or None,
+            max_body_bytes=int(_number(env, "BELIEFSTORE_MAX_BODY_BYTES", 64 * 1024)),
+            rate_limit=_non_negative(env, "BELIEFSTORE_RATE_LIMIT", 50.0),
+            rate_burst=int(_number(env, "BELIEFSTORE_RATE_BURST", 100)),
+            access_topic=env.get("BELIEFSTORE_ACCESS_TOPIC") or "beliefstore.access",
+            kafka_security_protocol=_choice(env, "KAFKA_SECURITY_PROTOCOL", SECURITY_PROTOCOLS),
+            kafka_sasl_mechanism=_choice(env, "KAFKA_SASL_MECHANISM", SASL_MECHANISMS),
+            kafka_sasl_username=env.get("KAFKA_SASL_USERNAME") or None,
+            kafka_sasl_password=env.get("KAFKA_SASL_PASSWORD") or None,
+            kafka_ssl_cafile=env.get("KAFKA_SSL_CAFILE") or None,
+            kafka_ssl_certfile=env.get("KAFKA_SSL_CERTFILE") or None,
+            kafka_ssl_keyfile=env.get("KAFKA_SSL_KEYFILE") or None,
         )
+        if settings.kafka_sasl_mechanism and not (
+            settings.kafka_security_protocol or "").startswith("SASL_"):
+            raise SettingsError(
+                f"KAFKA_SASL_MECHANISM={settings.kafka_sasl_mechanism} needs "
+                "KAFKA_SECURITY_PROTOCOL=SASL_SSL (or SASL_PLAINTEXT)")
         if use_running:
             settings = settings.with_running_services(
                 explicit_api_url="BELIEFSTORE_API_URL" in env
@@ -190,6 +294,21 @@ class Settings:
             database_url=self.database_url or state.get("database_url"),
             api_url=self.api_url if explicit_api_url else state.get("api_url", self.api_url),
         )
+
+    def kafka_client_config(self) -> dict[str, str]:
+        """The Kafka security settings as kafka-python client arguments
+        (``KafkaProducer(**settings.kafka_client_config(), ...)``, same for
+        ``KafkaConsumer`` and ``KafkaAdminClient``); only those that are set."""
+        pairs = {
+            "security_protocol": self.kafka_security_protocol,
+            "sasl_mechanism": self.kafka_sasl_mechanism,
+            "sasl_plain_username": self.kafka_sasl_username,
+            "sasl_plain_password": self.kafka_sasl_password,
+            "ssl_cafile": self.kafka_ssl_cafile,
+            "ssl_certfile": self.kafka_ssl_certfile,
+            "ssl_keyfile": self.kafka_ssl_keyfile,
+        }
+        return {k: v for k, v in pairs.items() if v}
 
     @property
     def fold_settings(self) -> FoldSettings:

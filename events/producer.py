@@ -108,7 +108,8 @@ class BeliefProducer:
 
     @classmethod
     def from_settings(cls, settings=None) -> BeliefProducer:
-        """A producer for the configured cluster and topic (see :mod:`beliefstore.settings`).
+        """A producer for the configured cluster and topic (see :mod:`beliefstore.settings`),
+        with its Kafka security settings (SASL/SSL, :meth:`Settings.kafka_client_config`).
 
         Raises:
             ProduceError: KAFKA_BOOTSTRAP_SERVERS is unset and no ``beliefstore up`` runs here.
@@ -122,7 +123,8 @@ class BeliefProducer:
                 "`beliefstore up` in this directory first"
             )
         return cls(settings.kafka_bootstrap_servers, settings.topic,
-                   timeout_s=settings.produce_timeout_s)
+                   serde=AvroSerde.for_settings(settings),
+                   timeout_s=settings.produce_timeout_s, **settings.kafka_client_config())
 
     # -- the three calls ---------------------------------------------------------------
 
@@ -220,13 +222,27 @@ class BeliefProducer:
         """Produce several events pipelined, then wait for every acknowledgement.
 
         All events are validated before the first is sent, so an invalid one means
-        none is produced.
+        none is produced. With sealing on, an acknowledged :class:`SubjectErased` destroys
+        the subject's data keys (created up to its ``occurred_at``) before any later
+        event is sealed, so later observations get a fresh key.
 
         Raises:
             ValidationError: an event is invalid (nothing is produced).
             ProduceError: an acknowledgement did not arrive within ``timeout_s``.
         """
         batch = [validate(e) for e in events]
+        receipts: list[Receipt] = []
+        start = 0
+        for i, e in enumerate(batch):
+            if isinstance(e, SubjectErased) or i == len(batch) - 1:
+                receipts += self._send_acked(batch[start:i + 1])
+                start = i + 1
+                if isinstance(e, SubjectErased) and self.serde.sealer is not None:
+                    self.serde.sealer.keyring.destroy(e.subject_id, e.occurred_at,
+                                                      now_millis())
+        return receipts
+
+    def _send_acked(self, batch: list[Event]) -> list[Receipt]:
         payloads = [self.serde.encode(e) for e in batch]
         try:
             futures = [
@@ -262,8 +278,10 @@ class BeliefProducer:
         self._producer.flush(timeout=self.timeout_s)
 
     def close(self) -> None:
-        """Flush and release the connection."""
+        """Flush and release the connections (Kafka, and the keyring's database pool)."""
         self._producer.close(timeout=self.timeout_s)
+        if self.serde.sealer is not None:
+            self.serde.sealer.keyring.dispose()
 
     def __enter__(self) -> BeliefProducer:
         return self

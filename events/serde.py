@@ -28,13 +28,14 @@ import fastavro
 from fastavro.schema import fingerprint as avro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
 
-from beliefstore.errors import PoisonEvent, SchemaNotFound, ValidationError
+from beliefstore.errors import BeliefstoreError, PoisonEvent, SchemaNotFound, ValidationError
 from beliefstore.events.model import (
     Event,
     ObservationRecorded,
     ObservationRetracted,
     SubjectErased,
 )
+from beliefstore.events.sealing import FieldSealer
 from beliefstore.events.validation import validate
 from beliefstore.timefmt import to_millis
 
@@ -46,6 +47,17 @@ HEADER_LENGTH = 10
 _FILE_NAME = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)\.v(?P<version>\d+)\.avsc$")
 _CLASSES: dict[str, type[ObservationRecorded] | type[ObservationRetracted] | type[SubjectErased]]
 _CLASSES = {cls.schema_name: cls for cls in (ObservationRecorded, ObservationRetracted, SubjectErased)}
+
+
+class SealedEventError(BeliefstoreError):
+    """A sealed observation met a serde without a keyring: configure DATABASE_URL and
+    the master key (BELIEFSTORE_MASTER_KEY or <home>/master.key), or use
+    :meth:`AvroSerde.for_settings`."""
+
+    def __init__(self, event_id: str):
+        super().__init__(f"observation {event_id} is sealed and this reader has no keyring: "
+                         "set DATABASE_URL and BELIEFSTORE_MASTER_KEY (or run where "
+                         ".beliefstore/master.key is)")
 
 
 @dataclass(frozen=True)
@@ -180,13 +192,37 @@ def _to_millis(value: Any) -> Any:
 
 
 class AvroSerde:
-    """Encodes events to, and decodes them from, single-object-encoded Avro bytes."""
+    """Encodes events to, and decodes them from, single-object-encoded Avro bytes.
 
-    def __init__(self, registry: SchemaRegistry | None = None):
+    Args:
+        registry: the schemas (default: the shipped ones + ``BELIEFSTORE_SCHEMA_PATH``).
+        sealer: seals observations' personal fields on encode and opens them on decode
+            (crypto-shredding); without one, observations are written in plaintext and
+            sealed ones cannot be decoded.
+    """
+
+    def __init__(self, registry: SchemaRegistry | None = None,
+                 sealer: FieldSealer | None = None):
         self.registry = registry or SchemaRegistry.default()
+        self.sealer = sealer
+
+    @classmethod
+    def for_settings(cls, settings) -> AvroSerde:
+        """The serde for ``settings``: sealing on when ``settings.sealing`` and a database
+        (for the keyring) are configured.
+
+        Raises:
+            KeyringError: a malformed master key.
+        """
+        if not (getattr(settings, "sealing", False) and settings.database_url):
+            return cls()
+        from beliefstore.keyring import Keyring
+
+        return cls(sealer=FieldSealer(Keyring.from_settings(settings)))
 
     def encode(self, event: Event) -> bytes:
-        """The single-object encoding of ``event`` under its current schema.
+        """The single-object encoding of ``event`` under its current schema (observations
+        sealed when this serde has a sealer).
 
         Raises:
             ValidationError: the event is invalid (see :func:`validate`).
@@ -194,6 +230,9 @@ class AvroSerde:
         validate(event)
         schema = self.registry.current(event.schema_name)
         record = {f.name: getattr(event, f.name) for f in fields(event)}
+        if self.sealer is not None and isinstance(event, ObservationRecorded):
+            record |= {"value": "", "evidence": None, "metadata": {},
+                       "sealed": self.sealer.seal(event)}
         return encode_record(record, schema)
 
     def decode(self, data: bytes) -> DecodedEvent:
@@ -202,7 +241,10 @@ class AvroSerde:
         Raises:
             PoisonEvent: ``kind`` is ``bad_marker`` (no ``C3 01``), ``unknown_schema``
                 (:class:`SchemaNotFound`), ``truncated`` (body ends early or has
-                trailing bytes) or ``invalid_event`` (decodes but fails validation).
+                trailing bytes) or ``invalid_event`` (decodes but fails validation, or
+                its sealed fields do not authenticate).
+            EventShredded: a sealed observation whose subject was erased (key destroyed).
+            SealedEventError: a sealed observation and no sealer configured.
         """
         if data is None or len(data) < HEADER_LENGTH or data[:2] != MAGIC:
             head = (data or b"")[:2].hex() or "empty"
@@ -239,8 +281,14 @@ class AvroSerde:
         for k in ("event_id", "retracted_event_id"):
             if k in kwargs:
                 kwargs[k] = str(kwargs[k])
+        sealed = record.get("sealed")
         try:
-            event = validate(cls(**kwargs))
+            event = cls(**kwargs)
+            if sealed is not None and isinstance(event, ObservationRecorded):
+                if self.sealer is None:
+                    raise SealedEventError(event.event_id)
+                event = self.sealer.open(event, sealed)
+            event = validate(event)
         except ValidationError as exc:
             raise PoisonEvent("invalid_event", str(exc)) from exc
         return DecodedEvent(event=event, writer=writer, record=record)

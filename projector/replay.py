@@ -18,6 +18,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from beliefstore.errors import PoisonEvent
 from beliefstore.events.model import Event
+from beliefstore.events.sealing import EventShredded
 from beliefstore.events.serde import AvroSerde
 from beliefstore.projector.catalog import ProjectionCatalog, ProjectionInfo
 from beliefstore.projector.fold import Belief, FoldSettings, Key, fold
@@ -85,8 +86,9 @@ def compare(left: dict[Key, BeliefRow], right: dict[Key, BeliefRow]) -> list[Dif
 def read_log(settings: Settings, serde: AvroSerde | None = None,
              timeout_s: float = 30.0) -> tuple[list[Event], int]:
     """Every valid event on the topic from offset 0 to the high watermark (as of the
-    first fetch), and the number of poison messages skipped."""
-    serde = serde or AvroSerde()
+    first fetch), and the number of poison messages skipped (sealed observations of
+    erased subjects are skipped silently, as the projector does)."""
+    serde = serde or AvroSerde.for_settings(settings)
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
                              group_id=None, enable_auto_commit=False,
                              max_poll_records=5000, auto_offset_reset="none")
@@ -111,6 +113,8 @@ def read_log(settings: Settings, serde: AvroSerde | None = None,
                         events.append(serde.decode(record.value).event)
                     except PoisonEvent:
                         poison += 1
+                    except EventShredded:
+                        pass  # erased subject: its sealed fields are gone for good
             for tp in tps:
                 hw = consumer.highwater(tp)
                 if hw is not None:
@@ -174,6 +178,7 @@ def replay(
         LogResetError, KafkaError, SQLAlchemyError: as the projector.
     """
     live = catalog.active()
+    serde = serde or AvroSerde.for_settings(settings)  # the keyring is in the base schema
     info = catalog.create(name)
     engine = catalog.engine(info.schema)
     replay_settings = replace(settings, db_schema=info.schema, projection=info.name)

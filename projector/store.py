@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import distinct_on
@@ -36,7 +37,10 @@ from beliefstore.projector.tables import (
     projection_offsets,
     retractions,
 )
-from beliefstore.timefmt import from_millis, to_millis
+from beliefstore.timefmt import from_millis, now_millis, to_millis
+
+if TYPE_CHECKING:
+    from beliefstore.keyring import Keyring
 
 _CHUNK = 1000
 
@@ -127,12 +131,16 @@ class ProjectionRecorder:
             (see :func:`beliefstore.db.make_engine`); tables must be migrated.
         projection: the name offsets are stored under (``BELIEFSTORE_PROJECTION``).
         fold_settings: half-lives and trust used to recompute beliefs.
+        keyring: when given, an erasure destroys the subject's data keys (created up to
+            its ``occurred_at``) in the batch's transaction (crypto-shredding).
     """
 
-    def __init__(self, engine: sa.Engine, projection: str, fold_settings: FoldSettings):
+    def __init__(self, engine: sa.Engine, projection: str, fold_settings: FoldSettings,
+                 keyring: Keyring | None = None):
         self.engine = engine
         self.projection = projection
         self.fold_settings = fold_settings
+        self.keyring = keyring
 
     # -- offsets -----------------------------------------------------------------------
 
@@ -275,6 +283,10 @@ class ProjectionRecorder:
                     o.c.source == r.c.source, o.c.retracted_by.is_(None),
                 ).values(retracted_by=r.c.event_id).returning(*pair)
             ))
+        if erasure_ids and self.keyring is not None:
+            for x in erasure_rows:
+                self.keyring.destroy(x["subject_id"], to_millis(x["occurred_at"]),
+                                     now_millis(), conn)
         if erasure_ids:
             stale.update(tuple(row) for row in conn.execute(
                 sa.update(o).where(

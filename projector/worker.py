@@ -26,6 +26,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import OffsetOutOfRangeError
 
 from beliefstore.errors import LogResetError, PoisonEvent
+from beliefstore.events.sealing import EventShredded
 from beliefstore.events.serde import AvroSerde
 from beliefstore.projector.store import (
     LoggedEvent,
@@ -58,6 +59,7 @@ class WorkerStats:
         events: valid events applied (duplicates included).
         poison: messages sent to the dead-letter topic.
         beliefs_recomputed: beliefs refolded (a key counts once per batch).
+        shredded: sealed observations skipped because their subject was erased.
         started: ``time.monotonic()`` at start, seconds.
     """
 
@@ -65,12 +67,14 @@ class WorkerStats:
     events: int = 0
     poison: int = 0
     beliefs_recomputed: int = 0
+    shredded: int = 0
     started: float = field(default_factory=time.monotonic)
 
     @property
     def rate(self) -> float:
-        """Messages (valid + poison) per second since start."""
-        return (self.events + self.poison) / max(time.monotonic() - self.started, 1e-9)
+        """Messages (valid + poison + shredded) per second since start."""
+        return (self.events + self.poison + self.shredded) / max(
+            time.monotonic() - self.started, 1e-9)
 
 
 class ProjectorWorker:
@@ -79,7 +83,9 @@ class ProjectorWorker:
     Args:
         settings: topic, DLQ topic, batch size, poll timeout, projection name, fold settings.
         engine: engine on the read model's schema (tables migrated).
-        serde: Avro serde (default: the shipped schemas + ``BELIEFSTORE_SCHEMA_PATH``).
+        serde: Avro serde (default: :meth:`AvroSerde.for_settings`; pass one built from the
+            base settings when ``settings.db_schema`` is a projection's schema, since the
+            keyring lives in the base schema).
         partitions: the partitions to own (manual assignment); default all of the topic's.
         group: consumer-group id; when set, partitions are spread over the group's
             members by Kafka (``partitions`` is ignored) and each member claims those it
@@ -102,8 +108,10 @@ class ProjectorWorker:
         if not settings.kafka_bootstrap_servers:
             raise ValueError("settings.kafka_bootstrap_servers is not set")
         self.settings = settings
-        self.serde = serde or AvroSerde()
-        self.recorder = ProjectionRecorder(engine, settings.projection, settings.fold_settings)
+        self.serde = serde or AvroSerde.for_settings(settings)
+        self.recorder = ProjectionRecorder(
+            engine, settings.projection, settings.fold_settings,
+            keyring=self.serde.sealer.keyring if self.serde.sealer else None)
         self.stats = WorkerStats()
         self._wanted_partitions = partitions
         self.group = group
@@ -255,7 +263,9 @@ class ProjectorWorker:
         for tp, records in polled.items():
             for record in records:
                 item = self._decode(record)
-                if isinstance(item, PoisonEvent):
+                if item is None:
+                    self.stats.shredded += 1
+                elif isinstance(item, PoisonEvent):
                     poison.append((record, item))
                 else:
                     batch.append(item)
@@ -271,7 +281,7 @@ class ProjectorWorker:
         self.stats.poison += len(poison)
         self.stats.beliefs_recomputed += recomputed
         log.debug("batch: %d events, %d poison, %d beliefs", len(batch), len(poison), recomputed)
-        return len(batch) + len(poison)
+        return sum(len(records) for records in polled.values())
 
     def _log_reset(self, detail: str) -> LogResetError:
         s = self.settings
@@ -283,11 +293,13 @@ class ProjectorWorker:
             f"schema (BELIEFSTORE_DB_SCHEMA) from offset 0. Refusing to skip or re-apply events."
         )
 
-    def _decode(self, record: ConsumerRecord) -> LoggedEvent | PoisonEvent:
+    def _decode(self, record: ConsumerRecord) -> LoggedEvent | PoisonEvent | None:
         try:
             decoded = self.serde.decode(record.value)
         except PoisonEvent as exc:
             return exc
+        except EventShredded:
+            return None  # its subject was erased: nothing left to project
         if record.key is not None and record.key != decoded.event.subject_id.encode("utf-8"):
             return PoisonEvent(
                 "invalid_event",

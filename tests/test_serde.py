@@ -71,35 +71,49 @@ def test_schema_valid_but_invalid_values_are_poison():
     assert info.value.kind == "invalid_event" and "confidence" in info.value.reason
 
 
+def schema_version(registry: SchemaRegistry, version: int):
+    return next(s for s in registry if s.name == OBS.schema_name and s.version == version)
+
+
 def test_new_reader_reads_old_events():
-    """A v1 event decodes under a reader whose current schema is v2 (default filled in)."""
-    old = AvroSerde(SchemaRegistry(shipped()))
-    new_registry = SchemaRegistry(shipped() + [(str(p), p.read_text()) for p in V2.glob("*.avsc")])
-    new = AvroSerde(new_registry)
-    assert new.registry.current(OBS.schema_name).version == 2
-    decoded = new.decode(old.encode(OBS))
-    assert decoded.event == OBS
-    assert decoded.writer.version == 1
-    assert decoded.record["language"] is None
+    """v1 and v2 events decode under a reader whose current schema is v3 (defaults filled)."""
+    new = AvroSerde(SchemaRegistry(shipped() + [(str(p), p.read_text()) for p in V2.glob("*.avsc")]))
+    assert new.registry.current(OBS.schema_name).version == 3
+    v1 = encode_record(OBS.__dict__, schema_version(new.registry, 1))
+    v2 = AvroSerde(SchemaRegistry(shipped())).encode(OBS)
+    for data, version in ((v1, 1), (v2, 2)):
+        decoded = new.decode(data)
+        assert decoded.event == OBS
+        assert decoded.writer.version == version
+        assert decoded.record["language"] is None and decoded.record["sealed"] is None
 
 
 def test_old_reader_reads_new_events():
-    """A v2 event (with the new field set) decodes under the v1 reader that knows v2 as a
-    writer schema, e.g. through BELIEFSTORE_SCHEMA_PATH; the new field is dropped."""
-    new_registry = SchemaRegistry(shipped() + [(str(p), p.read_text()) for p in V2.glob("*.avsc")])
-    v2 = new_registry.current(OBS.schema_name)
-    data = encode_record({**OBS.__dict__, "language": "de-CH"}, v2)
+    """A v3 event (with the new field set) decodes under the shipped reader that knows v3
+    as a writer schema, e.g. through BELIEFSTORE_SCHEMA_PATH; the new field is dropped."""
+    newer = SchemaRegistry(shipped() + [(str(p), p.read_text()) for p in V2.glob("*.avsc")])
+    data = encode_record({**OBS.__dict__, "language": "de-CH"}, newer.current(OBS.schema_name))
     old = AvroSerde(SchemaRegistry.default(extra_path=str(V2)))
-    assert old.registry.current(OBS.schema_name).version == 1
+    assert old.registry.current(OBS.schema_name).version == 2
     decoded = old.decode(data)
     assert decoded.event == OBS
-    assert decoded.writer.version == 2
+    assert decoded.writer.version == 3
     assert "language" not in decoded.record
-    # Without the v2 schema registered, the old reader refuses it clearly.
+    # Without the v3 schema registered, the old reader refuses it clearly.
     with pytest.raises(SchemaNotFound, match="BELIEFSTORE_SCHEMA_PATH"):
         AvroSerde(SchemaRegistry(shipped())).decode(data)
 
 
+def test_v1_reader_reads_plaintext_v2_events():
+    """The sealing schema change is compatible backwards too: a v1-only reader that knows
+    the v2 writer schema decodes a plaintext v2 observation."""
+    v1_only = [(n, t) for n, t in shipped() if not n.startswith("ObservationRecorded.v2")]
+    v2_file = [(n, t) for n, t in shipped() if n.startswith("ObservationRecorded.v2")]
+    old = AvroSerde(SchemaRegistry(v1_only, extra=v2_file))
+    assert old.registry.current(OBS.schema_name).version == 1
+    assert old.decode(AvroSerde().encode(OBS)).event == OBS
+
+
 def test_registry_rejects_misnamed_schema_files():
     with pytest.raises(ValueError, match="Name.vN.avsc"):
-        SchemaRegistry([("observation.avsc", (V2 / "ObservationRecorded.v2.avsc").read_text())])
+        SchemaRegistry([("observation.avsc", (V2 / "ObservationRecorded.v3.avsc").read_text())])

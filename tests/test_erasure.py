@@ -1,0 +1,113 @@
+"""Erasure by crypto-shredding: sealed personal fields, destroyed keys, replay."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+from kafka import KafkaProducer
+
+from beliefstore.events.model import SubjectErased
+from beliefstore.events.producer import BeliefProducer
+from beliefstore.events.sealing import EventShredded
+from beliefstore.events.serde import AvroSerde, SealedEventError
+from beliefstore.keyring import Keyring, load_master_key
+from beliefstore.projector.replay import read_beliefs, replay
+from beliefstore.projector.tables import observations
+from beliefstore.projector.worker import ProjectorWorker
+from tests.conftest import read_topic
+
+SECRET = "lives-at-42-elm-street"
+
+
+def project(settings, catalog) -> None:
+    with ProjectorWorker(settings, catalog.engine(catalog.active().schema)) as worker:
+        worker.run(until_caught_up=True)
+
+
+def subjects_of(catalog) -> set[str]:
+    return {k[0] for k in read_beliefs(catalog.engine(catalog.active().schema))}
+
+
+def test_erasure_shreds_the_log_and_replay_forgets(settings, catalog):
+    with BeliefProducer.from_settings(settings) as producer:
+        assert producer.serde.sealer is not None  # sealing is on by default
+        for subject in ("alice", "bob"):
+            producer.observe(subject, "support", "address", SECRET, 0.9, source="triage_agent",
+                             evidence=f"{subject} said {SECRET}", metadata={"m": SECRET})
+            producer.observe(subject, "support", "issue", "refund", 0.8, source="billing_agent")
+    project(settings, catalog)
+    assert subjects_of(catalog) == {"alice", "bob"}
+
+    messages = read_topic(settings.kafka_bootstrap_servers, settings.topic)
+    assert len(messages) == 4
+    assert all(SECRET.encode() not in m.value for m in messages)  # sealed on the wire
+    with pytest.raises(SealedEventError):
+        AvroSerde().decode(messages[0].value)  # no keyring, no plaintext
+    serde = AvroSerde.for_settings(settings)
+    assert {serde.decode(m.value).event.value for m in messages} == {SECRET, "refund"}
+
+    with BeliefProducer.from_settings(settings) as producer:
+        producer.erase("alice", source="privacy_officer", reason="GDPR art. 17")
+        after = producer.observe("alice", "support", "issue", "login", 0.7, source="triage_agent")
+    project(settings, catalog)
+    beliefs = read_beliefs(catalog.engine(catalog.active().schema))
+    assert {k for k in beliefs if k[0] == "alice"} == {("alice", "support", "issue")}
+    assert beliefs[("alice", "support", "issue")].support == (after.event_id,)
+    assert {k for k in beliefs if k[0] == "bob"} == {("bob", "support", "address"),
+                                                       ("bob", "support", "issue")}
+    with catalog.engine(catalog.active().schema).connect() as conn:
+        values = list(conn.execute(sa.select(observations.c.value, observations.c.evidence)
+                                   .where(observations.c.subject_id == "alice")))
+    assert all(SECRET not in str(v) for v in values)
+
+    # The raw messages about alice before the erasure no longer decrypt, for anyone.
+    fresh = AvroSerde.for_settings(settings)
+    shredded = decoded = 0
+    for m in read_topic(settings.kafka_bootstrap_servers, settings.topic):
+        try:
+            event = fresh.decode(m.value).event
+            decoded += 1
+            assert not (event.subject_id == "alice" and getattr(event, "value", "") == SECRET)
+        except EventShredded as exc:
+            assert exc.subject_id == "alice"
+            shredded += 1
+    assert shredded == 2 and decoded == 4  # bob ×2, the erasure, alice's later one
+
+    report = replay(settings, catalog, "after_erasure")
+    rebuilt = read_beliefs(catalog.engine(report.projection.schema))
+    assert report.vs_fold == [] and report.vs_live == []
+    assert {k for k in rebuilt if k[0] == "alice"} == {("alice", "support", "issue")}
+    assert rebuilt[("bob", "support", "address")].value == SECRET
+
+
+def test_an_erasure_produced_without_a_keyring_destroys_keys_when_projected(settings, catalog):
+    with BeliefProducer.from_settings(settings) as producer:
+        producer.observe("carol", "support", "address", SECRET, 0.9, source="triage_agent")
+    project(settings, catalog)
+    # A plain producer (no keyring) writes the erasure straight to the topic.
+    erasure = SubjectErased(event_id="7d0c7d3a-4c1e-4a59-9a43-2a6f5b1e0c11", subject_id="carol",
+                            source="privacy_officer", occurred_at=4102444800000)
+    raw = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all")
+    raw.send(settings.topic, key=b"carol", value=AvroSerde().encode(erasure)).get(timeout=10)
+    raw.close()
+    project(settings, catalog)
+    assert "carol" not in subjects_of(catalog)
+    keyring = Keyring.from_settings(settings)
+    try:
+        with keyring.engine.connect() as conn:
+            alive = conn.execute(sa.select(sa.func.count()).select_from(keyring.table).where(
+                keyring.table.c.subject_id == "carol", keyring.table.c.wrapped.is_not(None))
+            ).scalar_one()
+        assert alive == 0
+    finally:
+        keyring.dispose()
+
+
+def test_master_key_errors_name_the_fix(tmp_path):
+    from beliefstore.keyring import KeyringError
+
+    with pytest.raises(KeyringError, match="base64"):
+        load_master_key(tmp_path, {"BELIEFSTORE_MASTER_KEY": "too-short"})
+    key = load_master_key(tmp_path, {})
+    assert len(key) == 32 and (tmp_path / "master.key").stat().st_mode & 0o777 == 0o600
+    assert load_master_key(tmp_path, {}) == key  # generated once, then reused
