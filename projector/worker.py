@@ -140,6 +140,8 @@ class ProjectorWorker:
             # Never jump silently: a stored offset outside the log is a LogResetError.
             auto_offset_reset="none",
             max_poll_records=s.batch_size,
+            # Freshness: a fetch returns within 100 ms even when the batch is not full.
+            fetch_max_wait_ms=100,
             session_timeout_ms=10_000,
             heartbeat_interval_ms=3_000,
         )
