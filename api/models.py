@@ -177,3 +177,28 @@ class ReadyOut(BaseModel):
     projection_lag: int | None = Field(
         description="Messages not yet projected, as of the projector's last batch."
     )
+
+
+class WhoAmIOut(BaseModel):
+    """The caller as the API sees it: the key's agent and scopes."""
+
+    agent: str = Field(description="The key's agent: the only source it may post as.")
+    key_id: str | None = Field(description="The key's id; null when authentication is off.")
+    read: list[str] = Field(description="Contexts it may read; * = every unrestricted context.")
+    write: list[str] = Field(description="Contexts it may write; * = every unrestricted context.")
+    admin: bool
+    auth: bool = Field(description="Whether the API checks keys (BELIEFSTORE_AUTH).")
+    restricted_contexts: list[str] = Field(
+        description="Restricted contexts this key may read, because it names them.")
+
+
+class KeyOut(BaseModel):
+    """An API key's metadata (the secret is stored only as a salted hash, never shown)."""
+
+    key_id: str
+    agent: str
+    read: list[str]
+    write: list[str]
+    admin: bool
+    created_at: datetime
+    revoked_at: datetime | None

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from beliefstore.auth import EVERYTHING, ContextScope
 from beliefstore.events.model import ObservationRecorded
 from beliefstore.projector.fold import Belief, FoldSettings, Key, TraceEntry, trace
 from beliefstore.projector.store import LogPosition, load_events
@@ -17,10 +18,12 @@ def belief_rows(
     subject_id: str,
     context: str | None = None,
     min_confidence: float | None = None,
+    scope: ContextScope = EVERYTHING,
 ) -> list[sa.Row]:
-    """The subject's belief rows, sorted by (context, attribute), optionally filtered."""
+    """The subject's belief rows, sorted by (context, attribute), optionally filtered;
+    only of the contexts ``scope`` allows."""
     b = beliefs
-    query = sa.select(b).where(b.c.subject_id == subject_id)
+    query = sa.select(b).where(b.c.subject_id == subject_id, scope.clause(b.c.context))
     if context is not None:
         query = query.where(b.c.context == context)
     if min_confidence is not None:
@@ -28,11 +31,14 @@ def belief_rows(
     return list(conn.execute(query.order_by(b.c.context, b.c.attribute)))
 
 
-def subject_known(conn: sa.Connection, subject_id: str) -> bool:
-    """Whether any belief or observation about the subject is stored."""
+def subject_known(conn: sa.Connection, subject_id: str,
+                  scope: ContextScope = EVERYTHING) -> bool:
+    """Whether any belief or observation about the subject is stored, in the contexts
+    ``scope`` allows (so a 404 does not tell whether a subject has data elsewhere)."""
     return bool(conn.execute(sa.select(
-        sa.exists().where(beliefs.c.subject_id == subject_id)
-        | sa.exists().where(observations.c.subject_id == subject_id)
+        sa.exists().where(beliefs.c.subject_id == subject_id, scope.clause(beliefs.c.context))
+        | sa.exists().where(observations.c.subject_id == subject_id,
+                            scope.clause(observations.c.context))
     )).scalar())
 
 

@@ -154,7 +154,8 @@ def events_get(
     bootstrap = _kafka(settings)
     try:
         message = fetch_message(bootstrap, topic or settings.topic, partition, offset,
-                                serde=AvroSerde.for_settings(settings))
+                                serde=AvroSerde.for_settings(settings),
+                                client_config=settings.kafka_client_config())
     except MessageNotFound as exc:
         raise _fail(str(exc), 1) from None
     except LogReadError as exc:
@@ -302,7 +303,8 @@ def _from_log(settings: Settings, subject: str, progress: Any) -> tuple[list[Eve
     seen: set[str] = set()
     duplicates = 0
     scan = iter_subject_events(bootstrap, settings.topic, subject, progress=advance,
-                               serde=AvroSerde.for_settings(settings))
+                               serde=AvroSerde.for_settings(settings),
+                               client_config=settings.kafka_client_config())
     try:
         for message in scan:
             assert message.decoded is not None

@@ -93,6 +93,7 @@ def up(
         try:
             settings = start_missing_services(settings, stack, durable=True)
             catalog = prepare(settings)
+            first_key = _first_admin_key(catalog) if settings.auth else None
         except (BeliefstoreError, RuntimeError, OSError) as exc:
             raise _fail(str(exc)) from None
         projector = ProjectorThread(settings, catalog)
@@ -110,9 +111,28 @@ def up(
         console.print(f"  Kafka       {settings.kafka_bootstrap_servers}  topic {settings.topic}")
         console.print(f"  PostgreSQL  {_redact(settings.database_url)}  schema {settings.db_schema}")
         console.print(f"  API         {api.url}  (OpenAPI at {api.url}/docs)")
+        if not settings.auth:
+            console.print("  [yellow]authentication is off (BELIEFSTORE_AUTH=off): anyone who "
+                          "reaches the API may read and write everything[/]")
+        elif first_key is not None:
+            from beliefstore.security_cli import describe_new_key
+
+            console.print(f"  [bold]first start: created {describe_new_key(first_key)}.[/]\n"
+                          "  It is shown only this once; store it now, and make agents their own "
+                          "keys with `beliefstore keys create`:\n"
+                          f"    export BELIEFSTORE_API_KEY={first_key.token}")
         console.print("Press Ctrl-C to stop.")
         api.run()
         console.print("stopping: finishing the projector's batch, then the services")
+
+
+def _first_admin_key(catalog):
+    from beliefstore.auth import KeyStore
+    from beliefstore.security_cli import create_first_admin_key
+
+    store = KeyStore.of_catalog(catalog)
+    store.ensure()
+    return create_first_admin_key(store)
 
 
 def _redact(url: str | None) -> str:
@@ -200,6 +220,17 @@ def api(
     _require_services(settings)
     catalog = ProjectionCatalog.from_settings(settings)
     catalog.ensure()
+    if not settings.auth:
+        log.warning("authentication is off (BELIEFSTORE_AUTH=off): anyone who reaches the API "
+                    "may read and write everything")
+    else:
+        from beliefstore.auth import KeyStore
+
+        keys = KeyStore.of_catalog(catalog)
+        if not keys.count():
+            log.warning("no API key exists yet, so every request will get 401: make one with "
+                        "`beliefstore keys create --agent NAME --read CONTEXTS --write CONTEXTS "
+                        "[--admin]`")
     ApiServer(settings, host or settings.api_host, port or settings.api_port,
               catalog=catalog).run()
 
@@ -346,13 +377,23 @@ def fold(
 def _get(path: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
     settings = _settings()
     url = settings.api_url + path
+    headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
     try:
-        response = httpx.get(url, params=params, timeout=10)
+        response = httpx.get(url, params=params, timeout=10, headers=headers)
     except httpx.TransportError as exc:
         raise _fail(f"cannot reach the API at {settings.api_url} ({exc}): run `beliefstore up`, "
                     "or set BELIEFSTORE_API_URL", 2) from None
     if response.status_code == 404:
         raise _fail(response.json().get("detail", "not found"))
+    if response.status_code in (401, 403, 429):
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        hint = ("; set BELIEFSTORE_API_KEY to an API key (`beliefstore keys create`, or the "
+                "admin key `beliefstore up` printed on its first start)"
+                if response.status_code == 401 and not settings.api_key else "")
+        raise _fail(f"the API refused the request ({response.status_code}): {detail}{hint}")
     response.raise_for_status()
     return response.json()
 
@@ -641,3 +682,12 @@ def _register_audit_commands() -> None:
 
 
 _register_audit_commands()
+
+
+def _register_security_commands() -> None:
+    from beliefstore.security_cli import register
+
+    register(app)
+
+
+_register_security_commands()

@@ -7,6 +7,11 @@ one conflicting and two corroborating; the triage agent retracts one mistaken
 observation. The projector folds the events into PostgreSQL, and the billing agent,
 taking over the conversation, reads the self-model through the API; the trace of
 the contested belief is printed as an auditor would see it.
+
+Each agent that speaks HTTP gets its own API key for the run (made first, revoked at
+the end): the sentiment agent may write support, the billing agent may read support
+and billing, and the triage agent (which writes through the SDK, a trusted path) may
+only read support, so its attempt to read a billing trace is refused with 403.
 """
 
 from __future__ import annotations
@@ -34,6 +39,12 @@ TRIAGE = [
     ("support", "communication_preference", "direct", 0.76, "msg-5: 'just tell me what you will do'", 9),
     ("billing", "plan_status", "active", 0.6, "read from the wrong account", 8),
 ]
+KEYS = {
+    # agent: (read scope, write scope)
+    "triage_agent": ("support", ""),
+    "sentiment_agent": ("support", "support"),
+    "billing_agent": ("support,billing", ""),
+}
 SENTIMENT = [
     ("support", "emotional_state", "angry", 0.62, "tone model on msg-1..msg-5", 7),
     ("support", "expertise_level", "high", 0.7, "vocabulary model on msg-4", 7),
@@ -78,6 +89,25 @@ def run_demo(settings: Settings, console: Console) -> str:
         console.print(f"Kafka {settings.kafka_bootstrap_servers}, API {api_url}, "
                       f"subject [bold]{subject}[/]\n")
 
+        from beliefstore.auth import KeyStore
+
+        keys = KeyStore.of_catalog(catalog)
+        made = {agent: keys.create(agent, read, write) for agent, (read, write) in KEYS.items()}
+
+        def revoke_demo_keys() -> None:
+            for new in made.values():
+                keys.revoke(new.key.key_id)
+
+        stack.callback(revoke_demo_keys)
+        console.rule("API keys for the agents that speak HTTP (revoked at the end)")
+        for agent, new in made.items():
+            read, write = KEYS[agent]
+            console.print(f"  {agent:<16} key {new.key.key_id}  reads {read or '-'}, "
+                          f"writes {write or '-'}")
+
+        def bearer(agent: str) -> dict[str, str]:
+            return {"Authorization": f"Bearer {made[agent].token}"}
+
         now = now_millis()
         receipts: list[Receipt] = []
         producer = stack.enter_context(BeliefProducer.from_settings(settings))
@@ -103,7 +133,7 @@ def run_demo(settings: Settings, console: Console) -> str:
         console.rule("sentiment_agent posts its observations (HTTP API → Kafka)")
         with httpx.Client(base_url=api_url, timeout=30) as http:
             for context, attribute, value, confidence, evidence, minutes in SENTIMENT:
-                response = http.post("/v1/observations", json={
+                response = http.post("/v1/observations", headers=bearer("sentiment_agent"), json={
                     "subject_id": subject, "context": context, "attribute": attribute,
                     "value": value, "confidence": confidence, "source": "sentiment_agent",
                     "evidence": evidence, "occurred_at": now - minutes * 60_000,
@@ -120,13 +150,19 @@ def run_demo(settings: Settings, console: Console) -> str:
             from beliefstore.cli import print_self_model, print_trace
 
             console.rule("billing_agent takes over: GET /v1/subjects/{id}/self-model")
-            model = http.get(f"/v1/subjects/{subject}/self-model")
+            model = http.get(f"/v1/subjects/{subject}/self-model", headers=bearer("billing_agent"))
             model.raise_for_status()
             print_self_model(model.json(), console)
             for context, attribute in (("support", "emotional_state"), ("billing", "plan_status")):
-                console.rule(f"auditor: GET …/beliefs/{context}/{attribute}/trace")
-                trace = http.get(f"/v1/subjects/{subject}/beliefs/{context}/{attribute}/trace")
+                console.rule(f"billing_agent audits: GET …/beliefs/{context}/{attribute}/trace")
+                trace = http.get(f"/v1/subjects/{subject}/beliefs/{context}/{attribute}/trace",
+                                 headers=bearer("billing_agent"))
                 trace.raise_for_status()
                 print_trace(trace.json(), console)
-        console.print(f"\nWith `beliefstore up` running: beliefstore self-model {subject}")
+            console.rule("triage_agent (reads support only) asks for the billing trace")
+            refused = http.get(f"/v1/subjects/{subject}/beliefs/billing/plan_status/trace",
+                               headers=bearer("triage_agent"))
+            console.print(f"  {refused.status_code}: {refused.json().get('detail')}")
+        console.print(f"\nWith `beliefstore up` running: beliefstore self-model {subject}; "
+                      f"who read it: beliefstore access-log --subject {subject}")
     return subject

@@ -27,7 +27,7 @@ from kafka.partitioner.default import DefaultPartitioner
 from beliefstore.errors import BeliefstoreError, PoisonEvent
 from beliefstore.events.model import Event
 from beliefstore.events.sealing import EventShredded
-from beliefstore.events.serde import AvroSerde, DecodedEvent
+from beliefstore.events.serde import AvroSerde, DecodedEvent, SealedEventError
 
 ProgressCallback = Callable[[int, int], None]
 """``progress(done, total)``: offsets scanned so far, and offsets to scan in all."""
@@ -109,6 +109,8 @@ def decode_record(record: Any, serde: AvroSerde) -> RawMessage:
         error = exc
     except EventShredded as exc:
         error = PoisonEvent("shredded", str(exc))  # not poison: its subject was erased
+    except SealedEventError as exc:
+        error = PoisonEvent("sealed", str(exc))  # readable only with the keyring
     if decoded is not None and record.key is not None \
             and record.key != decoded.event.subject_id.encode("utf-8"):
         error = PoisonEvent(
@@ -204,7 +206,8 @@ def partition_of_key(topic: str, key: bytes, partitions: list[int] | int) -> int
     return int(DefaultPartitioner().partition(topic, key, key, None, None, cluster))
 
 
-def partition_for(bootstrap: str, topic: str, subject_id: str, timeout_s: float = 10.0) -> int:
+def partition_for(bootstrap: str, topic: str, subject_id: str, timeout_s: float = 10.0,
+                  client_config: dict[str, Any] | None = None) -> int:
     """The partition every event about ``subject_id`` lands in: the one kafka-python's
     default partitioner picks for the key ``subject_id.encode()`` given the topic's
     partitions (from the broker's metadata).
@@ -213,7 +216,7 @@ def partition_for(bootstrap: str, topic: str, subject_id: str, timeout_s: float 
         LookupError (:class:`MessageNotFound`): the topic does not exist.
         LogReadError: the broker is unreachable.
     """
-    consumer = _consumer(bootstrap)
+    consumer = _consumer(bootstrap, **(client_config or {}))
     try:
         partitions = _topic_partitions(consumer, topic, timeout_s)
         if not partitions:
@@ -240,6 +243,7 @@ def fetch_message(
     offset: int,
     serde: AvroSerde | None = None,
     timeout_s: float = 10.0,
+    client_config: dict[str, Any] | None = None,
 ) -> RawMessage:
     """Read the message at ``topic``/``partition``/``offset`` and decode it.
 
@@ -255,7 +259,7 @@ def fetch_message(
         raise MessageNotFound(f"offset {offset} is negative", topic=topic, partition=partition,
                               offset=offset, log_end=None, partitions=0)
     serde = serde or AvroSerde()
-    consumer = _consumer(bootstrap, max_poll_records=1)
+    consumer = _consumer(bootstrap, max_poll_records=1, **(client_config or {}))
     try:
         partitions = _topic_partitions(consumer, topic, timeout_s)
         if partition not in partitions:
@@ -311,8 +315,10 @@ class SubjectScan(Iterator[RawMessage]):
     """
 
     def __init__(self, bootstrap: str, topic: str, subject_id: str, serde: AvroSerde | None,
-                 progress: ProgressCallback | None, timeout_s: float):
+                 progress: ProgressCallback | None, timeout_s: float,
+                 client_config: dict[str, Any] | None = None):
         self.bootstrap = bootstrap
+        self._client_config = client_config or {}
         self.topic = topic
         self.subject_id = subject_id
         self.partition: int | None = None
@@ -333,7 +339,7 @@ class SubjectScan(Iterator[RawMessage]):
 
     def _scan(self) -> Iterator[RawMessage]:
         key = self.subject_id.encode("utf-8")
-        consumer = _consumer(self.bootstrap, max_poll_records=500)
+        consumer = _consumer(self.bootstrap, max_poll_records=500, **self._client_config)
         try:
             partitions = _topic_partitions(consumer, self.topic, self._timeout_s)
             if not partitions:
@@ -396,6 +402,7 @@ def iter_subject_events(
     serde: AvroSerde | None = None,
     progress: ProgressCallback | None = None,
     timeout_s: float = 10.0,
+    client_config: dict[str, Any] | None = None,
 ) -> SubjectScan:
     """Every event about ``subject_id`` on the log, in log order.
 
@@ -411,7 +418,7 @@ def iter_subject_events(
         MessageNotFound: the topic does not exist.
         LogReadError: the broker is unreachable or stops answering for ``timeout_s``.
     """
-    return SubjectScan(bootstrap, topic, subject_id, serde, progress, timeout_s)
+    return SubjectScan(bootstrap, topic, subject_id, serde, progress, timeout_s, client_config)
 
 
 __all__ = [

@@ -62,5 +62,6 @@ def prepare(settings: Settings) -> ProjectionCatalog:
         settings.kafka_bootstrap_servers,
         {settings.topic: settings.partitions, settings.dlq_topic: settings.partitions},
         replication_factor=settings.replication_factor,
+        client_config=settings.kafka_client_config(),
     )
     return catalog

@@ -15,6 +15,7 @@ def ensure_topics(
     *,
     replication_factor: int = 1,
     timeout_s: float = 30.0,
+    client_config: dict | None = None,
 ) -> None:
     """Create each topic (name → partition count) unless it exists.
 
@@ -24,6 +25,8 @@ def ensure_topics(
     ``recorded_at``; brokers that ignore the setting (the embedded Tansu) keep the
     producer's send time. Waits until every topic shows up in the cluster's metadata.
 
+    ``client_config`` holds the security settings (``Settings.kafka_client_config()``).
+
     Raises:
         kafka.errors.KafkaError: the cluster refused or could not be reached in time.
     """
@@ -31,6 +34,7 @@ def ensure_topics(
         bootstrap_servers=bootstrap_servers,
         client_id="beliefstore-admin",
         request_timeout_ms=int(timeout_s * 1000),
+        **(client_config or {}),
     )
     try:
         existing = set(admin.list_topics())

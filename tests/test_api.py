@@ -1,5 +1,8 @@
 """The HTTP API against real services: ingest (201 and every 422), reads, filters, 404s,
-traces with Kafka coordinates, OpenAPI and health endpoints."""
+traces with Kafka coordinates, OpenAPI and health endpoints.
+
+Authentication is on (the default): every call sends ``auth``, an all-contexts admin key
+of agent ``triage_agent`` (see conftest). Keys, scopes and limits: test_security.py."""
 
 from __future__ import annotations
 
@@ -47,10 +50,10 @@ def _dt(text: str):
 # -- POST /v1/observations ---------------------------------------------------------------
 
 
-def test_post_observation_is_produced_and_projected(settings, engine, api_url, projector):
+def test_post_observation_is_produced_and_projected(settings, engine, api_url, projector, auth):
     event_id = str(uuid.uuid4())
     response = httpx.post(f"{api_url}/v1/observations",
-                          json=observation(event_id=event_id), timeout=30)
+                          json=observation(event_id=event_id), timeout=30, headers=auth)
     assert response.status_code == 201, response.text
     body = response.json()
     assert set(body) == {"event_id", "topic", "partition", "offset"}
@@ -63,7 +66,7 @@ def test_post_observation_is_produced_and_projected(settings, engine, api_url, p
     messages = read_topic(settings.kafka_bootstrap_servers, settings.topic)
     assert [(m.partition, m.offset) for m in messages] == [(body["partition"], body["offset"])]
     assert messages[0].key == b"user-api"
-    event = AvroSerde().decode(messages[0].value).event
+    event = AvroSerde.for_settings(settings).decode(messages[0].value).event
     assert isinstance(event, ObservationRecorded)
     assert (event.event_id, event.subject_id, event.context, event.attribute, event.value,
             event.confidence, event.source, event.evidence, event.occurred_at) == (
@@ -73,7 +76,7 @@ def test_post_observation_is_produced_and_projected(settings, engine, api_url, p
 
     # And it ends up in the self-model once projected.
     wait_caught_up(settings, [Receipt(**body)])
-    model = httpx.get(f"{api_url}/v1/subjects/user-api/self-model").json()
+    model = httpx.get(f"{api_url}/v1/subjects/user-api/self-model", headers=auth).json()
     assert model["belief_count"] == 1
     [belief] = model["contexts"]["support"]
     assert belief["attribute"] == "emotional_state"
@@ -83,8 +86,9 @@ def test_post_observation_is_produced_and_projected(settings, engine, api_url, p
     assert belief["sources"] == ["triage_agent"]
 
 
-def test_post_observation_with_iso_time_and_defaults(settings, engine, api_url):
-    response = httpx.post(f"{api_url}/v1/observations", timeout=30, json={
+def test_post_observation_with_iso_time_and_defaults(settings, engine, api_url, make_key):
+    sales = {"Authorization": f"Bearer {make_key('sales_bot', write='billing')}"}
+    response = httpx.post(f"{api_url}/v1/observations", timeout=30, headers=sales, json={
         "subject_id": "user-iso", "context": "billing", "attribute": "plan", "value": "pro",
         "confidence": 1, "source": "sales_bot", "occurred_at": "2026-01-01T01:00:00+01:00",
     })
@@ -92,7 +96,7 @@ def test_post_observation_with_iso_time_and_defaults(settings, engine, api_url):
     body = response.json()
     uuid.UUID(body["event_id"])  # a generated UUID
     [message] = read_topic(settings.kafka_bootstrap_servers, settings.topic)
-    event = AvroSerde().decode(message.value).event
+    event = AvroSerde.for_settings(settings).decode(message.value).event
     assert event.event_id == body["event_id"]
     assert event.occurred_at == T0  # 01:00+01:00 is midnight UTC
     assert event.confidence == 1.0 and event.evidence is None and dict(event.metadata) == {}
@@ -133,8 +137,9 @@ def _names(loc: list, field_path: list[str]) -> bool:
     return loc[0] == "body" and (loc[1:] == field_path or loc[1:] == [".".join(field_path)])
 
 
-def test_bad_observations_are_refused_with_the_field_and_nothing_is_produced(settings, api_url):
-    with httpx.Client(base_url=api_url, timeout=30) as http:
+def test_bad_observations_are_refused_with_the_field_and_nothing_is_produced(settings, api_url,
+                                                                            auth):
+    with httpx.Client(base_url=api_url, timeout=30, headers=auth) as http:
         for name, body, field_path in BAD_OBSERVATIONS:
             response = http.post("/v1/observations", json=body)
             assert response.status_code == 422, (name, response.text)
@@ -145,7 +150,7 @@ def test_bad_observations_are_refused_with_the_field_and_nothing_is_produced(set
         raw = json.dumps(observation()).replace('"confidence": 0.88', '"confidence": NaN')
         assert "NaN" in raw
         response = http.post("/v1/observations", content=raw,
-                             headers={"content-type": "application/json"})
+                             headers={"content-type": "application/json", **auth})
         assert response.status_code == 422, response.text
         assert any(_names(loc, ["confidence"]) for loc in _locs(response)), response.text
 
@@ -154,22 +159,23 @@ def test_bad_observations_are_refused_with_the_field_and_nothing_is_produced(set
 
     # Control: a valid post on the same topic is found by the same read.
     ok = httpx.post(f"{api_url}/v1/observations", json=observation(subject_id="control"),
-                    timeout=30)
+                    timeout=30, headers=auth)
     assert ok.status_code == 201, ok.text
     messages = read_topic(settings.kafka_bootstrap_servers, settings.topic)
-    assert [AvroSerde().decode(m.value).event.subject_id for m in messages] == ["control"]
+    serde = AvroSerde.for_settings(settings)
+    assert [serde.decode(m.value).event.subject_id for m in messages] == ["control"]
 
 
 # -- reads: 404s and filters -------------------------------------------------------------
 
 
 def test_unknown_subject_and_attribute_are_404_with_a_helpful_message(
-    settings, engine, producer, projector, api_url
+    settings, engine, producer, projector, api_url, auth
 ):
     receipt = producer.observe("user-known", "support", "emotional_state", "calm", 0.7,
                                source="triage_agent", occurred_at=T0)
     wait_caught_up(settings, [receipt])
-    with httpx.Client(base_url=api_url, timeout=10) as http:
+    with httpx.Client(base_url=api_url, timeout=10, headers=auth) as http:
         for path in ("/v1/subjects/nobody-here/self-model",
                      "/v1/subjects/nobody-here/beliefs",
                      "/v1/subjects/nobody-here/beliefs/support/emotional_state/trace"):
@@ -191,7 +197,7 @@ def test_unknown_subject_and_attribute_are_404_with_a_helpful_message(
 
 
 def test_beliefs_filters_by_context_and_min_confidence(
-    settings, engine, producer, projector, api_url
+    settings, engine, producer, projector, api_url, auth
 ):
     s = "user-filter"
     receipts = [
@@ -207,7 +213,8 @@ def test_beliefs_filters_by_context_and_min_confidence(
     wait_caught_up(settings, receipts)
 
     def get(**params):
-        response = httpx.get(f"{api_url}/v1/subjects/{s}/beliefs", params=params, timeout=10)
+        response = httpx.get(f"{api_url}/v1/subjects/{s}/beliefs", params=params, timeout=10,
+                             headers=auth)
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["subject_id"] == s
@@ -225,7 +232,7 @@ def test_beliefs_filters_by_context_and_min_confidence(
 
     for bad in ("1.5", "-0.1", "high"):
         response = httpx.get(f"{api_url}/v1/subjects/{s}/beliefs",
-                             params={"min_confidence": bad}, timeout=10)
+                             params={"min_confidence": bad}, timeout=10, headers=auth)
         assert response.status_code == 422, (bad, response.text)
         assert ["query", "min_confidence"] in _locs(response), response.text
 
@@ -233,7 +240,7 @@ def test_beliefs_filters_by_context_and_min_confidence(
 # -- trace -------------------------------------------------------------------------------
 
 
-def test_trace_explains_every_status_with_kafka_coordinates(settings, engine):
+def test_trace_explains_every_status_with_kafka_coordinates(settings, engine, auth):
     settings = replace(settings, half_lives={"support": 7200.0}, trust={"billing_agent": 2.0})
     s, ctx, attr = "user-trace", "support", "emotional_state"
     ids = {name: str(uuid.uuid4()) for name in
@@ -275,10 +282,12 @@ def test_trace_explains_every_status_with_kafka_coordinates(settings, engine):
     server = ApiServer(settings, "127.0.0.1", free_port()).start_in_thread()
     try:
         wait_caught_up(settings, r.values())
-        response = httpx.get(f"{server.url}/v1/subjects/{s}/beliefs/{ctx}/{attr}/trace")
+        response = httpx.get(f"{server.url}/v1/subjects/{s}/beliefs/{ctx}/{attr}/trace",
+                             headers=auth)
         assert response.status_code == 200, response.text
         t = response.json()
-        erased_response = httpx.get(f"{server.url}/v1/subjects/{e}/beliefs/{ctx}/{attr}/trace")
+        erased_response = httpx.get(f"{server.url}/v1/subjects/{e}/beliefs/{ctx}/{attr}/trace",
+                                    headers=auth)
         assert erased_response.status_code == 200, erased_response.text
         et = erased_response.json()
     finally:

@@ -168,8 +168,8 @@ def test_partition_for_matches_the_sdk(settings, producer):
 # -- export ----------------------------------------------------------------------------------
 
 
-def api_beliefs(api_url: str, subject: str) -> dict[tuple[str, str], dict]:
-    response = httpx.get(f"{api_url}/v1/subjects/{subject}/self-model", timeout=10)
+def api_beliefs(api_url: str, subject: str, auth: dict[str, str]) -> dict[tuple[str, str], dict]:
+    response = httpx.get(f"{api_url}/v1/subjects/{subject}/self-model", timeout=10, headers=auth)
     assert response.status_code == 200, response.text
     return {(b["context"], b["attribute"]): b
             for beliefs in response.json()["contexts"].values() for b in beliefs}
@@ -198,7 +198,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def test_export_round_trip_rebuilds_the_self_model(settings, producer, projector, api_url,
-                                                   tmp_path):
+                                                   tmp_path, auth):
     a, b = subjects_in_one_partition(settings.partitions, 2, "cust")
     receipts = []
     obs = producer.observe
@@ -235,7 +235,7 @@ def test_export_round_trip_rebuilds_the_self_model(settings, producer, projector
     receipts.append(obs(b, "support", "issue", "billing_error", 0.95, "triage_agent",
                         occurred_at=T0 + 10 * MIN))
     wait_caught_up(settings, receipts)
-    api = api_beliefs(api_url, a)
+    api = api_beliefs(api_url, a, auth)
     assert api[("support", "emotional_state")]["value"] == "frustrated"
     assert api[("billing", "plan")]["value"] == "pro"
 
@@ -274,7 +274,7 @@ def test_export_round_trip_rebuilds_the_self_model(settings, producer, projector
     assert "no events about subject 'nobody-here'" in flat(nobody.stderr)
 
 
-def test_export_after_an_erasure(settings, producer, projector, api_url, tmp_path):
+def test_export_after_an_erasure(settings, producer, projector, api_url, tmp_path, auth):
     a, b = subjects_in_one_partition(settings.partitions, 2, "erase")
     receipts = [
         producer.observe(a, "support", "issue", "refund", 0.9, "triage_agent",
@@ -289,7 +289,7 @@ def test_export_after_an_erasure(settings, producer, projector, api_url, tmp_pat
                              occurred_at=T0 + 10 * MIN)
     receipts += [erasure, after]
     wait_caught_up(settings, receipts)
-    api = api_beliefs(api_url, a)
+    api = api_beliefs(api_url, a, auth)
     assert set(api) == {("support", "issue")}
 
     path = tmp_path / "erased.jsonl"
@@ -331,6 +331,7 @@ def test_iter_subject_events_skips_other_subjects_and_counts_poison(settings, pr
     rb = producer.observe(a, "support", "issue", "refund", 0.8, "other_agent")
     calls: list[tuple[int, int]] = []
     scan = iter_subject_events(bootstrap, settings.topic, a,
+                               serde=AvroSerde.for_settings(settings),
                                progress=lambda done, total: calls.append((done, total)))
     got = list(scan)
     assert [m.decoded.event.event_id for m in got if m.decoded] == [ra.event_id, rb.event_id]

@@ -171,7 +171,7 @@ def test_produce_refuses_bad_lines_and_produces_exactly_the_valid_ones(settings,
     assert "produced 4 event(s)" in output and "refused 3 line(s)" in output, output
 
     messages = read_topic(settings.kafka_bootstrap_servers, settings.topic)
-    serde = AvroSerde()
+    serde = AvroSerde.for_settings(settings)
     on_topic = sorted(serde.decode(m.value).event.event_id for m in messages)
     assert on_topic == sorted(e["event_id"] for e in valid)
 
@@ -180,7 +180,7 @@ def test_produce_refuses_bad_lines_and_produces_exactly_the_valid_ones(settings,
 
 
 def test_self_model_and_trace_commands(settings, engine, producer, projector, api_url,
-                                       tmp_path):
+                                       tmp_path, api_key):
     s = "user-cli-read"
     receipts = [
         producer.observe(s, "support", "emotional_state", "frustrated", 0.6, "triage_agent",
@@ -193,7 +193,7 @@ def test_self_model_and_trace_commands(settings, engine, producer, projector, ap
                          "billing_agent", occurred_at=T0),
     ]
     wait_caught_up(settings, receipts)
-    env = cli_env(settings, tmp_path, api_url)
+    env = cli_env(settings, tmp_path, api_url, BELIEFSTORE_API_KEY=api_key)
 
     result = run(["self-model", s], env, tmp_path)
     assert result.returncode == 0, result.stderr
@@ -264,7 +264,7 @@ def test_demo_runs_on_the_configured_services(settings, engine, tmp_path):
     assert settings.kafka_bootstrap_servers in out
     # The demo's events went to this test's topic and its read model to this schema.
     messages = read_topic(settings.kafka_bootstrap_servers, settings.topic)
-    events = [AvroSerde().decode(m.value).event for m in messages]
+    events = [AvroSerde.for_settings(settings).decode(m.value).event for m in messages]
     # The triage observations and one retraction via the SDK, the sentiment ones via HTTP.
     assert len(events) == len(TRIAGE) + 1 + len(SENTIMENT)
     assert sorted(e.source for e in events) == sorted(

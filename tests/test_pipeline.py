@@ -17,7 +17,7 @@ CASES = load_cases()
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
-def test_vector_through_live_pipeline(case, settings, engine):
+def test_vector_through_live_pipeline(case, settings, engine, auth):
     from tests.conftest import case_events
 
     s = case["settings"]
@@ -32,7 +32,7 @@ def test_vector_through_live_pipeline(case, settings, engine):
         wait_caught_up(settings, receipts)
         got = []
         for subject in sorted({e["subject_id"] for e in case["events"]}):
-            response = httpx.get(f"{server.url}/v1/subjects/{subject}/self-model")
+            response = httpx.get(f"{server.url}/v1/subjects/{subject}/self-model", headers=auth)
             assert response.status_code == 200, response.text
             for context, beliefs in sorted(response.json()["contexts"].items()):
                 got += [{"subject_id": subject, "context": context, **b} for b in beliefs]

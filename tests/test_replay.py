@@ -35,7 +35,7 @@ def produce_mixed_log(settings, count: int = 3000) -> list:
     events = generate(count, seed=21, subjects=120)
     v2 = SchemaRegistry.default(extra_path=str(V2))
     v2_schema = next(s for s in v2 if s.name == ObservationRecorded.schema_name
-                     and s.version == 2)
+                     and s.version == 3)
     v1 = AvroSerde()
     raw = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all",
                         linger_ms=5)
@@ -52,7 +52,7 @@ def produce_mixed_log(settings, count: int = 3000) -> list:
     return events
 
 
-def test_replay_rebuilds_the_same_read_model_and_switches(settings, catalog, monkeypatch):
+def test_replay_rebuilds_the_same_read_model_and_switches(settings, catalog, monkeypatch, auth):
     monkeypatch.setenv("BELIEFSTORE_SCHEMA_PATH", str(V2))
     events = produce_mixed_log(settings)
     live = catalog.active()
@@ -83,7 +83,7 @@ def test_replay_rebuilds_the_same_read_model_and_switches(settings, catalog, mon
             receipt = producer.observe("late-subject", "support", "issue", "refund", 0.9,
                                        source="triage_agent")
         wait_projected(catalog, settings.topic, [receipt])
-        body = httpx.get(f"{server.url}/v1/subjects/late-subject/self-model").json()
+        body = httpx.get(f"{server.url}/v1/subjects/late-subject/self-model", headers=auth).json()
         assert body["contexts"]["support"][0]["value"] == "refund"
         assert "late-subject" in {k[0] for k in read_beliefs(
             catalog.engine(report.projection.schema))}
@@ -121,7 +121,7 @@ def logged_of(catalog, subject: str) -> list[LoggedEvent]:
         return load_subject_events(conn, subject)
 
 
-def test_as_of_equals_the_fold_of_the_filtered_events(settings, catalog, api_url):
+def test_as_of_equals_the_fold_of_the_filtered_events(settings, catalog, api_url, auth):
     events = generate(1500, seed=5, subjects=20)
     with BeliefProducer.from_settings(settings) as producer:
         receipts = []
@@ -145,7 +145,7 @@ def test_as_of_equals_the_fold_of_the_filtered_events(settings, catalog, api_url
             assert beliefs_as_of(logged, instant, axis, fs) == expected
             from beliefstore.timefmt import iso
 
-            body = httpx.get(f"{api_url}/v1/subjects/{subject}/self-model",
+            body = httpx.get(f"{api_url}/v1/subjects/{subject}/self-model", headers=auth,
                              params={"as_of": iso(instant), "time": axis}).json()
             got = {(c, b["attribute"]): (b["value"], b["confidence"], b["support"])
                    for c, bs in body["contexts"].items() for b in bs}
@@ -154,21 +154,21 @@ def test_as_of_equals_the_fold_of_the_filtered_events(settings, catalog, api_url
             assert got == want, (axis, instant)
             assert body["as_of"] and body["time"] == axis
     # as of before anything happened: nothing believed yet, but the subject is known.
-    body = httpx.get(f"{api_url}/v1/subjects/{subject}/self-model",
+    body = httpx.get(f"{api_url}/v1/subjects/{subject}/self-model", headers=auth,
                      params={"as_of": "2000-01-01T00:00Z"}).json()
     assert body["belief_count"] == 0
     # the present view equals the as-of-now view
-    now = httpx.get(f"{api_url}/v1/subjects/{subject}/beliefs").json()["beliefs"]
-    later = httpx.get(f"{api_url}/v1/subjects/{subject}/beliefs",
+    now = httpx.get(f"{api_url}/v1/subjects/{subject}/beliefs", headers=auth).json()["beliefs"]
+    later = httpx.get(f"{api_url}/v1/subjects/{subject}/beliefs", headers=auth,
                       params={"as_of": "2100-01-01T00:00Z"}).json()["beliefs"]
     assert [(b["attribute"], b["value"]) for b in now] == [
         (b["attribute"], b["value"]) for b in later]
-    bad = httpx.get(f"{api_url}/v1/subjects/{subject}/self-model",
+    bad = httpx.get(f"{api_url}/v1/subjects/{subject}/self-model", headers=auth,
                     params={"as_of": "2026-01-01T00:00"})
     assert bad.status_code == 422 and "timezone" in bad.text
 
 
-def test_history_and_trace_of_vector_cases(settings, catalog, api_url):
+def test_history_and_trace_of_vector_cases(settings, catalog, api_url, auth):
     cases = {c["name"]: c for c in load_cases()}
     with BeliefProducer.from_settings(settings) as producer:
         receipts = []
@@ -188,7 +188,7 @@ def test_history_and_trace_of_vector_cases(settings, catalog, api_url):
         e = case_events(cases[name])[0]
         url = (f"{api_url}/v1/subjects/{name}-{e.subject_id}/beliefs/{e.context}/"
                f"{getattr(e, 'attribute', 'emotional_state')}/{what}")
-        response = httpx.get(url)
+        response = httpx.get(url, headers=auth)
         assert response.status_code == 200, response.text
         return response.json()
 

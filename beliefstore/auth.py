@@ -1,0 +1,496 @@
+"""API keys, per-context scopes and restricted contexts.
+
+Every agent that uses the HTTP API presents an API key, ``Authorization: Bearer
+bsk_<key id>_<secret>``. Keys are made by an operator with ``beliefstore keys create``
+(which prints the key once) and live in the table ``<base schema>.api_keys`` next to
+the projection catalog, as a salted scrypt hash only: the key id finds the row, and the
+secret is compared in constant time with the hash of the presented one.
+
+A key carries:
+
+* ``agent`` — the agent's id; observations posted with the key must have it as their
+  ``source``;
+* ``read`` / ``write`` — the contexts it may read / write, ``*`` for every context that
+  is not restricted;
+* ``admin`` — may use the admin endpoints (``GET /v1/admin/keys``).
+
+A context listed in ``<base schema>.restricted_contexts`` (``beliefstore contexts
+restrict CONTEXT``) is read and written only by keys that name it explicitly: ``*``
+does not cover it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import threading
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
+
+from beliefstore.db import check_schema_name
+from beliefstore.errors import BeliefstoreError
+
+WILDCARD = "*"
+"""In a scope: every context that is not restricted."""
+KEY_PREFIX = "bsk"
+_KEY = re.compile(r"^bsk_(?P<key_id>[0-9a-f]{16})_(?P<secret>[0-9a-f]{48})$")
+_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_AGENT = re.compile(r"^[A-Za-z0-9_.:-]{1,256}$")
+
+# scrypt parameters (RFC 7914): N=2^14, r=8, p=1 needs 16 MiB and ~50 ms per hash.
+SCRYPT_N = 2 ** 14
+SCRYPT_R = 8
+SCRYPT_P = 1
+SCRYPT_LEN = 32
+_VERIFIED_CACHE_SIZE = 10_000
+
+
+class KeyStoreError(BeliefstoreError, ValueError):
+    """A key or context argument is invalid, or a key id is unknown (the message says which)."""
+
+
+class AuthError(Exception):
+    """A presented API key is missing, malformed, unknown, wrong or revoked (HTTP 401).
+
+    Attributes:
+        reason: ``missing``, ``malformed``, ``invalid`` or ``revoked``.
+    """
+
+    def __init__(self, reason: str, message: str):
+        self.reason = reason
+        super().__init__(message)
+
+
+def check_agent(agent: str) -> str:
+    """Return ``agent`` if it can be an observation's source, else raise :class:`KeyStoreError`."""
+    if not _AGENT.match(agent or ""):
+        raise KeyStoreError(f"agent {agent!r} must be 1-256 characters of letters, digits and _ . : - "
+                        "(it is the `source` of the agent's observations)")
+    return agent
+
+
+def check_context(context: str) -> str:
+    """Return ``context`` if it is a valid context name, else raise :class:`KeyStoreError`."""
+    if not _NAME.match(context or ""):
+        raise KeyStoreError(f"context {context!r} must be 1-128 characters of letters, digits and "
+                        "_ . : -")
+    return context
+
+
+def parse_scope(values: Iterable[str] | str | None) -> frozenset[str]:
+    """``"support,billing"`` (or a list of such strings) → ``{"support", "billing"}``;
+    ``*`` stands for every unrestricted context.
+
+    Raises:
+        KeyStoreError: a name that is neither ``*`` nor a valid context.
+    """
+    if values is None:
+        return frozenset()
+    if isinstance(values, str):
+        values = [values]
+    out = set()
+    for value in values:
+        for item in (p.strip() for p in value.split(",")):
+            if item:
+                out.add(item if item == WILDCARD else check_context(item))
+    return frozenset(out)
+
+
+def format_scope(scope: Collection[str]) -> str:
+    """``{"billing", "support"}`` → ``"billing,support"`` (``*`` first); empty → ``"-"``."""
+    if not scope:
+        return "-"
+    return ",".join(sorted(scope, key=lambda c: (c != WILDCARD, c)))
+
+
+def may_access(scope: Collection[str], context: str, restricted: Collection[str]) -> bool:
+    """Whether a scope covers ``context``: named explicitly, or ``*`` and not restricted."""
+    return context in scope or (WILDCARD in scope and context not in restricted)
+
+
+@dataclass(frozen=True)
+class ContextScope:
+    """Which contexts a reader may see, as a predicate usable in Python and in SQL.
+
+    Attributes:
+        everything: no restriction at all (authentication is off).
+        wildcard: the scope holds ``*``: every context except ``excluded``.
+        named: the contexts named explicitly (always readable).
+        excluded: restricted contexts not named (only meaningful with ``wildcard``).
+    """
+
+    everything: bool = False
+    wildcard: bool = False
+    named: frozenset[str] = frozenset()
+    excluded: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, scope: Collection[str], restricted: Collection[str]) -> ContextScope:
+        named = frozenset(c for c in scope if c != WILDCARD)
+        if WILDCARD in scope:
+            return cls(wildcard=True, named=named, excluded=frozenset(restricted) - named)
+        return cls(named=named)
+
+    def allows(self, context: str) -> bool:
+        if self.everything or context in self.named:
+            return True
+        return self.wildcard and context not in self.excluded
+
+    def clause(self, column: sa.ColumnElement) -> sa.ColumnElement[bool]:
+        """A SQL condition on a context column equivalent to :meth:`allows`."""
+        if self.everything or (self.wildcard and not self.excluded):
+            return sa.true()
+        if self.wildcard:
+            return column.not_in(sorted(self.excluded))
+        if not self.named:
+            return sa.false()
+        return column.in_(sorted(self.named))
+
+
+EVERYTHING = ContextScope(everything=True)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling the API.
+
+    Attributes:
+        agent: the key's agent (``anonymous`` when authentication is off).
+        key_id: the key's id, or ``None`` when authentication is off.
+        read: contexts it may read (``*``: every unrestricted context).
+        write: contexts it may write.
+        admin: may use the admin endpoints.
+        unrestricted: authentication is off: every context, no source binding.
+    """
+
+    agent: str
+    key_id: str | None
+    read: frozenset[str] = frozenset()
+    write: frozenset[str] = frozenset()
+    admin: bool = False
+    unrestricted: bool = False
+
+    def read_scope(self, restricted: Collection[str]) -> ContextScope:
+        return EVERYTHING if self.unrestricted else ContextScope.of(self.read, restricted)
+
+    def may_read(self, context: str, restricted: Collection[str]) -> bool:
+        return self.unrestricted or may_access(self.read, context, restricted)
+
+    def may_write(self, context: str, restricted: Collection[str]) -> bool:
+        return self.unrestricted or may_access(self.write, context, restricted)
+
+    @property
+    def needs_restricted(self) -> bool:
+        """Whether the restricted contexts matter to this caller's reads (``*`` scopes)."""
+        return not self.unrestricted and (WILDCARD in self.read or WILDCARD in self.write)
+
+    def describe(self) -> str:
+        return f"key {self.key_id} of agent {self.agent!r}" if self.key_id else "the caller"
+
+
+ANONYMOUS = Principal("anonymous", None, frozenset({WILDCARD}), frozenset({WILDCARD}),
+                      admin=True, unrestricted=True)
+"""The caller when authentication is off (``BELIEFSTORE_AUTH=off``)."""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A stored key, without its secret."""
+
+    key_id: str
+    agent: str
+    read: frozenset[str]
+    write: frozenset[str]
+    admin: bool
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+    def principal(self) -> Principal:
+        return Principal(self.agent, self.key_id, self.read, self.write, self.admin)
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """A freshly created key: ``token`` is the only copy of the secret."""
+
+    key: ApiKey
+    token: str = field(repr=False)
+
+
+def split_token(token: str) -> tuple[str, str]:
+    """``bsk_<key id>_<secret>`` → ``(key_id, secret)``.
+
+    Raises:
+        AuthError: not of that form.
+    """
+    match = _KEY.match(token.strip())
+    if not match:
+        raise AuthError("malformed", "malformed API key: expected bsk_<16 hex key id>_<48 hex "
+                        "secret>, as printed by `beliefstore keys create`")
+    return match["key_id"], match["secret"]
+
+
+def _kdf_name() -> str:
+    return f"scrypt:n={SCRYPT_N},r={SCRYPT_R},p={SCRYPT_P},len={SCRYPT_LEN}"
+
+
+def _derive(secret: str, salt: bytes, kdf: str) -> bytes:
+    name, _, params = kdf.partition(":")
+    if name != "scrypt":
+        raise AuthError("invalid", f"unsupported key hash {name!r}")
+    p = dict(item.split("=", 1) for item in params.split(","))
+    return hashlib.scrypt(secret.encode("ascii"), salt=salt, n=int(p["n"]), r=int(p["r"]),
+                          p=int(p["p"]), dklen=int(p["len"]), maxmem=64 * 1024 * 1024)
+
+
+def _tables(base_schema: str) -> tuple[sa.Table, sa.Table]:
+    md = sa.MetaData(schema=base_schema)
+    keys = sa.Table(
+        "api_keys", md,
+        sa.Column("key_id", sa.Text, primary_key=True),
+        sa.Column("agent", sa.Text, nullable=False, index=True),
+        sa.Column("secret_hash", sa.LargeBinary, nullable=False,
+                  doc="scrypt(secret, salt) — never the secret itself."),
+        sa.Column("salt", sa.LargeBinary, nullable=False),
+        sa.Column("kdf", sa.Text, nullable=False, doc="e.g. scrypt:n=16384,r=8,p=1,len=32"),
+        sa.Column("read_contexts", ARRAY(sa.Text), nullable=False),
+        sa.Column("write_contexts", ARRAY(sa.Text), nullable=False),
+        sa.Column("admin", sa.Boolean, nullable=False, server_default=sa.false()),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False,
+                  server_default=sa.func.now()),
+        sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+    )
+    restricted = sa.Table(
+        "restricted_contexts", md,
+        sa.Column("context", sa.Text, primary_key=True),
+        sa.Column("reason", sa.Text, nullable=True),
+        sa.Column("restricted_at", sa.DateTime(timezone=True), nullable=False,
+                  server_default=sa.func.now()),
+    )
+    return keys, restricted
+
+
+class KeyStore:
+    """Creates, lists, revokes and verifies API keys; marks contexts restricted.
+
+    Args:
+        engine: an engine on the database (any search_path; tables are qualified).
+        base_schema: the catalog's base schema (``BELIEFSTORE_DB_SCHEMA``).
+    """
+
+    def __init__(self, engine: sa.Engine, base_schema: str = "public"):
+        self.engine = engine
+        self.base_schema = check_schema_name(base_schema)
+        self.keys, self.restricted_table = _tables(base_schema)
+        self._ensured = False
+        self._lock = threading.Lock()
+        # key_id -> (stored hash, sha256 of a secret that verified against it)
+        self._verified: dict[str, tuple[bytes, bytes]] = {}
+
+    @classmethod
+    def of_catalog(cls, catalog) -> KeyStore:
+        """The key store next to a :class:`~beliefstore.projector.catalog.ProjectionCatalog`."""
+        return cls(catalog.engine(), catalog.base_schema)
+
+    def ensure(self) -> None:
+        """Create the tables if needed (idempotent, safe from several processes)."""
+        if self._ensured:
+            return
+        with self._lock:
+            if self._ensured:
+                return
+            with self.engine.begin() as conn:
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:s))"),
+                             {"s": f"keys:{self.base_schema}"})
+                conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self.base_schema}"'))
+                self.keys.create(conn, checkfirst=True)
+                self.restricted_table.create(conn, checkfirst=True)
+            self._ensured = True
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def create(self, agent: str, read: Iterable[str] | str = (), write: Iterable[str] | str = (),
+               admin: bool = False) -> NewKey:
+        """Make a key for ``agent``; the returned token is the only copy of its secret.
+
+        Raises:
+            KeyStoreError: an invalid agent or context name.
+        """
+        check_agent(agent)
+        read_scope, write_scope = parse_scope(read), parse_scope(write)
+        self.ensure()
+        key_id = secrets.token_hex(8)
+        secret = secrets.token_hex(24)
+        salt = secrets.token_bytes(16)
+        kdf = _kdf_name()
+        digest = _derive(secret, salt, kdf)
+        with self.engine.begin() as conn:
+            row = conn.execute(self.keys.insert().values(
+                key_id=key_id, agent=agent, secret_hash=digest, salt=salt, kdf=kdf,
+                read_contexts=sorted(read_scope), write_contexts=sorted(write_scope), admin=admin,
+            ).returning(*self.keys.c)).one()
+        return NewKey(self._key(row), f"{KEY_PREFIX}_{key_id}_{secret}")
+
+    def list_keys(self, include_revoked: bool = True) -> list[ApiKey]:
+        """Every key, oldest first (secrets are not stored, so none is shown)."""
+        self.ensure()
+        query = sa.select(self.keys).order_by(self.keys.c.created_at, self.keys.c.key_id)
+        if not include_revoked:
+            query = query.where(self.keys.c.revoked_at.is_(None))
+        with self.engine.connect() as conn:
+            return [self._key(r) for r in conn.execute(query)]
+
+    def count(self) -> int:
+        """How many keys exist, revoked ones included."""
+        self.ensure()
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(self.keys)).scalar_one()
+
+    def get(self, key_id: str) -> ApiKey:
+        """The key ``key_id``.
+
+        Raises:
+            KeyStoreError: no such key.
+        """
+        self.ensure()
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(self.keys).where(self.keys.c.key_id == key_id)).first()
+        if row is None:
+            raise KeyStoreError(f"no API key {key_id!r}; see `beliefstore keys list`")
+        return self._key(row)
+
+    def revoke(self, key_id: str) -> tuple[ApiKey, bool]:
+        """Revoke ``key_id`` (effective for the next request). Returns the key and whether
+        it was active before.
+
+        Raises:
+            KeyStoreError: no such key.
+        """
+        self.ensure()
+        with self.engine.begin() as conn:
+            row = conn.execute(self.keys.update().where(
+                self.keys.c.key_id == key_id, self.keys.c.revoked_at.is_(None)
+            ).values(revoked_at=sa.func.now()).returning(*self.keys.c)).first()
+        with self._lock:
+            self._verified.pop(key_id, None)
+        if row is not None:
+            return self._key(row), True
+        return self.get(key_id), False
+
+    def authenticate(self, token: str) -> ApiKey:
+        """The active key ``token`` names, once its secret matched the stored hash.
+
+        A secret that verified once is remembered (its SHA-256, in memory) so later
+        requests skip scrypt; the row is still read on every call, so a revocation or a
+        scope change applies to the next request.
+
+        Raises:
+            AuthError: malformed, unknown, wrong secret, or revoked.
+        """
+        key_id, secret = split_token(token)
+        self.ensure()
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(self.keys).where(self.keys.c.key_id == key_id)).first()
+        if row is None:
+            # Spend the same time as a wrong secret, so key ids cannot be probed by timing.
+            _derive(secret, b"\0" * 16, _kdf_name())
+            raise self._invalid()
+        stored = bytes(row.secret_hash)
+        presented = hashlib.sha256(secret.encode("ascii")).digest()
+        cached = self._verified.get(key_id)
+        if cached is not None and hmac.compare_digest(cached[0], stored) \
+                and hmac.compare_digest(cached[1], presented):
+            ok = True
+        else:
+            ok = hmac.compare_digest(_derive(secret, bytes(row.salt), row.kdf), stored)
+            if ok:
+                with self._lock:
+                    if len(self._verified) >= _VERIFIED_CACHE_SIZE:
+                        self._verified.clear()
+                    self._verified[key_id] = (stored, presented)
+        if not ok:
+            raise self._invalid()
+        key = self._key(row)
+        if not key.active:
+            raise AuthError("revoked", f"API key {key_id} of agent {key.agent!r} was revoked at "
+                            f"{key.revoked_at:%Y-%m-%d %H:%M:%S %Z}; ask an admin for a new one "
+                            "(`beliefstore keys create`)")
+        return key
+
+    @staticmethod
+    def _invalid() -> AuthError:
+        return AuthError("invalid", "invalid API key: no active key has this id and secret; check "
+                         "the Authorization header (or BELIEFSTORE_API_KEY), or ask an admin for a "
+                         "key (`beliefstore keys create --agent NAME --read CONTEXTS`)")
+
+    @staticmethod
+    def _key(row: sa.Row) -> ApiKey:
+        return ApiKey(row.key_id, row.agent, frozenset(row.read_contexts),
+                      frozenset(row.write_contexts), row.admin, row.created_at, row.revoked_at)
+
+    # -- restricted contexts -----------------------------------------------------------------
+
+    def restricted(self) -> frozenset[str]:
+        """The restricted contexts."""
+        self.ensure()
+        with self.engine.connect() as conn:
+            return frozenset(conn.execute(sa.select(self.restricted_table.c.context)).scalars())
+
+    def restricted_list(self) -> list[sa.Row]:
+        """Every restricted context with its reason and time, by name."""
+        self.ensure()
+        t = self.restricted_table
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(t).order_by(t.c.context)))
+
+    def restrict(self, context: str, reason: str | None = None) -> bool:
+        """Mark ``context`` restricted; returns False if it already was."""
+        check_context(context)
+        self.ensure()
+        from sqlalchemy.dialects.postgresql import insert
+
+        with self.engine.begin() as conn:
+            added = conn.execute(insert(self.restricted_table).values(
+                context=context, reason=reason).on_conflict_do_nothing()
+                .returning(self.restricted_table.c.context)).first()
+        return added is not None
+
+    def unrestrict(self, context: str) -> bool:
+        """Lift the restriction of ``context``; returns False if it was not restricted."""
+        check_context(context)
+        self.ensure()
+        with self.engine.begin() as conn:
+            removed = conn.execute(self.restricted_table.delete().where(
+                self.restricted_table.c.context == context)
+                .returning(self.restricted_table.c.context)).first()
+        return removed is not None
+
+
+__all__ = [
+    "ANONYMOUS",
+    "ApiKey",
+    "AuthError",
+    "ContextScope",
+    "EVERYTHING",
+    "KeyStoreError",
+    "KeyStore",
+    "NewKey",
+    "Principal",
+    "WILDCARD",
+    "check_agent",
+    "check_context",
+    "format_scope",
+    "may_access",
+    "parse_scope",
+    "split_token",
+]
