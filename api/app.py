@@ -92,8 +92,12 @@ class AppState:
         self._lock = threading.Lock()
 
     def engine(self) -> sa.Engine:
-        """The engine of the active projection's schema (blue/green: follows a switch)."""
-        return self.catalog.engine(self.catalog.active().schema)
+        """The engine of the active projection's schema (blue/green: follows a switch).
+
+        Reads run in autocommit: one round trip per query, no BEGIN/ROLLBACK around them.
+        """
+        return self.catalog.engine(self.catalog.active().schema).execution_options(
+            isolation_level="AUTOCOMMIT")
 
     def producer(self) -> BeliefProducer:
         with self._lock:
