@@ -33,7 +33,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
 
-from beliefstore.db import check_schema_name
+from beliefstore.db import check_schema_name, create_tables
 from beliefstore.errors import BeliefstoreError
 
 WILDCARD = "*"
@@ -310,11 +310,7 @@ class KeyStore:
             if self._ensured:
                 return
             with self.engine.begin() as conn:
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:s))"),
-                             {"s": f"keys:{self.base_schema}"})
-                conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self.base_schema}"'))
-                self.keys.create(conn, checkfirst=True)
-                self.restricted_table.create(conn, checkfirst=True)
+                create_tables(conn, self.base_schema, self.keys, self.restricted_table)
             self._ensured = True
 
     # -- keys ------------------------------------------------------------------------------

@@ -65,3 +65,17 @@ def migrate(engine: sa.Engine, schema: str = "public") -> None:
         config.attributes["connection"] = conn
         config.attributes["schema"] = schema
         command.upgrade(config, "head")
+
+
+def create_tables(conn: sa.Connection, schema: str, *tables: sa.Table) -> None:
+    """In ``conn``'s transaction: serialise with other processes doing the same (an
+    advisory lock on ``schema``), create ``schema`` and each of ``tables`` if missing.
+
+    For the few tables outside the projections' Alembic migrations (the projection
+    catalog, API keys, data keys), which live in the base schema.
+    """
+    check_schema_name(schema)
+    conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:s))"), {"s": f"base:{schema}"})
+    conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+    for table in tables:
+        table.create(conn, checkfirst=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from beliefstore.db import check_schema_name, make_engine
+from beliefstore.db import check_schema_name, create_tables, make_engine
 from beliefstore.errors import BeliefstoreError
 
 KEY_BYTES = 32
@@ -115,10 +115,7 @@ class Keyring:
         if self._ensured:
             return
         with self.engine.begin() as conn:
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:s))"),
-                         {"s": f"keyring:{self.schema}"})
-            conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
-            self.table.create(conn, checkfirst=True)
+            create_tables(conn, self.schema, self.table)
         self._ensured = True
 
     def _wrap(self, key: bytes, key_id: str) -> bytes:

@@ -21,7 +21,7 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
-from beliefstore.db import check_schema_name, make_engine, migrate
+from beliefstore.db import check_schema_name, create_tables, make_engine, migrate
 
 DEFAULT_PROJECTION = "self_model"
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
@@ -121,10 +121,7 @@ class ProjectionCatalog:
         (active) when the catalog is empty, and migrate the active projection's schema."""
         engine = self.engine()
         with engine.begin() as conn:
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:s))"),
-                         {"s": f"catalog:{self.base_schema}"})
-            conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self.base_schema}"'))
-            self.table.create(conn, checkfirst=True)
+            create_tables(conn, self.base_schema, self.table)
             if not conn.execute(sa.select(sa.func.count()).select_from(self.table)).scalar_one():
                 conn.execute(self.table.insert().values(
                     name=DEFAULT_PROJECTION, schema_name=self.schema_for(DEFAULT_PROJECTION),
