@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -24,28 +23,15 @@ from beliefstore.eventlog import (
 from beliefstore.events.jsonl import to_dict
 from beliefstore.events.model import ObservationRecorded
 from beliefstore.events.serde import AvroSerde
-from beliefstore.settings import ENV_VARS, Settings
+from beliefstore.settings import Settings
 from tests.conftest import wait_caught_up
+from tests.test_cli import cli_env  # noqa: E402
 
 BELIEFSTORE = Path(sys.executable).parent / "beliefstore"
 T0 = 1767225600000
 MIN = 60_000
 
 
-def cli_env(settings: Settings, tmp_path: Path) -> dict[str, str]:
-    """The environment of a CLI run: only this test's services and names."""
-    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
-    env.update({
-        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers or "",
-        "DATABASE_URL": settings.database_url or "",
-        "BELIEFSTORE_TOPIC": settings.topic,
-        "BELIEFSTORE_DLQ_TOPIC": settings.dlq_topic,
-        "BELIEFSTORE_DB_SCHEMA": settings.db_schema,
-        "BELIEFSTORE_HOME": str(tmp_path / ".beliefstore"),
-        "COLUMNS": "250",
-        "NO_COLOR": "1",
-    })
-    return env
 
 
 def run(args: list[str], settings: Settings, tmp_path: Path) -> subprocess.CompletedProcess:
