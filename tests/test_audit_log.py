@@ -25,7 +25,7 @@ from beliefstore.events.model import ObservationRecorded
 from beliefstore.events.serde import AvroSerde
 from beliefstore.settings import Settings
 from tests.conftest import wait_caught_up
-from tests.test_cli import cli_env  # noqa: E402
+from tests.test_cli import cli_env
 
 BELIEFSTORE = Path(sys.executable).parent / "beliefstore"
 T0 = 1767225600000
