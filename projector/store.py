@@ -341,17 +341,30 @@ class ProjectionRecorder:
 
     def _refresh_sources(self, conn: sa.Connection,
                          pairs: list[tuple[str, str, str, str]]) -> None:
-        """Recompute ``belief_sources`` rows of ``pairs`` from ``observations``."""
+        """Recompute ``belief_sources`` rows of ``pairs`` from ``observations``: per pair,
+        one probe of the partial index ``observations_counting_latest`` (LATERAL ... LIMIT 1)."""
         bs, o = belief_sources, observations
         for chunk in _chunks(pairs):
             conn.execute(sa.delete(bs).where(
                 sa.tuple_(bs.c.subject_id, bs.c.context, bs.c.attribute, bs.c.source)
                 .in_(chunk)))
-            latest = self._counting_latest(
-                sa.tuple_(o.c.subject_id, o.c.context, o.c.attribute, o.c.source).in_(chunk)
-            ).subquery()
+            wanted = sa.values(
+                sa.column("s", sa.Text), sa.column("c", sa.Text), sa.column("a", sa.Text),
+                sa.column("src", sa.Text), name="wanted",
+            ).data(list(chunk))
+            latest = (
+                sa.select(o.c.subject_id, o.c.context, o.c.attribute, o.c.source,
+                          o.c.event_id, o.c.occurred_at, o.c.value, o.c.confidence)
+                .where(o.c.subject_id == wanted.c.s, o.c.context == wanted.c.c,
+                       o.c.attribute == wanted.c.a, o.c.source == wanted.c.src,
+                       o.c.retracted_by.is_(None), o.c.erased_by.is_(None))
+                .order_by(o.c.occurred_at.desc(), o.c.event_id.desc())
+                .limit(1)
+                .lateral("latest")
+            )
             conn.execute(pg_insert(bs).from_select(
-                [c.name for c in bs.columns], sa.select(*latest.c)))
+                [c.name for c in bs.columns],
+                sa.select(*latest.c).select_from(wanted).join(latest, sa.true())))
 
     def recompute(self, conn: sa.Connection, keys: Iterable[Key]) -> int:
         """Refold ``keys`` from their ``belief_sources`` rows; upsert (or delete) their beliefs."""

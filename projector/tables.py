@@ -47,6 +47,9 @@ observations = sa.Table(
     *_kafka_columns(),
     sa.Index("observations_key", "subject_id", "context", "attribute"),
     sa.Index("observations_key_source", "subject_id", "context", "attribute", "source"),
+    sa.Index("observations_counting_latest", "subject_id", "context", "attribute", "source",
+             sa.text("occurred_at DESC"), sa.text("event_id DESC"),
+             postgresql_where=sa.text("retracted_by IS NULL AND erased_by IS NULL")),
 )
 """One row per ObservationRecorded: what a trace reads. Immutable except for the
 retraction mark and the erasure redaction."""
