@@ -48,8 +48,9 @@ TOLERANCE = 1e-9
 
 def params(quick: bool) -> dict[str, Any]:
     return {
-        # 1M events take ~5 min per projection here (~3,000 events/s), so 9 projections
-        # would take ~50 min: the full size is the largest that fits in ~15 minutes.
+        # One 1M-event projection takes ~11 min here (the projector slows as the hot
+        # subjects' histories grow), so 9 would take well over an hour: the full size is
+        # the largest that fits in ~15 minutes.
         "events": 20_000 if quick else 250_000,
         "runs": 3,
         "workers": ["1", "2-manual", "2-group"],
