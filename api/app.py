@@ -21,7 +21,10 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from beliefstore.accesslog import AccessLogger
+from beliefstore.access.accesslog import AccessLogger
+from beliefstore.access.keys import AuthError, KeyStore
+from beliefstore.access.ratelimit import RateLimiter
+from beliefstore.access.scopes import ANONYMOUS, WILDCARD, ContextScope, Principal, format_scope
 from beliefstore.api import queries
 from beliefstore.api.models import (
     BeliefOut,
@@ -47,20 +50,10 @@ from beliefstore.api.security import (
     TRACE_RESPONSES,
     WRITE_RESPONSES,
     BodyLimitMiddleware,
-    RateLimiter,
     bearer,
     forbidden,
     too_many_requests,
     unauthorized,
-)
-from beliefstore.auth import (
-    ANONYMOUS,
-    WILDCARD,
-    AuthError,
-    ContextScope,
-    KeyStore,
-    Principal,
-    format_scope,
 )
 from beliefstore.errors import ProduceError, ValidationError
 from beliefstore.events.model import ObservationRecorded

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from beliefstore.auth import EVERYTHING, ContextScope
+from beliefstore.access.scopes import EVERYTHING, ContextScope
 from beliefstore.events.model import ObservationRecorded
 from beliefstore.projector.fold import Belief, FoldSettings, Key, TraceEntry, trace
 from beliefstore.projector.store import LogPosition, load_events

@@ -43,19 +43,19 @@ from kafka import KafkaAdminClient
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from beliefstore import workload as workload_module
+from beliefstore.embedded import EmbeddedKafka, EmbeddedPostgres
+from beliefstore.events import workload as workload_module
 from beliefstore.events.model import Event
 from beliefstore.events.producer import BeliefProducer
+from beliefstore.events.topics import ensure_topics
 from beliefstore.projector.fold import Belief, FoldSettings, fold
-from beliefstore.services import EmbeddedKafka, EmbeddedPostgres
 from beliefstore.settings import Settings
-from beliefstore.topics import ensure_topics
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 PARTITIONS = 4
 SEED = 7
-"""Workload seed of every benchmark (``beliefstore.workload.generate``'s default)."""
+"""Workload seed of every benchmark (``beliefstore.events.workload.generate``'s default)."""
 
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
@@ -217,7 +217,7 @@ class Context:
 
     # workloads
     def events(self, key: WorkloadKey) -> list[Event]:
-        """``beliefstore.workload.generate`` of ``key`` (generated once per process)."""
+        """``beliefstore.events.workload.generate`` of ``key`` (generated once per process)."""
         if key not in self._workloads:
             console.print(f"generating {key.count:,} events (seed {key.seed}, "
                           f"{key.subjects:,} subjects)")
@@ -290,7 +290,7 @@ def api_headers(catalog) -> dict[str, str]:
     """Headers with a fresh API key that reads and writes every context (if the API checks
     keys; authentication stays on, as deployed)."""
     try:
-        from beliefstore.auth import KeyStore
+        from beliefstore.access.keys import KeyStore
     except ModuleNotFoundError:  # an API without keys
         return {}
     new = KeyStore.of_catalog(catalog).create("bench_agent", read="*", write="*")

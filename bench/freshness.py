@@ -7,7 +7,7 @@ Each run makes a fresh topic and base schema and starts, as subprocesses,
 limit off so the poller is not throttled). Once a first probe is visible, the SDK
 (``BeliefProducer.send_many``, default producer settings) produces at a steady
 ``rate`` events/s for ``seconds`` seconds: a chunk of ``chunk`` events every
-``chunk / rate`` seconds, from ``beliefstore.workload.generate``. Every
+``chunk / rate`` seconds, from ``beliefstore.events.workload.generate``. Every
 ``probe_every``-th event is a *probe*: an observation about a subject of its own
 (``probe-<uuid>``), so its first appearance is easy to see. A poller (asyncio + httpx in
 another thread) asks ``GET /v1/subjects/<probe>/self-model`` of every pending probe
@@ -34,7 +34,7 @@ from typing import Any
 import common
 import httpx
 
-from beliefstore import workload as workload_module
+from beliefstore.events import workload as workload_module
 from beliefstore.events.model import Event, ObservationRecorded
 from beliefstore.events.producer import BeliefProducer
 from beliefstore.projector.catalog import ProjectionCatalog

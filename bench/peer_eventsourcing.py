@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/peer_eventsourcing.py [--quick] [--events N] [--runs N]
 
-The same workload (``beliefstore.workload.generate``) is stored as domain events in an
+The same workload (``beliefstore.events.workload.generate``) is stored as domain events in an
 ``eventsourcing`` application on the same PostgreSQL server (``eventsourcing.postgres``,
 psycopg 3): one aggregate sequence per subject, one stored event per delivery
 (redeliveries included, so both sides process the same number of events). That

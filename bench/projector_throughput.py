@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/projector_throughput.py [--quick] [--events N] [--runs N]
 
-The workload is ``beliefstore.workload.generate(N, seed=7, subjects=N/10)`` (the
+The workload is ``beliefstore.events.workload.generate(N, seed=7, subjects=N/10)`` (the
 generator the tests use), produced once to a 4-partition topic. For each run a fresh
 PostgreSQL schema is migrated and the projector folds the topic from offset 0 until it
 has caught up with the high watermark:

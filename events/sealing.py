@@ -1,6 +1,6 @@
 """Sealing the personal fields of observations (value, evidence, metadata) for
 crypto-shredding: AES-256-GCM under the subject's data key from a
-:class:`~beliefstore.keyring.Keyring`. When the subject is erased its keys are
+:class:`~beliefstore.access.datakeys.Keyring`. When the subject is erased its keys are
 destroyed, and every sealed event about it on the log becomes unreadable.
 """
 
@@ -19,7 +19,7 @@ from beliefstore.events.model import ObservationRecorded
 from beliefstore.timefmt import now_millis
 
 if TYPE_CHECKING:
-    from beliefstore.keyring import Keyring
+    from beliefstore.access.datakeys import Keyring
 
 
 class EventShredded(BeliefstoreError):

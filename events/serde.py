@@ -216,7 +216,7 @@ class AvroSerde:
         """
         if not (getattr(settings, "sealing", False) and settings.database_url):
             return cls()
-        from beliefstore.keyring import Keyring
+        from beliefstore.access.datakeys import Keyring
 
         return cls(sealer=FieldSealer(Keyring.from_settings(settings)))
 

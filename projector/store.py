@@ -40,7 +40,7 @@ from beliefstore.projector.tables import (
 from beliefstore.timefmt import from_millis, now_millis, to_millis
 
 if TYPE_CHECKING:
-    from beliefstore.keyring import Keyring
+    from beliefstore.access.datakeys import Keyring
 
 _CHUNK = 1000
 

@@ -28,6 +28,7 @@ from kafka.errors import OffsetOutOfRangeError
 from beliefstore.errors import LogResetError, PoisonEvent
 from beliefstore.events.sealing import EventShredded
 from beliefstore.events.serde import AvroSerde
+from beliefstore.events.topics import ensure_topics
 from beliefstore.projector.store import (
     LoggedEvent,
     LogPosition,
@@ -35,7 +36,6 @@ from beliefstore.projector.store import (
     ProjectionRecorder,
 )
 from beliefstore.settings import Settings
-from beliefstore.topics import ensure_topics
 
 log = logging.getLogger("beliefstore.projector")
 

@@ -23,15 +23,15 @@ import pytest
 import sqlalchemy as sa
 from kafka import KafkaConsumer, TopicPartition
 
-from beliefstore.auth import KeyStore
+from beliefstore.access.keys import KeyStore
 from beliefstore.db import make_engine
+from beliefstore.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
 from beliefstore.events.producer import BeliefProducer
+from beliefstore.events.topics import ensure_topics
 from beliefstore.events.validation import from_dict
 from beliefstore.projector.catalog import ProjectionCatalog
-from beliefstore.serve import ApiServer, ProjectorThread, wait_projected
-from beliefstore.services import EmbeddedKafka, EmbeddedPostgres, free_port
+from beliefstore.runtime.serve import ApiServer, ProjectorThread, wait_projected
 from beliefstore.settings import Settings
-from beliefstore.topics import ensure_topics
 
 DATA = Path(__file__).parent / "data"
 

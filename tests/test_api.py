@@ -13,12 +13,12 @@ from dataclasses import replace
 import httpx
 import pytest
 
+from beliefstore.embedded import free_port
 from beliefstore.events.model import ObservationRecorded
 from beliefstore.events.producer import BeliefProducer, Receipt
 from beliefstore.events.serde import AvroSerde
 from beliefstore.projector.fold import logit
-from beliefstore.serve import ApiServer, ProjectorThread
-from beliefstore.services import free_port
+from beliefstore.runtime.serve import ApiServer, ProjectorThread
 from beliefstore.timefmt import from_millis
 from tests.conftest import read_topic, wait_caught_up
 

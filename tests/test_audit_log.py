@@ -13,7 +13,7 @@ import httpx
 import pytest
 from kafka import KafkaProducer
 
-from beliefstore.eventlog import (
+from beliefstore.events.eventlog import (
     MessageNotFound,
     fetch_message,
     iter_subject_events,

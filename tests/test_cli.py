@@ -13,7 +13,7 @@ import pytest
 import typer.main
 
 from beliefstore.cli import app
-from beliefstore.demo import SENTIMENT, TRIAGE
+from beliefstore.cli.demo import SENTIMENT, TRIAGE
 from beliefstore.events.serde import AvroSerde
 from beliefstore.settings import ENV_VARS, Settings
 from tests.conftest import load_cases, read_topic, wait_caught_up
@@ -241,7 +241,7 @@ def test_self_model_and_trace_commands(settings, engine, producer, projector, ap
 
 
 def test_read_commands_without_a_reachable_api_say_so(settings, tmp_path):
-    from beliefstore.services import free_port
+    from beliefstore.embedded import free_port
 
     env = cli_env(settings, tmp_path, f"http://127.0.0.1:{free_port()}")
     result = run(["self-model", "anyone"], env, tmp_path)

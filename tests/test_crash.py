@@ -16,9 +16,9 @@ import pytest
 import sqlalchemy as sa
 
 from beliefstore.events.producer import BeliefProducer
+from beliefstore.events.workload import generate
 from beliefstore.projector.fold import fold
 from beliefstore.projector.tables import beliefs, observations, projection_offsets
-from beliefstore.workload import generate
 
 CLI = str(Path(sys.executable).parent / "beliefstore")
 

@@ -6,11 +6,11 @@ import pytest
 import sqlalchemy as sa
 from kafka import KafkaProducer
 
+from beliefstore.access.datakeys import Keyring, load_master_key
 from beliefstore.events.model import SubjectErased
 from beliefstore.events.producer import BeliefProducer
 from beliefstore.events.sealing import EventShredded
 from beliefstore.events.serde import AvroSerde, SealedEventError
-from beliefstore.keyring import Keyring, load_master_key
 from beliefstore.projector.replay import read_beliefs, replay
 from beliefstore.projector.tables import observations
 from beliefstore.projector.worker import ProjectorWorker
@@ -104,7 +104,7 @@ def test_an_erasure_produced_without_a_keyring_destroys_keys_when_projected(sett
 
 
 def test_master_key_errors_name_the_fix(tmp_path):
-    from beliefstore.keyring import KeyringError
+    from beliefstore.access.datakeys import KeyringError
 
     with pytest.raises(KeyringError, match="base64"):
         load_master_key(tmp_path, {"BELIEFSTORE_MASTER_KEY": "too-short"})

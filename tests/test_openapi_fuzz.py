@@ -23,8 +23,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from beliefstore.serve import ApiServer
-from beliefstore.services import free_port
+from beliefstore.embedded import free_port
+from beliefstore.runtime.serve import ApiServer
 from tests.conftest import wait_caught_up
 
 # schemathesis' own strategies use `random` inside (a deprecation warning of hypothesis).

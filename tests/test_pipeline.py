@@ -7,9 +7,9 @@ from dataclasses import replace
 import httpx
 import pytest
 
+from beliefstore.embedded import free_port
 from beliefstore.events.producer import BeliefProducer
-from beliefstore.serve import ApiServer, ProjectorThread
-from beliefstore.services import free_port
+from beliefstore.runtime.serve import ApiServer, ProjectorThread
 from tests.conftest import load_cases, wait_caught_up
 from tests.test_fold import assert_matches
 

@@ -11,19 +11,19 @@ import httpx
 import pytest
 from kafka import KafkaProducer
 
+from beliefstore.embedded import EmbeddedKafka, free_port
 from beliefstore.errors import LogResetError
 from beliefstore.events.model import ObservationRecorded
 from beliefstore.events.producer import BeliefProducer
 from beliefstore.events.serde import AvroSerde, SchemaRegistry, encode_record
+from beliefstore.events.workload import generate
 from beliefstore.projector.catalog import CatalogError
 from beliefstore.projector.fold import FoldSettings, fold
 from beliefstore.projector.replay import BeliefRow, compare, read_beliefs, replay
 from beliefstore.projector.store import LoggedEvent, load_subject_events
 from beliefstore.projector.timeline import beliefs_as_of, history, visible_at
 from beliefstore.projector.worker import ProjectorWorker
-from beliefstore.serve import ApiServer, ProjectorThread, wait_projected
-from beliefstore.services import EmbeddedKafka, free_port
-from beliefstore.workload import generate
+from beliefstore.runtime.serve import ApiServer, ProjectorThread, wait_projected
 from tests.conftest import case_events, load_cases
 
 V2 = Path(__file__).parent / "data" / "schemas_v2"

@@ -13,10 +13,10 @@ import sqlalchemy as sa
 from beliefstore.errors import FencedError
 from beliefstore.events.model import ObservationRecorded
 from beliefstore.events.producer import BeliefProducer
+from beliefstore.events.topics import ensure_topics
+from beliefstore.events.workload import generate
 from beliefstore.projector.store import LoggedEvent, LogPosition, PartitionProgress, ProjectionRecorder
 from beliefstore.projector.tables import observations, projection_offsets
-from beliefstore.topics import ensure_topics
-from beliefstore.workload import generate
 from tests.test_crash import CLI, applied, assert_read_model_equals_fold, projector_env
 
 

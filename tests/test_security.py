@@ -16,10 +16,11 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from beliefstore.auth import KeyStore, parse_scope, split_token
+from beliefstore.access.keys import KeyStore, split_token
+from beliefstore.access.scopes import parse_scope
+from beliefstore.embedded import free_port
 from beliefstore.events.serde import AvroSerde
-from beliefstore.serve import ApiServer
-from beliefstore.services import free_port
+from beliefstore.runtime.serve import ApiServer
 from beliefstore.settings import Settings, SettingsError
 from tests.conftest import read_topic, wait_caught_up
 from tests.test_cli import BELIEFSTORE, cli_env, flat, run
@@ -552,9 +553,7 @@ def test_up_creates_an_admin_key_on_first_start(settings, engine, tmp_path, key_
     # uvicorn re-raises the Ctrl-C it handled once everything stopped: 130 = 128 + SIGINT.
     assert proc.returncode in (0, 128 + signal.SIGINT, -signal.SIGINT), proc.returncode
     # Only on the first start: a key exists now, so none is made again.
-    from beliefstore.security_cli import create_first_admin_key
-
-    assert key_store.count() == 1 and create_first_admin_key(key_store) is None
+    assert key_store.count() == 1 and key_store.create_first_admin_key() is None
 
 
 # -- settings --------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from beliefstore.services import EmbeddedKafka, EmbeddedPostgres, ServiceStartError, free_port
+from beliefstore.embedded import EmbeddedKafka, EmbeddedPostgres, ServiceStartError, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -144,7 +144,7 @@ def test_postgres_orphan_of_a_dead_owner_is_replaced(tmp_path: Path) -> None:
         f"""
         import os, psycopg
         from pathlib import Path
-        from beliefstore.services import EmbeddedPostgres
+        from beliefstore.embedded import EmbeddedPostgres
         pg = EmbeddedPostgres(Path({str(data)!r}), fast=True).start()
         with psycopg.connect(pg.conninfo) as conn:
             conn.execute("CREATE TABLE t (x int)")
@@ -231,7 +231,7 @@ def test_kafka_processes_die_with_their_owner(tmp_path: Path) -> None:
         f"""
         import time
         from pathlib import Path
-        from beliefstore.services import EmbeddedKafka
+        from beliefstore.embedded import EmbeddedKafka
         EmbeddedKafka(Path({str(tmp_path / "kafka")!r})).start()
         print("ready", flush=True)
         time.sleep(60)

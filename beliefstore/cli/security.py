@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
+from beliefstore.cli.common import console, describe_new_key, err, fail, load_settings
+
 if TYPE_CHECKING:
-    from beliefstore.auth import ApiKey, KeyStore, NewKey
+    from beliefstore.access.keys import ApiKey, KeyStore
     from beliefstore.settings import Settings
 
 keys_app = typer.Typer(
@@ -45,20 +47,19 @@ def register(app: typer.Typer) -> None:
 def _store(settings: Settings | None = None) -> KeyStore:
     """The key store of BELIEFSTORE_DB_SCHEMA (its tables created if needed; the read
     model's migrations are not needed for keys)."""
-    from beliefstore.auth import KeyStore
-    from beliefstore.cli import _fail, _settings
+    from beliefstore.access.keys import KeyStore
     from beliefstore.db import make_engine
 
-    settings = settings or _settings()
+    settings = settings or load_settings()
     if not settings.database_url:
-        raise _fail("DATABASE_URL is not set and no `beliefstore up` runs here", 2)
+        raise fail("DATABASE_URL is not set and no `beliefstore up` runs here", 2)
     store = KeyStore(make_engine(settings.database_url, settings.db_schema), settings.db_schema)
     store.ensure()
     return store
 
 
 def _scope_text(scope) -> str:
-    from beliefstore.auth import format_scope
+    from beliefstore.access.scopes import format_scope
 
     return format_scope(scope)
 
@@ -69,19 +70,6 @@ def key_json(key: ApiKey) -> dict:
             "write": sorted(key.write), "admin": key.admin,
             "created_at": key.created_at.isoformat(),
             "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None}
-
-
-def describe_new_key(new: NewKey) -> str:
-    key = new.key
-    return (f"API key {key.key_id} for agent {key.agent!r}: reads {_scope_text(key.read)}, "
-            f"writes {_scope_text(key.write)}{', admin' if key.admin else ''}")
-
-
-def create_first_admin_key(store: KeyStore) -> NewKey | None:
-    """An admin key (agent ``admin``, reads and writes ``*``) if no key exists at all."""
-    if store.count():
-        return None
-    return store.create("admin", "*", "*", admin=True)
 
 
 # -- keys --------------------------------------------------------------------------------
@@ -104,8 +92,7 @@ def keys_create(
 ) -> None:
     """Make an API key and print it, once: only a salted hash is stored. The key alone goes
     to stdout (KEY=$(beliefstore keys create ...)), the description to stderr."""
-    from beliefstore.auth import WILDCARD, KeyStoreError, check_agent, parse_scope
-    from beliefstore.cli import _fail, err
+    from beliefstore.access.scopes import WILDCARD, KeyStoreError, check_agent, parse_scope
 
     try:
         check_agent(agent)
@@ -122,7 +109,7 @@ def keys_create(
     try:
         new = store.create(agent, read_scope, write_scope, admin)
     except KeyStoreError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     if as_json:
         sys.stdout.write(json.dumps({**key_json(new.key), "key": new.token}, indent=2) + "\n")
     else:
@@ -144,7 +131,6 @@ def keys_list(
     as_json: Annotated[bool, typer.Option("--json", help="JSON array.")] = False,
 ) -> None:
     """Show every key: id, agent, scopes, admin, created and revoked times (never a secret)."""
-    from beliefstore.cli import console
 
     keys = _store().list_keys(include_revoked=not active)
     if as_json:
@@ -164,13 +150,12 @@ def keys_list(
 def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (see `keys list`).")]
                 ) -> None:
     """Revoke a key: the API refuses it (401) from the next request on."""
-    from beliefstore.auth import KeyStoreError
-    from beliefstore.cli import _fail, console
+    from beliefstore.access.keys import KeyStoreError
 
     try:
         key, was_active = _store().revoke(key_id)
     except KeyStoreError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     if was_active:
         console.print(f"revoked API key {key.key_id} of agent {key.agent!r}")
     else:
@@ -188,13 +173,12 @@ def contexts_restrict(
 ) -> None:
     """Restrict a context: from the next request on, only keys that name it may read or
     write it (`*` no longer covers it)."""
-    from beliefstore.auth import KeyStoreError
-    from beliefstore.cli import _fail, console
+    from beliefstore.access.keys import KeyStoreError
 
     try:
         changed = _store().restrict(context, reason)
     except KeyStoreError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     console.print(f"context {context!r} is {'now' if changed else 'already'} restricted: only "
                   "keys that name it may read or write it")
 
@@ -202,20 +186,18 @@ def contexts_restrict(
 @contexts_app.command("unrestrict")
 def contexts_unrestrict(context: Annotated[str, typer.Argument(help="The context.")]) -> None:
     """Lift a restriction: `*` covers the context again."""
-    from beliefstore.auth import KeyStoreError
-    from beliefstore.cli import _fail, console
+    from beliefstore.access.keys import KeyStoreError
 
     try:
         changed = _store().unrestrict(context)
     except KeyStoreError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     console.print(f"context {context!r} {'is no longer' if changed else 'was not'} restricted")
 
 
 @contexts_app.command("list")
 def contexts_list() -> None:
     """Show the restricted contexts."""
-    from beliefstore.cli import console
 
     rows = _store().restricted_list()
     table = Table(title=f"{len(rows)} restricted context(s)", title_justify="left")
@@ -237,15 +219,14 @@ def access_log(
     """Who looked at a subject: every read of its self-model, beliefs, history or trace
     through the API (agent, key, endpoint, contexts returned, time), from the access-log
     topic (BELIEFSTORE_ACCESS_TOPIC). Exit 1 if there is none."""
-    from beliefstore.accesslog import AccessLogError, read_access_log
-    from beliefstore.cli import _fail, _settings, console, err
+    from beliefstore.access.accesslog import AccessLogError, read_access_log
     from beliefstore.timefmt import iso
 
-    settings = _settings()
+    settings = load_settings()
     try:
         records, skipped = read_access_log(settings, subject)
     except AccessLogError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     if agent is not None:
         records = [r for r in records if r.agent == agent]
     if skipped:
@@ -272,4 +253,4 @@ def access_log(
         raise typer.Exit(1)
 
 
-__all__ = ["create_first_admin_key", "describe_new_key", "key_json", "register"]
+__all__ = ["key_json", "register"]

@@ -19,13 +19,18 @@ from __future__ import annotations
 import contextlib
 import uuid
 from dataclasses import replace
+from typing import Annotated
 
 import httpx
+import typer
 from rich.console import Console
 
+from beliefstore.cli.common import console as stdout
+from beliefstore.cli.common import fail, load_settings, print_self_model, print_trace, setup_logging
+from beliefstore.errors import BeliefstoreError
 from beliefstore.events.producer import BeliefProducer, Receipt
 from beliefstore.projector.catalog import ProjectionCatalog
-from beliefstore.serve import wait_projected
+from beliefstore.runtime.serve import wait_projected
 from beliefstore.settings import Settings, read_state
 from beliefstore.timefmt import now_millis
 
@@ -59,9 +64,9 @@ def run_demo(settings: Settings, console: Console) -> str:
     used; otherwise the embedded services (data under ``.beliefstore/``), a projector
     and the API are started for the demo and stopped at its end.
     """
-    from beliefstore.runtime import prepare, start_missing_services
-    from beliefstore.serve import ApiServer, ProjectorThread
-    from beliefstore.services import free_port
+    from beliefstore.embedded import free_port
+    from beliefstore.runtime.serve import ApiServer, ProjectorThread
+    from beliefstore.runtime.startup import prepare, start_missing_services
 
     subject = f"customer-{uuid.uuid4().hex[:8]}"
     running_up = bool(read_state(settings.home))
@@ -89,7 +94,7 @@ def run_demo(settings: Settings, console: Console) -> str:
         console.print(f"Kafka {settings.kafka_bootstrap_servers}, API {api_url}, "
                       f"subject [bold]{subject}[/]\n")
 
-        from beliefstore.auth import KeyStore
+        from beliefstore.access.keys import KeyStore
 
         keys = KeyStore.of_catalog(catalog)
         made = {agent: keys.create(agent, read, write) for agent, (read, write) in KEYS.items()}
@@ -147,7 +152,6 @@ def run_demo(settings: Settings, console: Console) -> str:
             console.print("\nwaiting for the projector to fold the events into PostgreSQL...")
             wait_projected(catalog, settings.topic, receipts)
 
-            from beliefstore.cli import print_self_model, print_trace
 
             console.rule("billing_agent takes over: GET /v1/subjects/{id}/self-model")
             model = http.get(f"/v1/subjects/{subject}/self-model", headers=bearer("billing_agent"))
@@ -166,3 +170,24 @@ def run_demo(settings: Settings, console: Console) -> str:
         console.print(f"\nWith `beliefstore up` running: beliefstore self-model {subject}; "
                       f"who read it: beliefstore access-log --subject {subject}")
     return subject
+
+
+def demo(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the seed scenario end to end: a triage agent and a sentiment agent record what
+    they learned in a support conversation (one via the SDK to Kafka, one via the HTTP
+    API), one observation is retracted, the projector folds them into PostgreSQL, and the
+    billing agent's read of the self-model and one belief's trace are printed, both read
+    through the API."""
+    setup_logging(verbose)
+    settings = load_settings()
+    try:
+        run_demo(settings, stdout)
+    except (BeliefstoreError, RuntimeError, OSError, httpx.HTTPError) as exc:
+        raise fail(str(exc)) from None
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``demo`` to ``app``."""
+    app.command()(demo)

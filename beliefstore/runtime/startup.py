@@ -8,9 +8,9 @@ import contextlib
 import logging
 from dataclasses import replace
 
+from beliefstore.events.topics import ensure_topics
 from beliefstore.projector.catalog import ProjectionCatalog
 from beliefstore.settings import Settings
-from beliefstore.topics import ensure_topics
 
 log = logging.getLogger("beliefstore")
 
@@ -29,10 +29,10 @@ def start_missing_services(
         ``settings`` with ``kafka_bootstrap_servers`` and ``database_url`` filled in.
 
     Raises:
-        beliefstore.services.ServiceStartError: a service did not come up (the message
+        beliefstore.embedded.ServiceStartError: a service did not come up (the message
             names its log file).
     """
-    from beliefstore.services import EmbeddedKafka, EmbeddedPostgres
+    from beliefstore.embedded import EmbeddedKafka, EmbeddedPostgres
 
     if not settings.kafka_bootstrap_servers:
         kafka = EmbeddedKafka(settings.home / "kafka" if durable else None)

@@ -34,7 +34,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
 from beliefstore.errors import BeliefstoreError
-from beliefstore.eventlog import partition_of_key
+from beliefstore.events.eventlog import partition_of_key
 from beliefstore.settings import Settings
 from beliefstore.timefmt import now_millis
 
@@ -176,7 +176,7 @@ class AccessLogger:
             log.error("access log: no Kafka configured; access records are not kept")
             return None
         try:
-            from beliefstore.topics import ensure_topics
+            from beliefstore.events.topics import ensure_topics
 
             ensure_topics(s.kafka_bootstrap_servers, {self.topic: s.partitions},
                           replication_factor=s.replication_factor, timeout_s=10.0,

@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from beliefstore.cli.common import err, fail, load_settings
+
 if TYPE_CHECKING:
     import sqlalchemy as sa
 
-    from beliefstore.eventlog import RawMessage
+    from beliefstore.events.eventlog import RawMessage
     from beliefstore.events.model import Event
     from beliefstore.settings import Settings
 
@@ -44,10 +46,9 @@ def register(app: typer.Typer) -> None:
 
 
 def _kafka(settings: Settings) -> str:
-    from beliefstore.cli import _fail
 
     if not settings.kafka_bootstrap_servers:
-        raise _fail("KAFKA_BOOTSTRAP_SERVERS not set and no `beliefstore up` is running in this "
+        raise fail("KAFKA_BOOTSTRAP_SERVERS not set and no `beliefstore up` is running in this "
                     "directory: set it, or run `beliefstore up` first", 2)
     return settings.kafka_bootstrap_servers
 
@@ -146,20 +147,19 @@ def events_get(
     hex dump of its first bytes. Exits 1 when the partition does not exist or the offset
     is at or past the partition's log end (the message names the log end).
     """
-    from beliefstore.cli import _fail, _settings
-    from beliefstore.eventlog import LogReadError, MessageNotFound, fetch_message
+    from beliefstore.events.eventlog import LogReadError, MessageNotFound, fetch_message
     from beliefstore.events.serde import AvroSerde
 
-    settings = _settings()
+    settings = load_settings()
     bootstrap = _kafka(settings)
     try:
         message = fetch_message(bootstrap, topic or settings.topic, partition, offset,
                                 serde=AvroSerde.for_settings(settings),
                                 client_config=settings.kafka_client_config())
     except MessageNotFound as exc:
-        raise _fail(str(exc), 1) from None
+        raise fail(str(exc), 1) from None
     except LogReadError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     if as_json:
         sys.stdout.write(json.dumps(message_to_json(message), indent=2, ensure_ascii=False) + "\n")
     else:
@@ -234,10 +234,9 @@ def export(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from beliefstore.cli import _fail, _settings, err
     from beliefstore.events.jsonl import dumps
 
-    settings = _settings()
+    settings = load_settings()
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err, transient=False) as progress:
         if from_log:
@@ -245,7 +244,7 @@ def export(
         else:
             events, source = _from_read_model(settings, subject, progress)
     if not events:
-        raise _fail(f"no events about subject {subject!r} in {source}", 1)
+        raise fail(f"no events about subject {subject!r} in {source}", 1)
     text = "".join(dumps(ev) + "\n" for ev in events)
     if output is None:
         sys.stdout.write(text)
@@ -255,7 +254,7 @@ def export(
         try:
             output.write_text(text, encoding="utf-8")
         except OSError as exc:
-            raise _fail(f"cannot write {output}: {exc}", 1) from None
+            raise fail(f"cannot write {output}: {exc}", 1) from None
         where = str(output)
     err.print(f"exported {len(events)} event(s) about {subject} from {source} to {where}",
               markup=False, highlight=False)
@@ -264,11 +263,10 @@ def export(
 def _from_read_model(settings: Settings, subject: str, progress: Any) -> tuple[list[Event], str]:
     import sqlalchemy as sa
 
-    from beliefstore.cli import _fail
     from beliefstore.projector.catalog import CatalogError, ProjectionCatalog
 
     if not settings.database_url:
-        raise _fail("DATABASE_URL not set and no `beliefstore up` is running in this directory: "
+        raise fail("DATABASE_URL not set and no `beliefstore up` is running in this directory: "
                     "set it, or run `beliefstore up` first (or export --from-log)", 2)
     task = progress.add_task("reading the read model", total=None)
     catalog = ProjectionCatalog.from_settings(settings)
@@ -276,12 +274,12 @@ def _from_read_model(settings: Settings, subject: str, progress: Any) -> tuple[l
         info = catalog.active()
         events = read_model_events(catalog.engine(info.schema), subject)
     except CatalogError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     except sa.exc.ProgrammingError as exc:
-        raise _fail(f"the read model in schema {settings.db_schema!r} is not set up "
+        raise fail(f"the read model in schema {settings.db_schema!r} is not set up "
                     f"({exc.orig}): run `beliefstore migrate`", 2) from None
     except sa.exc.OperationalError as exc:
-        raise _fail(f"cannot reach PostgreSQL: {exc.orig}", 2) from None
+        raise fail(f"cannot reach PostgreSQL: {exc.orig}", 2) from None
     finally:
         catalog.dispose()
     progress.update(task, total=len(events), completed=len(events))
@@ -289,8 +287,7 @@ def _from_read_model(settings: Settings, subject: str, progress: Any) -> tuple[l
 
 
 def _from_log(settings: Settings, subject: str, progress: Any) -> tuple[list[Event], str]:
-    from beliefstore.cli import _fail
-    from beliefstore.eventlog import LogReadError, MessageNotFound, iter_subject_events
+    from beliefstore.events.eventlog import LogReadError, MessageNotFound, iter_subject_events
     from beliefstore.events.serde import AvroSerde
 
     bootstrap = _kafka(settings)
@@ -315,9 +312,9 @@ def _from_log(settings: Settings, subject: str, progress: Any) -> tuple[list[Eve
             seen.add(event.event_id)
             events.append(event)
     except MessageNotFound as exc:
-        raise _fail(str(exc), 1) from None
+        raise fail(str(exc), 1) from None
     except LogReadError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     for bad in scan.poison:
         assert bad.error is not None
         progress.console.print(
