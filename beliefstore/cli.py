@@ -679,6 +679,9 @@ def _register_audit_commands() -> None:
     from beliefstore.audit_cli import register
 
     register(app)
+    from beliefstore.calibrate_cli import register as register_calibrate
+
+    register_calibrate(app)
 
 
 _register_audit_commands()
