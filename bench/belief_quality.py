@@ -80,8 +80,9 @@ def plot(evaluation: Evaluation, path: Path) -> None:
         acc = [b.accuracy if b.accuracy is not None else 0.0 for b in m.bins]
         ax.bar(mids, acc, width=0.1, edgecolor="black", alpha=0.7, label="accuracy")
         ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="calibrated")
-        conf = [(b.mean_confidence, b.accuracy) for b in m.bins if b.accuracy is not None]
-        ax.plot([c for c, _ in conf], [a for _, a in conf], "ro", markersize=3,
+        conf = [((b.low + b.high) / 2, b.mean_confidence) for b in m.bins
+                if b.mean_confidence is not None]
+        ax.plot([x for x, _ in conf], [c for _, c in conf], "r_", markersize=12, mew=2,
                 label="mean confidence")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
