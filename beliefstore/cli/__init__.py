@@ -7,6 +7,7 @@
 * :mod:`~beliefstore.cli.projections` — ``replay``, ``projections list|switch|drop``;
 * :mod:`~beliefstore.cli.security` — ``keys``, ``contexts``, ``access-log``;
 * :mod:`~beliefstore.cli.demo` — ``demo``;
+* :mod:`~beliefstore.cli.calibrate` — ``calibrate`` (trust per source from outcomes);
 * :mod:`~beliefstore.cli.common` — what they share (consoles, settings, errors, tables).
 
 No command module imports another; each has a ``register(app)`` that this package
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import typer
 
-from beliefstore.cli import audit, demo, ingest, projections, reads, security, services
+from beliefstore.cli import audit, calibrate, demo, ingest, projections, reads, security, services
 
 app = typer.Typer(
     help="beliefstore: an event-sourced store of what AI agents believe about the people "
@@ -30,7 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in (services, ingest, reads, demo, projections, audit, security):
+for _module in (services, ingest, reads, demo, projections, audit, security, calibrate):
     _module.register(app)
 
 
