@@ -153,7 +153,7 @@ def test_access_control_sits_below_the_api():
             "beliefstore.access.datakeys", "beliefstore.access.accesslog"} <= set(access)
     for module in access:
         assert not any(m.startswith(("beliefstore.api", "beliefstore.cli")) for m in graph[module])
-    assert "beliefstore.access.keys" in graph["beliefstore.api.app"]
+    assert "beliefstore.access.keys" in graph["beliefstore.api.deps"]
 
 
 def test_migrations_produce_the_tables_of_projector_tables(engine: sa.Engine):

@@ -1,0 +1,193 @@
+"""What the routes share: the app state, the authenticated caller (401/429), read scopes
+(403), the path and query parameter types, and the 404s.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Annotated, NoReturn
+
+import sqlalchemy as sa
+from fastapi import Depends, HTTPException, Path, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials
+
+from beliefstore.access.accesslog import AccessLogger
+from beliefstore.access.keys import AuthError, KeyStore
+from beliefstore.access.ratelimit import RateLimiter
+from beliefstore.access.scopes import ANONYMOUS, WILDCARD, ContextScope, Principal, format_scope
+from beliefstore.api import queries
+from beliefstore.api.security import (
+    bearer,
+    forbidden,
+    too_many_requests,
+    unauthorized,
+)
+from beliefstore.events.producer import BeliefProducer
+from beliefstore.projector.catalog import ProjectionCatalog
+from beliefstore.projector.timeline import Axis
+from beliefstore.settings import Settings
+
+
+class AppState:
+    """What the endpoints depend on: settings, the projection catalog, a producer, the API
+    keys, the rate limiter and the access log.
+
+    The producer is created on first use, so reads work while the broker is down.
+    """
+
+    def __init__(self, settings: Settings, catalog: ProjectionCatalog,
+                 producer: BeliefProducer | None = None):
+        self.settings = settings
+        self.catalog = catalog
+        self.keys = KeyStore.of_catalog(catalog)
+        self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
+        self.access = AccessLogger(settings)
+        self._producer = producer
+        self._lock = threading.Lock()
+
+    def engine(self) -> sa.Engine:
+        """The engine of the active projection's schema (blue/green: follows a switch).
+
+        Reads run in autocommit: one round trip per query, no BEGIN/ROLLBACK around them.
+        """
+        return self.catalog.engine(self.catalog.active().schema).execution_options(
+            isolation_level="AUTOCOMMIT")
+
+    def producer(self) -> BeliefProducer:
+        with self._lock:
+            if self._producer is None:
+                self._producer = BeliefProducer.from_settings(self.settings)
+            return self._producer
+
+    def close(self) -> None:
+        self.access.close()
+        if self._producer is not None:
+            self._producer.close()
+
+    def restricted(self, caller: Principal) -> frozenset[str]:
+        """The restricted contexts, when they matter to ``caller`` (``*`` scopes)."""
+        return self.keys.restricted() if caller.needs_restricted else frozenset()
+
+
+def get_state(request: Request) -> AppState:
+    """The app's :class:`AppState` (a FastAPI dependency)."""
+    return request.app.state.beliefstore
+
+
+def get_connection(state: Annotated[AppState, Depends(get_state)]) -> Iterator[sa.Connection]:
+    """A connection to the active projection for one request (autocommit)."""
+    with state.engine().connect() as conn:
+        yield conn
+
+
+State = Annotated[AppState, Depends(get_state)]
+Conn = Annotated[sa.Connection, Depends(get_connection)]
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+def get_caller(request: Request, state: State, credentials: Credentials) -> Principal:
+    """The authenticated agent (401 without a valid key), after its rate limit (429)."""
+    client = request.client.host if request.client else "unknown"
+    limiter = state.limiter
+    if not state.settings.auth:
+        wait = limiter.acquire(f"addr:{client}")
+        if wait is not None:
+            raise too_many_requests(
+                f"rate limit of {limiter.rate:g} requests/s (bursts of {limiter.burst}) for "
+                f"client {client} exceeded (BELIEFSTORE_RATE_LIMIT)", wait)
+        return ANONYMOUS
+    if credentials is None:
+        if request.headers.get("authorization"):
+            raise unauthorized("the Authorization header must be `Bearer <API key>` (an API key "
+                               "from `beliefstore keys create`)", "malformed")
+        raise unauthorized("missing API key: send `Authorization: Bearer <key>`; an admin makes "
+                           "one with `beliefstore keys create --agent NAME --read CONTEXTS "
+                           "--write CONTEXTS`", "missing")
+    failures = f"authfail:{client}"
+    wait = limiter.exhausted(failures)
+    if wait is not None:
+        raise too_many_requests(f"too many failed authentications from {client}", wait)
+    try:
+        key = state.keys.authenticate(credentials.credentials)
+    except AuthError as exc:
+        limiter.acquire(failures)
+        raise unauthorized(str(exc), exc.reason) from None
+    except sa.exc.SQLAlchemyError as exc:
+        raise HTTPException(503, f"cannot check the API key, the database is unreachable: "
+                            f"{exc.__class__.__name__}") from None
+    wait = limiter.acquire(f"key:{key.key_id}")
+    if wait is not None:
+        raise too_many_requests(
+            f"rate limit of {limiter.rate:g} requests/s (bursts of {limiter.burst}) for API key "
+            f"{key.key_id} of agent {key.agent!r} exceeded (BELIEFSTORE_RATE_LIMIT, "
+            "BELIEFSTORE_RATE_BURST)", wait)
+    return key.principal()
+
+
+Caller = Annotated[Principal, Depends(get_caller)]
+
+
+def check_readable(caller: Principal, context: str, restricted: frozenset[str]) -> None:
+    """403 unless ``caller`` may read ``context``."""
+    if caller.may_read(context, restricted):
+        return
+    if context in restricted and WILDCARD in caller.read:
+        raise forbidden(
+            f"context {context!r} is restricted: only keys that name it in their read scope may "
+            f"read it, and * does not cover it; {caller.describe()} reads "
+            f"{format_scope(caller.read)}. Ask an admin for a key made with "
+            f"`beliefstore keys create --agent {caller.agent} --read {context}`")
+    raise forbidden(
+        f"{caller.describe()} may not read context {context!r} (its read scope: "
+        f"{format_scope(caller.read)}); ask an admin for a key made with "
+        f"`beliefstore keys create --agent {caller.agent} --read {context}`")
+
+
+def read_scope(caller: Principal, state: AppState, context: str | None = None) -> ContextScope:
+    """The contexts ``caller`` may read; 403 if none at all, or if ``context`` is given and
+    not among them."""
+    if not caller.unrestricted and not caller.read:
+        raise forbidden(f"{caller.describe()} may not read any context (its read scope is "
+                        "empty); ask an admin for a key made with `beliefstore keys create "
+                        f"--agent {caller.agent} --read CONTEXTS`")
+    restricted = state.restricted(caller)
+    if context is not None:
+        check_readable(caller, context, restricted)
+    return caller.read_scope(restricted)
+
+
+SubjectId = Annotated[str, Path(description="The subject (person) id.", max_length=256)]
+AsOf = Annotated[datetime | None, Query(
+    description="Answer as of this instant (ISO 8601 with timezone, e.g. 2026-01-05T12:00Z): "
+    "the fold of the events up to it. Erasures always apply.")]
+TimeAxis = Annotated[Axis, Query(
+    description="recorded: events appended to the log by as_of (what the system believed "
+    "then); occurred: events observed by as_of (what we now know was true then).")]
+
+
+def no_such_key(conn: sa.Connection, subject_id: str, context: str, attribute: str,
+                scope: ContextScope) -> NoReturn:
+    """404: the subject is unknown (within ``scope``), or has no observation of the key."""
+    if not queries.subject_known(conn, subject_id, scope):
+        raise unknown_subject(subject_id)
+    raise HTTPException(404, f"subject {subject_id!r} has no observations of {context}/{attribute}")
+
+
+def unknown_subject(subject_id: str) -> HTTPException:
+    """The 404 of a subject with nothing the caller may see."""
+    return HTTPException(
+        404,
+        f"no beliefs or observations about subject {subject_id!r}: check the id, or wait "
+        "for the projector to catch up if it was just observed",
+    )
+
+
+def record_access(state: AppState, caller: Principal, subject_id: str, endpoint: str,
+                  contexts: list[str], count: int, attribute: str | None = None,
+                  as_of: datetime | None = None) -> None:
+    """Queue an access-log record of an answered read (never blocks on the broker)."""
+    state.access.record(caller.agent, caller.key_id, subject_id, endpoint, contexts,
+                        attribute=attribute, count=count,
+                        as_of=as_of.isoformat() if as_of is not None else None)
