@@ -7,7 +7,7 @@ import json
 import math
 import random
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,9 @@ from beliefstore.events.model import ObservationRecorded, ObservationRetracted, 
 from beliefstore.projector.fold import FoldSettings, sigmoid
 from beliefstore.quality.baselines import (
     BASELINES,
+    Estimate,
+    aged,
+    fold_at_read_method,
     fold_method,
     highest_confidence,
     last_write_wins,
@@ -40,11 +43,22 @@ from beliefstore.quality.evaluate import evaluate
 from beliefstore.quality.metrics import (
     RepeatQuestions,
     accuracy,
+    at_most_asks,
     brier_score,
     expected_calibration_error,
     reliability_bins,
 )
-from beliefstore.quality.world import OVERCONFIDENT_AGENTS, WorldSpec, reported_confidence, simulate
+from beliefstore.quality.oracle import bayes_filter, true_trust
+from beliefstore.quality.world import (
+    CALIBRATED_AGENTS,
+    DAY_S,
+    OVERCONFIDENT_AGENTS,
+    AgentSpec,
+    AttributeSpec,
+    WorldSpec,
+    reported_confidence,
+    simulate,
+)
 
 T0 = 1767225600000
 _ids = iter(range(1, 10**9))
@@ -142,6 +156,77 @@ def test_repeat_questions_counts() -> None:
     r.add(("a", 0.9), "a")
     assert (r.missing, r.low_confidence, r.wrong, r.needed) == (1, 1, 1, 4)
     assert r.repeats == 3 and r.repeats_per_handoff == 1.5 and r.wrong_per_handoff == 0.5
+
+
+def test_at_most_asks_by_hand() -> None:
+    conf = [0.9, 0.5, 0.3, 0.8, 0.5]
+    correct = [True, True, False, False, False]
+    # budget 3 − 1 missing = 2, but the 2nd and 3rd least confident tie at 0.5: ask 1
+    r = at_most_asks(conf, correct, 1, 3)
+    assert (r.threshold, r.asks, r.wrong) == (0.5, 2, 2)
+    r = at_most_asks(conf, correct, 1, 4)
+    assert (r.threshold, r.asks, r.wrong) == (0.8, 4, 1)
+    r = at_most_asks(conf, correct, 1, 10)
+    assert (r.asks, r.wrong) == (6, 0)
+    r = at_most_asks(conf, correct, 1, 1)  # answer everything
+    assert (r.threshold, r.asks, r.wrong) == (0.3, 1, 3)
+    with pytest.raises(ValueError, match="outcomes"):
+        at_most_asks([0.5], [], 0, 1)
+
+
+def test_aged_applies_the_read_time_decay() -> None:
+    events = [obs("a", "refund", 0.8, 0)]
+    method = aged(last_write_wins, FoldSettings(half_lives={"support": 86400.0}))
+    (e,) = method(events, T0 + 86_400_000)
+    # one half-life: σ(½ · logit 0.8) = σ(ln 2) = 2/3
+    assert e.value == "refund" and e.confidence == pytest.approx(2 / 3)
+    (e,) = method(events, T0)
+    assert e.confidence == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="observed_at"):
+        aged(lambda ev: [Estimate(("s1", "support", "issue"), "x", 0.8)])(events, T0)
+
+
+TWO_VALUES = WorldSpec(
+    attributes=(AttributeSpec("support", "issue", ("refund", "login"), DAY_S),),
+    agents=(AgentSpec("a", ("support",), (0.7, 0.9), 2.0),), correction_probability=0.3)
+
+
+def test_bayes_filter_by_hand() -> None:
+    oracle = bayes_filter(TWO_VALUES)
+    first = obs("a", "refund", reported_confidence(0.8, 2.0), 0)
+    (e,) = oracle([first], T0)
+    # the agent's k = 2: p = σ(logit(c) / 2) = 0.8; it survived a 30 % correction chance:
+    # 0.8 / (0.8 + 0.7 · 0.2) = 0.8 / 0.94
+    p = 0.8 / 0.94
+    assert e.value == "refund" and e.confidence == pytest.approx(p, abs=1e-3)
+    # one day later, K = 2: μ = λ · K / (K − 1) = 2 per day: ½ + (p − ½) · e^(−2)
+    (e,) = oracle([first], T0 + 86_400_000)
+    assert e.confidence == pytest.approx(0.5 + (p - 0.5) * math.exp(-2), abs=1e-3)
+    # a re-observation 5 minutes after a retracted one is a fresh draw: no survival factor
+    retract = ObservationRetracted(event_id=str(uuid.uuid4()), subject_id="s1", source="a",
+                                   occurred_at=T0 + 60_000, retracted_event_id=first.event_id)
+    again = obs("a", "refund", reported_confidence(0.8, 2.0), 300_000)
+    (e,) = oracle([first, retract, again], T0 + 300_000)
+    assert e.confidence == pytest.approx(0.8, abs=1e-3)
+    assert true_trust(TWO_VALUES) == {"a": 0.5}
+
+
+def test_read_time_decay_and_oracle_in_a_world() -> None:
+    spec = replace(SMALL, agents=CALIBRATED_AGENTS)
+    settings = FoldSettings(half_lives=spec.half_lives())
+    result = evaluate(simulate(spec), {"fold": fold_method(settings),
+                                       "fold@read": fold_at_read_method(settings),
+                                       "oracle": bayes_filter(spec)})
+    fold_r, read_r, oracle_r = (result.methods[m] for m in ("fold", "fold@read", "oracle"))
+    # same winners, only the confidence is read later: same accuracy, lower Brier
+    assert read_r.accuracy == fold_r.accuracy
+    assert oracle_r.brier < read_r.brier < fold_r.brier
+    assert sum(b.n for b in read_r.by_age) == read_r.n
+    old = read_r.by_age[-1]
+    assert old.n > 0 and old.mean_confidence is not None
+    assert old.mean_confidence < fold_r.by_age[-1].mean_confidence  # type: ignore[operator]
+    # the exact posterior is calibrated by construction
+    assert oracle_r.ece < 0.05
 
 
 # -- the world ---------------------------------------------------------------------------

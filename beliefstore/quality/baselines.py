@@ -23,23 +23,39 @@ from beliefstore.events.model import (
     ObservationRetracted,
     SubjectErased,
 )
-from beliefstore.projector.fold import FoldSettings, fold
+from beliefstore.projector.fold import FoldSettings, fold, logit, sigmoid
+from beliefstore.projector.freshness import decay_factor, fold_at
 
 Key = tuple[str, str, str]
 
 
 @dataclass(frozen=True)
 class Estimate:
-    """A method's answer for one key: its winning ``value`` and that value's
-    ``confidence`` in [0, 1]."""
+    """A method's answer for one key: its winning ``value``, that value's
+    ``confidence`` in [0, 1], and ``observed_at``, the newest counting observation of the
+    key (epoch ms; ``None`` if the method does not say)."""
 
     key: Key
     value: str
     confidence: float
+    observed_at: int | None = None
 
 
 Method = Callable[[Iterable[Event]], list[Estimate]]
 """A merge: events → one estimate per key, sorted by key."""
+
+
+@dataclass(frozen=True)
+class ReadMethod:
+    """A merge that also takes the read instant: ``(events, at) → estimates``.
+
+    :func:`beliefstore.quality.evaluate.evaluate` calls it with the handoff's time.
+    """
+
+    run: Callable[[Iterable[Event], int], list[Estimate]]
+
+    def __call__(self, events: Iterable[Event], at: int) -> list[Estimate]:
+        return self.run(events, at)
 
 
 def counting_observations(events: Iterable[Event]) -> dict[Key, list[ObservationRecorded]]:
@@ -80,7 +96,7 @@ def _decide(key: Key, observations: list[ObservationRecorded], scores: dict[str,
     for o in observations:
         newest[o.value] = max(newest.get(o.value, o.occurred_at), o.occurred_at)
     winner = max(scores, key=lambda v: (scores[v], newest[v], v))
-    return Estimate(key, winner, confidence[winner])
+    return Estimate(key, winner, confidence[winner], observations[-1].occurred_at)
 
 
 def last_write_wins(events: Iterable[Event]) -> list[Estimate]:
@@ -88,7 +104,7 @@ def last_write_wins(events: Iterable[Event]) -> list[Estimate]:
     out = []
     for key, obs in counting_observations(events).items():
         o = obs[-1]
-        out.append(Estimate(key, o.value, o.confidence))
+        out.append(Estimate(key, o.value, o.confidence, o.occurred_at))
     return out
 
 
@@ -97,7 +113,7 @@ def highest_confidence(events: Iterable[Event]) -> list[Estimate]:
     out = []
     for key, obs in counting_observations(events).items():
         o = max(obs, key=lambda o: (o.confidence, o.occurred_at, o.event_id))
-        out.append(Estimate(key, o.value, o.confidence))
+        out.append(Estimate(key, o.value, o.confidence, obs[-1].occurred_at))
     return out
 
 
@@ -130,9 +146,45 @@ def fold_method(settings: FoldSettings | None = None) -> Method:
     """The real fold (``beliefstore.projector.fold.fold``) as a :data:`Method`."""
 
     def run(events: Iterable[Event]) -> list[Estimate]:
-        return [Estimate(b.key, b.value, b.confidence) for b in fold(events, settings)]
+        return [Estimate(b.key, b.value, b.confidence, b.last_observed_at)
+                for b in fold(events, settings)]
 
     return run
+
+
+def fold_at_read_method(settings: FoldSettings | None = None) -> ReadMethod:
+    """The fold read at the read instant
+    (:func:`beliefstore.projector.freshness.fold_at`) as a :class:`ReadMethod`."""
+
+    def run(events: Iterable[Event], at: int) -> list[Estimate]:
+        return [Estimate(b.key, b.value, b.confidence, b.last_observed_at)
+                for b in fold_at(events, at, settings)]
+
+    return ReadMethod(run)
+
+
+def aged(method: Method, settings: FoldSettings | None = None) -> ReadMethod:
+    """``method`` with the fold's read-time decay applied to its confidence:
+    ``σ(d · logit(c))``, ``d = 2^(−(at − observed_at) / H)`` (H: the context's half-life
+    in ``settings``). For separating what read-time decay gains from what the merge rule
+    gains; the estimates must carry ``observed_at``.
+
+    Raises:
+        ValueError: an estimate has no ``observed_at``.
+    """
+    settings = settings or FoldSettings()
+
+    def run(events: Iterable[Event], at: int) -> list[Estimate]:
+        out = []
+        for e in method(events):
+            if e.observed_at is None:
+                raise ValueError(f"{e.key}: the method gives no observed_at to age from")
+            d = decay_factor(e.observed_at, at, settings.half_life_s(e.key[1]))
+            out.append(Estimate(e.key, e.value, sigmoid(d * logit(e.confidence)),
+                                e.observed_at))
+        return out
+
+    return ReadMethod(run)
 
 
 BASELINES: dict[str, Method] = {

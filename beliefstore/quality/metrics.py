@@ -167,3 +167,47 @@ class RepeatQuestions:
             self.low_confidence += 1
         elif belief[0] != truth:
             self.wrong += 1
+
+
+@dataclass(frozen=True)
+class AtMostAsks:
+    """A method's needed attributes re-scored at the highest threshold that asks at most
+    a given number of times (:func:`at_most_asks`).
+
+    Attributes:
+        threshold: the confidence below which it asks (a belief at or above answers).
+        asks: ``missing`` + beliefs below ``threshold``.
+        wrong: beliefs at or above ``threshold`` whose value is not the truth.
+    """
+
+    threshold: float
+    asks: int
+    wrong: int
+
+
+def at_most_asks(confidences: Sequence[float], correct: Sequence[bool], missing: int,
+                 max_asks: int) -> AtMostAsks:
+    """Wrong answers of a method when it asks no more often than ``max_asks``: the highest
+    threshold ``τ`` with ``missing + #{c < τ} <= max_asks`` (a threshold cannot split
+    equal confidences), to compare wrong answers at equal asking.
+
+    Args:
+        confidences, correct: the method's needed attributes that had a belief.
+        missing: needed attributes without a belief (always asked).
+        max_asks: the asking budget (e.g. another method's asks).
+
+    Raises:
+        ValueError: unequal inputs.
+    """
+    if len(confidences) != len(correct):
+        raise ValueError(f"{len(confidences)} confidences but {len(correct)} outcomes")
+    ranked = sorted(zip(confidences, correct, strict=True), key=lambda p: p[0])
+    budget = max_asks - missing
+    j = 0  # ask the j least confident; j must fall between two distinct confidences
+    for i in range(min(budget, len(ranked)), -1, -1):
+        if i == 0 or i == len(ranked) or ranked[i - 1][0] < ranked[i][0]:
+            j = i
+            break
+    threshold = ranked[j][0] if j < len(ranked) else math.inf
+    wrong = sum(1 for _, y in ranked[j:] if not y)
+    return AtMostAsks(threshold, missing + j, wrong)
