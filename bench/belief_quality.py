@@ -351,11 +351,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seeds: give at least one seed, e.g. 1,2,3")
     started = time.perf_counter()
     per_seed: dict[int, list[dict[str, Any]]] = {}
+    fits: dict[str, Any] = {}
     first: dict[str, Evaluation] = {}
     first_extras: dict[str, Any] = {}
     for seed in seeds:
         results, extras = run_seed(seed, args.subjects)
         per_seed[seed] = targets(results)
+        fits[str(seed)] = extras["default"]["half_life_fit"]
         if seed == seeds[0]:
             first, first_extras = results, extras
     if not args.no_plots:
@@ -372,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": per_seed[seeds[0]],
         "targets_per_seed": {str(s): t for s, t in per_seed.items()},
         "targets_over_seeds": over_seeds,
+        "half_life_fit_per_seed": fits,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
@@ -387,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"- {t['target']}: {figures}; seeds met {t['seeds_met']}"
               + (f", at equal asking {t['seeds_met_at_equal_asking']}"
                  if "seeds_met_at_equal_asking" in t else ""))
+    print("\nhalf-life multiple fitted on the held-out world, per seed: "
+          + ", ".join(f"{s}: {f['scale']:.3g}" for s, f in fits.items()))
     print(f"\nwrote {args.output} in {payload['seconds']} s")
     return 0
 

@@ -3,6 +3,7 @@
 
 Modules: :mod:`.world` (the seeded world), :mod:`.baselines` (last write wins, highest
 confidence, majority vote, mean confidence, and the fold as a method), :mod:`.metrics`,
-:mod:`.evaluate` (runs methods over a world) and :mod:`.calibrate` (fits each source's
-trust from outcomes). Pure and importable; no I/O except the explicit load functions.
+:mod:`.evaluate` (runs methods over a world), :mod:`.oracle` (methods that know the world's
+hidden parameters: bounds on what any merge can reach) and :mod:`.calibrate` (fits each
+source's trust from outcomes). Pure and importable; no I/O except the explicit load functions.
 """
