@@ -238,6 +238,9 @@ def targets(results: dict[str, Evaluation]) -> list[dict[str, Any]]:
     bounds = _repeat_bounds(r)
     v = {m: r.methods[m].repeats.repeats_per_handoff / base for m in ("fold", "fold@read")}
     v.update({f"oracle:bayes {k}": x / base for k, x in bounds.items()})
+    # the other reading of the issue: wrong answers reported apart, not counted as repeats
+    v.update({f"{m}, asks only": r.methods[m].repeats.asks / r.handoffs / base
+              for m in ("fold", "fold@read")})
     out.append({
         "target": "default world: repeat questions with the fold <= 0.15 x no shared context",
         "measured": f"fold {r.methods['fold'].repeats.repeats_per_handoff:.3f}, fold@read "
@@ -245,7 +248,9 @@ def targets(results: dict[str, Evaluation]) -> list[dict[str, Any]]:
                     f"handoff (x{v['fold']:.3f}, x{v['fold@read']:.3f}); bound with the same "
                     f"observations (oracle:bayes): x{v['oracle:bayes at_threshold']:.3f} at "
                     f"threshold 0.7, x{v['oracle:bayes floor']:.3f} expected when answering "
-                    f"everything (x{v['oracle:bayes realized']:.3f} realized)",
+                    f"everything (x{v['oracle:bayes realized']:.3f} realized); asks only, "
+                    f"wrong answers apart: fold x{v['fold, asks only']:.3f}, fold@read "
+                    f"x{v['fold@read, asks only']:.3f}",
         "values": v, "limit": 0.15,
         "met": {m: v[m] <= 0.15 for m in ("fold", "fold@read")}})
     v = {m: r.methods[m].repeats.wrong_per_handoff
