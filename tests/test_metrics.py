@@ -184,7 +184,7 @@ def test_tracing_exports_spans_when_the_otlp_endpoint_is_set(world: World, monke
     assert b"beliefstore-test" in payload
 
 
-def test_no_tracing_without_the_endpoint(world: World, monkeypatch):
+def test_no_tracing_without_the_endpoint(monkeypatch):
     from fastapi import FastAPI
 
     from beliefstore.api.tracing import instrument
