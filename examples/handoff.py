@@ -1,4 +1,4 @@
-"""A handoff between two agents through beliefstore.
+r"""A handoff between two agents through beliefstore.
 
 The triage agent talks to a customer and writes what it learned with the typed HTTP
 client (``beliefstore.client``); the billing agent, which only speaks MCP, takes over and
