@@ -69,6 +69,17 @@ def test_api_metrics_by_route_and_status(world: World):
     # Histogram buckets are cumulative and end at +Inf = count.
     assert value(after, "beliefstore_api_request_duration_seconds_bucket", le="+Inf", **ok) == \
         value(after, count, **ok)
+    # Cache lookups (recorded where a read cache exists) are exposed with their result.
+    from beliefstore.api.metrics import record_cache
+
+    record_cache("test-cache", True)
+    record_cache("test-cache", False)
+    cached = scrape(world.url + "/metrics")
+    lookups = "beliefstore_api_cache_lookups_total"
+    assert value(cached, lookups, cache="test-cache", result="hit") - value(
+        after, lookups, cache="test-cache", result="hit") == 1
+    assert value(cached, lookups, cache="test-cache", result="miss") - value(
+        after, lookups, cache="test-cache", result="miss") == 1
     # The subject id never becomes a label.
     assert not any(SUBJECT in str(labels) for _, labels in after)
 
