@@ -203,3 +203,22 @@ def test_no_tracing_without_the_endpoint(monkeypatch):
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
     app = FastAPI()
     assert instrument(app) is False and not hasattr(app.state, "tracer_provider")
+
+
+def test_tracing_without_the_packages_says_what_to_install(monkeypatch, caplog):
+    import logging
+    import sys
+
+    from fastapi import FastAPI
+
+    from beliefstore.api.tracing import instrument
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    # As if the otel extra were not installed: importing the instrumentation fails.
+    monkeypatch.setitem(sys.modules, "opentelemetry.instrumentation.fastapi", None)
+    app = FastAPI()
+    with caplog.at_level(logging.ERROR, logger="beliefstore.api"):
+        assert instrument(app) is False
+    assert "pip install 'beliefstore[otel]'" in caplog.text
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" in caplog.text
+    assert not hasattr(app.state, "tracer_provider")

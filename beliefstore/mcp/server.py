@@ -54,7 +54,10 @@ def build_server(client: ClientFactory, *, name: str = "beliefstore") -> MCPServ
     Raises (as tool errors, ``is_error=True`` with the message): the API's 401/403/404/422/429
     refusals with its message, and an unreachable API.
     """
-    server: MCPServer = MCPServer(name, instructions=INSTRUCTIONS, version="1")
+    # log_level WARNING: MCPServer calls logging.basicConfig, which must not raise the
+    # level of an application that left logging unconfigured.
+    server: MCPServer = MCPServer(name, instructions=INSTRUCTIONS, version="1",
+                                  log_level="WARNING")
 
     @server.tool(title="Record an observation")
     async def observe(
