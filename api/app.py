@@ -14,10 +14,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from beliefstore.api.deps import AppState
-from beliefstore.api.routes import access, audit, ingest, operations, reads
+from beliefstore.api.metrics import MetricsMiddleware
+from beliefstore.api.routes import access, audit, discovery, ingest, metrics, operations, reads, retractions
+from beliefstore.api.routes import mcp as mcp_route
 from beliefstore.api.security import (
     BodyLimitMiddleware,
 )
+from beliefstore.api.tracing import instrument, shutdown
 from beliefstore.errors import ValidationError
 from beliefstore.events.producer import BeliefProducer
 from beliefstore.projector.catalog import ProjectionCatalog
@@ -38,8 +41,12 @@ def create_app(settings: Settings, catalog: ProjectionCatalog,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        yield
-        state.close()  # flushes the access log
+        try:
+            async with mcp_route.running(app):
+                yield
+        finally:
+            state.close()  # flushes the access log
+            shutdown(app)
 
     app = FastAPI(
         title="beliefstore",
@@ -50,6 +57,7 @@ def create_app(settings: Settings, catalog: ProjectionCatalog,
     )
     app.state.beliefstore = state
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -68,4 +76,8 @@ def create_app(settings: Settings, catalog: ProjectionCatalog,
 
     for module in (reads, audit, ingest, access, operations):
         app.include_router(module.router)
+    for module in (discovery, retractions, metrics, mcp_route):
+        app.include_router(module.router)
+    mcp_route.mount(app)
+    instrument(app)
     return app

@@ -66,6 +66,9 @@ class BeliefOut(BaseModel):
     last_observed_at: datetime
     updated_at: datetime | None = Field(
         description="When the projector last wrote it; null for an as_of view (computed).")
+    age_s: float | None = Field(None, description="Seconds from its newest counting "
+                                "observation (last_observed_at) to now, or to as_of for a past "
+                                "view; 0 for an observation dated in the future.")
 
 
 class SelfModelOut(BaseModel):
@@ -202,3 +205,69 @@ class KeyOut(BaseModel):
     admin: bool
     created_at: datetime
     revoked_at: datetime | None
+
+
+class RetractionIn(BaseModel):
+    """A retraction of one of the caller's own observations (``ObservationRetracted``)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{
+            "subject_id": "user-42",
+            "retracted_event_id": "0b7d5c2e-4c1e-4a57-9d0e-1f2a3b4c5d6e",
+            "reason": "wrong customer",
+        }]},
+    )
+
+    subject_id: StrictStr = Field(description="The subject of the retracted observation.")
+    retracted_event_id: StrictStr = Field(description="event_id of the observation to withdraw.")
+    source: StrictStr | None = Field(
+        None, description="The retracting agent; default (and only allowed value) the key's agent.")
+    reason: StrictStr | None = Field(None, description="Why it is withdrawn.")
+    occurred_at: StrictInt | datetime | None = Field(
+        None, description="When it was retracted: epoch milliseconds or ISO 8601; default now.")
+    event_id: StrictStr | None = Field(
+        None, description="UUID of the retraction itself, for idempotent retries; default a new UUID4.")
+
+
+class SchemaOut(BaseModel):
+    """One Avro schema the API knows (shipped in ``schemas/`` or on BELIEFSTORE_SCHEMA_PATH)."""
+
+    name: str = Field(description="Full record name, e.g. beliefstore.ObservationRecorded.")
+    version: int = Field(description="The N of its file name Name.vN.avsc.")
+    fingerprint: str = Field(description="CRC-64-AVRO fingerprint of its Parsing Canonical Form, "
+                             "8 bytes little-endian as 16 hex digits (as in a trace's "
+                             "writer_fingerprint and the single-object encoding's header).")
+    current: bool = Field(description="Whether this code writes this version (the newest shipped).")
+    schema_: dict = Field(alias="schema", description="The .avsc document itself.")
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class SchemasOut(BaseModel):
+    """Every schema the API knows, by name then version."""
+
+    schemas: list[SchemaOut]
+
+
+class AttributeOut(BaseModel):
+    """One attribute of a context and how many subjects have a belief about it."""
+
+    attribute: str
+    belief_count: int
+
+
+class ContextOut(BaseModel):
+    """A context the key may read, with what is believed in it."""
+
+    context: str
+    attributes: list[AttributeOut] = Field(description="Attributes with at least one belief.")
+    belief_count: int = Field(description="Beliefs in the context, over every subject.")
+    half_life_s: float = Field(description="The fold's half-life for the context, seconds.")
+    restricted: bool = Field(description="Only keys that name it may read or write it.")
+
+
+class ContextsOut(BaseModel):
+    """The contexts the key may read."""
+
+    contexts: list[ContextOut]

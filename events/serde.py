@@ -70,6 +70,8 @@ class RegisteredSchema:
         fingerprint: 8 bytes, CRC-64-AVRO of the Parsing Canonical Form, little-endian.
         parsed: the fastavro-parsed schema.
         source: the file it came from.
+        document: the ``.avsc`` JSON document as written (for discovery, ``GET /v1/schemas``).
+        own: whether it is one of this code's versions (shipped), not an extra writer schema.
     """
 
     name: str
@@ -77,6 +79,8 @@ class RegisteredSchema:
     fingerprint: bytes
     parsed: Any
     source: str
+    document: Any = None
+    own: bool = True
 
 
 def schema_fingerprint(schema: Any) -> bytes:
@@ -103,14 +107,14 @@ class SchemaRegistry:
         self._by_fingerprint: dict[bytes, RegisteredSchema] = {}
         self._current: dict[str, RegisteredSchema] = {}
         for origin, text in own:
-            entry = self._add(origin, text)
+            entry = self._add(origin, text, own=True)
             best = self._current.get(entry.name)
             if best is None or entry.version > best.version:
                 self._current[entry.name] = entry
         for origin, text in extra:
-            self._add(origin, text)
+            self._add(origin, text, own=False)
 
-    def _add(self, origin: str, text: str) -> RegisteredSchema:
+    def _add(self, origin: str, text: str, own: bool) -> RegisteredSchema:
         match = _FILE_NAME.match(Path(origin).name)
         if not match:
             raise ValueError(f"{origin}: schema files must be named Name.vN.avsc")
@@ -125,6 +129,8 @@ class SchemaRegistry:
             fingerprint=schema_fingerprint(raw),
             parsed=parsed,
             source=origin,
+            document=raw,
+            own=own,
         )
         self._by_fingerprint[entry.fingerprint] = entry
         return entry
@@ -155,6 +161,11 @@ class SchemaRegistry:
     def current(self, name: str) -> RegisteredSchema:
         """The schema this code writes and reads ``name`` as (its highest own version)."""
         return self._current[name]
+
+    def is_current(self, entry: RegisteredSchema) -> bool:
+        """Whether ``entry`` is the version this code writes for its record name."""
+        best = self._current.get(entry.name)
+        return best is not None and best.fingerprint == entry.fingerprint
 
     def lookup(self, fingerprint: bytes) -> RegisteredSchema:
         """The schema with this fingerprint.

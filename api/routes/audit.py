@@ -20,6 +20,7 @@ from beliefstore.api.render import belief_out
 from beliefstore.api.security import (
     TRACE_RESPONSES,
 )
+from beliefstore.api.staleness import with_age
 from beliefstore.events.model import ObservationRecorded
 from beliefstore.projector.fold import Key
 from beliefstore.projector.store import load_events
@@ -97,7 +98,7 @@ def belief_trace(caller: Caller, subject_id: SubjectId, context: str, attribute:
     record_access(state, caller, subject_id, "trace", [context], len(events), attribute)
     return TraceOut(
         subject_id=subject_id, context=context, attribute=attribute,
-        belief=belief_out(t.row) if t.row is not None else None,
+        belief=with_age([belief_out(t.row)])[0] if t.row is not None else None,
         half_life_s=fold_settings.half_life_s(context),
         trust={s: fold_settings.trust_of(s) for s in sources},
         scores={v: math.fsum(ws) for v, ws in sorted(weights.items())},

@@ -32,6 +32,7 @@ from beliefstore.api.render import belief_out, computed_belief_out
 from beliefstore.api.security import (
     READ_RESPONSES,
 )
+from beliefstore.api.staleness import MaxAge, with_age
 from beliefstore.projector.store import load_subject_events
 from beliefstore.projector.timeline import Axis, beliefs_as_of
 from beliefstore.timefmt import to_millis
@@ -68,12 +69,14 @@ def fetch_beliefs(conn: sa.Connection, state: AppState, subject_id: str, as_of: 
 @router.get("/v1/subjects/{subject_id}/self-model", response_model=SelfModelOut,
          responses=READ_RESPONSES, tags=["handoff"])
 def self_model(caller: Caller, subject_id: SubjectId, conn: Conn, state: State,
-               as_of: AsOf = None, time: TimeAxis = "recorded") -> SelfModelOut:
+               as_of: AsOf = None, time: TimeAxis = "recorded",
+               max_age_s: MaxAge = None) -> SelfModelOut:
     """Everything believed about the subject, grouped by context: each belief with its
     confidence, alternatives and the sources behind it. Now, or ``as_of`` a past
     instant (folded from the stored events; ``time`` picks the axis). Contexts the
-    key may not read are left out."""
+    key may not read are left out, and with ``max_age_s`` beliefs older than that."""
     found = fetch_beliefs(conn, state, subject_id, as_of, time, read_scope(caller, state))
+    found = with_age(found, max_age_s, as_of)
     contexts: dict[str, list[BeliefOut]] = {}
     for b in found:
         contexts.setdefault(b.context, []).append(b)
@@ -93,11 +96,14 @@ def subject_beliefs(
         ge=0.0, le=1.0, description="Only beliefs at least this confident, in [0, 1].")] = None,
     as_of: AsOf = None,
     time: TimeAxis = "recorded",
+    max_age_s: MaxAge = None,
 ) -> BeliefsOut:
-    """The subject's beliefs, optionally of one context and above a confidence; now or
-    ``as_of`` a past instant. Contexts the key may not read are left out."""
+    """The subject's beliefs, optionally of one context, above a confidence and younger
+    than ``max_age_s``; now or ``as_of`` a past instant. Contexts the key may not read
+    are left out."""
     found = fetch_beliefs(conn, state, subject_id, as_of, time, read_scope(caller, state),
                      context, min_confidence)
+    found = with_age(found, max_age_s, as_of)
     record_access(state, caller, subject_id, "beliefs", [b.context for b in found], len(found),
             as_of=as_of)
     return BeliefsOut(subject_id=subject_id, beliefs=found)

@@ -99,6 +99,10 @@ def projector(
         min=1, help="Run N worker processes in one consumer group (default group "
         "`beliefstore-projector`) and supervise them.")] = 1,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    metrics_port: Annotated[int | None, typer.Option(
+        min=1, max=65535, help="Serve Prometheus metrics (events, batch duration, lag per "
+        "partition, dead letters) on http://0.0.0.0:PORT/metrics; with --workers N, worker i "
+        "uses PORT+i. Meant for the operator's network: no key is asked.")] = None,
 ) -> None:
     """Run the projector: consume the event topic, fold each batch into the read model in
     one transaction with the offsets. It follows the active projection (see `replay
@@ -113,7 +117,8 @@ def projector(
     require_services(settings)
     if workers > 1:
         raise typer.Exit(_supervise_workers(workers, group or "beliefstore-projector",
-                                            until_caught_up, verbose))
+                                            until_caught_up, verbose, metrics_port))
+    metrics_server = _serve_metrics(metrics_port) if metrics_port else None
     catalog = ProjectionCatalog.from_settings(settings)
     catalog.ensure()
     stop = threading.Event()
@@ -124,11 +129,29 @@ def projector(
                                       group=group)
     except BeliefstoreError as exc:
         raise fail(str(exc)) from None
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
     log.info("projector stopped: %d events, %d poison in %d batches", stats.events,
              stats.poison, stats.batches)
 
 
-def _supervise_workers(count: int, group: str, until_caught_up: bool, verbose: bool) -> int:
+def _serve_metrics(port: int):
+    """Serve the projector's metrics on ``port``; exit 2 naming the port if it is taken."""
+    from beliefstore.projector.metrics import serve
+
+    try:
+        server = serve(port)
+    except OSError as exc:
+        raise fail(f"cannot serve metrics on port {port} ({exc.strerror}): pick a free port "
+                   "with --metrics-port", 2) from None
+    log.info("projector metrics on http://0.0.0.0:%d/metrics", port)
+    return server
+
+
+def _supervise_workers(count: int, group: str, until_caught_up: bool, verbose: bool,
+                       metrics_port: int | None = None) -> int:
     """Run ``count`` `projector --group` processes; forward SIGTERM/SIGINT; return the
     first non-zero exit code (0 when all exit cleanly)."""
     import subprocess
@@ -136,7 +159,9 @@ def _supervise_workers(count: int, group: str, until_caught_up: bool, verbose: b
     command = [sys.argv[0], "projector", "--group", group]
     command += ["--until-caught-up"] if until_caught_up else []
     command += ["--verbose"] if verbose else []
-    children = [subprocess.Popen(command) for _ in range(count)]
+    children = [subprocess.Popen(command + (["--metrics-port", str(metrics_port + i)]
+                                            if metrics_port else []))
+                for i in range(count)]
     log.info("started %d projector workers in group %r: pids %s", count, group,
              [c.pid for c in children])
 
