@@ -11,10 +11,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from beliefstore.api.deps import AppState
-from beliefstore.api.routes import access, audit, ingest, operations, reads
+from beliefstore.api.routes import access, audit, console, docs, ingest, listings, operations, reads
 from beliefstore.api.security import (
     BodyLimitMiddleware,
 )
@@ -47,6 +48,9 @@ def create_app(settings: Settings, catalog: ProjectionCatalog,
         summary="What AI agents believe about the people they serve: self-models, "
         "traces and observation ingest.",
         lifespan=lifespan,
+        # /docs and /redoc are served with local assets (api/routes/docs.py), not a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.beliefstore = state
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -68,4 +72,8 @@ def create_app(settings: Settings, catalog: ProjectionCatalog,
 
     for module in (reads, audit, ingest, access, operations):
         app.include_router(module.router)
+    for module in (listings, console, docs):
+        app.include_router(module.router)
+    # The console's page, scripts and styles, and the vendored front-end libraries.
+    app.mount("/static", StaticFiles(packages=[("beliefstore.api", "static")]), name="static")
     return app
