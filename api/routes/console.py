@@ -21,7 +21,14 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from beliefstore.access.consolesessions import COOKIE_NAME, LINK_TTL_S, SESSION_TTL_S
 from beliefstore.access.keys import AuthError, KeyStoreError
 from beliefstore.api.deps import AppState, Caller, Credentials, State, get_caller
-from beliefstore.api.models import ConsoleMeOut, LoginIn, LoginLinkIn, LoginLinkOut, WhoAmIOut
+from beliefstore.api.models import (
+    ConsoleMeOut,
+    ErrorOut,
+    LoginIn,
+    LoginLinkIn,
+    LoginLinkOut,
+    WhoAmIOut,
+)
 from beliefstore.api.security import AUTH_RESPONSES, forbidden, too_many_requests, unauthorized
 
 router = APIRouter()
@@ -65,7 +72,8 @@ def console_index() -> HTMLResponse:
 
 
 @router.post("/console/login-links", response_model=LoginLinkOut, status_code=201,
-             responses={**AUTH_RESPONSES, 400: {"description": "Authentication is off."}},
+             responses={**AUTH_RESPONSES, 400: {"model": ErrorOut,
+                                                "description": "Authentication is off."}},
              tags=["console"])
 def create_login_link(caller: Caller, state: State, request: Request,
                       body: LoginLinkIn | None = None) -> LoginLinkOut:
@@ -138,7 +146,8 @@ def login(body: LoginIn, request: Request, state: State) -> Response:
     return response
 
 
-@router.post("/console/logout", status_code=204, tags=["console"])
+@router.post("/console/logout", status_code=204, tags=["console"], responses={
+    403: {"model": ErrorOut, "description": "The X-Beliefstore-Console header is missing."}})
 def logout(request: Request, state: State,
            marker: Annotated[str | None, Header(alias=CONSOLE_HEADER)] = None) -> Response:
     """End the console session and clear its cookie. Needs the ``X-Beliefstore-Console``
@@ -153,7 +162,8 @@ def logout(request: Request, state: State,
     return response
 
 
-@router.get("/console/me", response_model=ConsoleMeOut, tags=["console"])
+@router.get("/console/me", response_model=ConsoleMeOut, responses=AUTH_RESPONSES,
+            tags=["console"])
 def me(request: Request, state: State, credentials: Credentials) -> ConsoleMeOut:
     """Whether the request is logged in (session cookie or bearer key) and as whom (as
     ``/v1/whoami``); 200 either way, so the console's first look logs no error. Carries

@@ -14,6 +14,7 @@ from beliefstore.api.deps import Caller, Conn, State, SubjectId, read_scope
 from beliefstore.api.models import (
     AccessLogOut,
     AccessRecordOut,
+    ErrorOut,
     ProjectionOut,
     SubjectSummaryOut,
 )
@@ -23,8 +24,9 @@ from beliefstore.timefmt import from_millis
 router = APIRouter()
 
 
-@router.get("/v1/subjects", response_model=list[SubjectSummaryOut], responses=AUTH_RESPONSES,
-            tags=["listings"])
+@router.get("/v1/subjects", response_model=list[SubjectSummaryOut], tags=["listings"],
+            responses={**AUTH_RESPONSES, 403: {"model": ErrorOut,
+                                               "description": "The key may read no context."}})
 def find_subjects(
     caller: Caller, conn: Conn, state: State,
     prefix: Annotated[str, Query(max_length=256, description="The subject id starts with it "
@@ -52,7 +54,8 @@ def projections(caller: Caller, state: State) -> list[ProjectionOut]:
 
 
 @router.get("/v1/subjects/{subject_id}/access-log", response_model=AccessLogOut,
-            responses={**ADMIN_RESPONSES, 503: {"description": "The access topic cannot be read."}},
+            responses={**ADMIN_RESPONSES, 503: {"model": ErrorOut,
+                                                "description": "The access topic cannot be read."}},
             tags=["listings"])
 def access_log(caller: Caller, subject_id: SubjectId, state: State) -> AccessLogOut:
     """Which agents read the subject's beliefs, from the access topic (admin keys only);
