@@ -643,3 +643,27 @@ def test_login_form_with_a_key(demo, browser):
              == "login", "the login form again")
     errors = severe(driver)
     assert not errors, errors
+
+
+def test_with_authentication_off_the_console_needs_no_login(settings, engine, producer,
+                                                            projector):
+    from dataclasses import replace as dc_replace
+
+    from beliefstore.embedded import free_port
+    from beliefstore.runtime.serve import ApiServer
+
+    receipts = play_demo(producer, SUBJECT)
+    wait_caught_up(settings, receipts)
+    server = ApiServer(dc_replace(settings, auth=False), "127.0.0.1", free_port()
+                       ).start_in_thread()
+    try:
+        me = httpx.get(server.url + "/console/me", timeout=30).json()
+        assert me["authenticated"] and me["caller"]["agent"] == "anonymous"
+        assert not me["caller"]["auth"]
+        refused = httpx.post(server.url + "/console/login-links", json={}, timeout=30)
+        assert refused.status_code == 400 and "no login is needed" in refused.json()["detail"]
+        found = httpx.get(server.url + "/v1/subjects", params={"prefix": SUBJECT},
+                          timeout=30).json()
+        assert found[0]["beliefs"] == 4
+    finally:
+        server.stop()
