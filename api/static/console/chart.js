@@ -66,7 +66,16 @@ export function drawTimeline(container, history, events, until) {
       }],
     },
   };
+  // When the events are bunched far before now (all appended within seconds, viewed
+  // minutes later), open on the events' span; a double-click shows the range up to now.
+  const first = Math.min(xs[0], ...times);
+  const last = Math.max(xs[xs.length - 1], ...times);
+  const span = last - first;
   const plot = new uPlot(opts, data, container);
+  if (end - last > 2 * span) {
+    const pad = span > 0 ? span * 0.1 : 1;
+    requestAnimationFrame(() => plot.setScale("x", { min: first - pad, max: last + pad * 3 }));
+  }
   const resize = () => plot.setSize({ width: width(), height: 260 });
   window.addEventListener("resize", resize);
   return { destroy() { window.removeEventListener("resize", resize); plot.destroy(); } };

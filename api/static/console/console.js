@@ -359,7 +359,7 @@ async function beliefView(subject, context, attribute) {
       body.replaceChildren(
         h("section", { class: "panel", "aria-label": "current belief" }, facts),
         h("h2", {}, "Timeline"),
-        h("p", { class: "muted" }, "Confidence of each value after every event that changed the belief, by the time the event was appended to the log (drag across the chart to zoom, double-click to reset)."),
+        h("p", { class: "muted" }, "Confidence of each value after every event that changed the belief, by the time the event was appended to the log (drag across the chart to zoom; double-click for the whole range up to now)."),
         legend, chartBox,
         historyTable(history),
         h("h2", {}, "Trace"), traceTable(trace));
