@@ -62,6 +62,7 @@ def _set_session(request: Request, response: Response, state: AppState, key_id: 
 
 @router.get("/console", include_in_schema=False)
 def console_root() -> RedirectResponse:
+    """``/console`` → ``/console/`` (the page's relative links need the slash)."""
     return RedirectResponse("/console/", status_code=307)
 
 

@@ -39,6 +39,7 @@ def swagger_ui() -> HTMLResponse:
 
 @router.get(OAUTH2_REDIRECT, include_in_schema=False)
 def swagger_ui_redirect() -> HTMLResponse:
+    """Swagger UI's OAuth2 redirect page (FastAPI's, as with the default docs)."""
     return get_swagger_ui_oauth2_redirect_html()
 
 
