@@ -211,6 +211,7 @@ class SubjectSummaryOut(BaseModel):
 
     subject_id: str
     contexts: list[str] = Field(description="Contexts with observations the key may read.")
+    keys: list[str] = Field(description="Their observed context/attribute pairs (no values).")
     observations: int = Field(description="Stored observations in those contexts.")
     beliefs: int = Field(description="Current beliefs in those contexts (0 once erased).")
     last_observed_at: datetime = Field(description="The newest observation's occurred_at.")

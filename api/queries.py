@@ -92,9 +92,9 @@ def subject_summaries(conn: sa.Connection, prefix: str, limit: int,
                       scope: ContextScope = EVERYTHING, exact: bool = False) -> list[sa.Row]:
     """Subjects whose id starts with ``prefix`` and that have observations in the contexts
     ``scope`` allows, most recently observed first, at most ``limit``: per subject its
-    contexts, counts of observations and beliefs, newest ``occurred_at``, when a belief
-    last changed, and whether it was erased. No values. ``exact``: only the subject
-    ``prefix`` itself."""
+    contexts, its keys (``context/attribute``), counts of observations and beliefs, newest
+    ``occurred_at``, when a belief last changed, and whether it was erased. No values.
+    ``exact``: only the subject ``prefix`` itself."""
     o, b, e = observations, beliefs, erasures
     pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
     belief_stats = (
@@ -107,6 +107,8 @@ def subject_summaries(conn: sa.Connection, prefix: str, limit: int,
         sa.select(
             o.c.subject_id,
             sa.func.array_agg(sa.distinct(o.c.context)).label("contexts"),
+            sa.func.array_agg(sa.distinct(sa.func.concat(o.c.context, "/", o.c.attribute)))
+            .label("keys"),
             sa.func.count().label("observations"),
             belief_stats.label("beliefs"),
             sa.func.max(o.c.occurred_at).label("last_observed_at"),

@@ -228,6 +228,9 @@ def test_listings_subjects_projections_and_access_log(demo):
                       headers=headers, timeout=30).json()
     assert [s["subject_id"] for s in found] == [SUBJECT]
     assert found[0]["contexts"] == ["billing", "support"] and found[0]["beliefs"] == 4
+    assert found[0]["keys"] == ["billing/plan_status", "support/communication_preference",
+                                "support/emotional_state", "support/expertise_level",
+                                "support/issue"]
     assert found[0]["observations"] == len(TRIAGE) + len(SENTIMENT)
     assert not found[0]["erased"]
     # LIKE wildcards in the prefix are literal.
@@ -508,7 +511,21 @@ def test_console_in_a_browser_login_self_model_chart_trace_live(demo, browser, t
     shot(driver, "console-belief-phone-full-page", full_page=True)
     desktop(driver)
 
-    # back to the subject; a new observation appears live (watch stream, else polling)
+    # the document itself never scrolls sideways at 1280 px (wide tables scroll in place)
+    assert driver.execute_script("return document.documentElement.scrollWidth") <= 1280
+
+    # back to the subject; the retracted billing observation has no belief, but its trace
+    # is one link away
+    driver.find_element(By.LINK_TEXT, SUBJECT).click()
+    wait_for(driver, lambda: view_ready(driver, "subject"), "the subject again")
+    driver.find_element(By.CSS_SELECTOR, "#other-keys a").click()
+    wait_for(driver, lambda: view_ready(driver, "belief")
+             and driver.find_elements(By.ID, "trace"), "the retracted key's trace")
+    retracted = driver.find_element(By.ID, "trace").text
+    assert "retracted" in retracted and "retraction" in retracted and "active" in retracted
+    assert "(no belief" in driver.find_element(By.ID, "belief-value").text
+
+    # a new observation appears live (watch stream, else polling)
     driver.find_element(By.LINK_TEXT, SUBJECT).click()
     wait_for(driver, lambda: view_ready(driver, "subject"), "the subject again")
     wait_for(driver, lambda: driver.find_element(By.ID, "live-mode").text.startswith(
@@ -586,7 +603,10 @@ def test_console_erased_subject_and_context_out_of_scope(demo, browser, make_key
     wait_for(admin, lambda: admin.find_elements(By.ID, "erased-note"), "the erased note")
     seen = [admin.find_element(By.ID, "main").text]
     shot(admin, "console-erased-subject")
-    admin.get(f"{demo.url}/console/#/s/{SUBJECT}/b/support/emotional_state")
+    # every observed key is still one link away from its trace, without values
+    keys = admin.find_element(By.ID, "other-keys").text
+    assert "support/emotional_state" in keys and "billing/plan_status" in keys
+    admin.find_element(By.LINK_TEXT, "support/emotional_state").click()
     wait_for(admin, lambda: view_ready(admin, "belief"), "the erased belief's trace")
     wait_for(admin, lambda: admin.find_elements(By.ID, "trace"), "the trace table")
     seen.append(admin.find_element(By.ID, "main").text)

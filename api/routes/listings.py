@@ -38,7 +38,8 @@ def find_subjects(
     first: counts, contexts and times, never values (not recorded in the access log)."""
     scope = read_scope(caller, state)
     return [SubjectSummaryOut(
-        subject_id=r.subject_id, contexts=sorted(r.contexts), observations=r.observations,
+        subject_id=r.subject_id, contexts=sorted(r.contexts), keys=sorted(r.keys),
+        observations=r.observations,
         beliefs=r.beliefs, last_observed_at=r.last_observed_at, changed_at=r.changed_at,
         erased=r.erased) for r in queries.subject_summaries(conn, prefix, limit, scope, exact)]
 

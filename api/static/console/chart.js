@@ -3,7 +3,7 @@
 // axis, coloured by its status.
 
 const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"];
-const MARKS = { counting: "#1a7f37", superseded: "#8c959f", retracted: "#b42318", retraction: "#b42318", erased: "#000000", retraction_ignored: "#9a6700" };
+const MARKS = { counting: "#1a7f37", superseded: "#8c959f", retracted: "#b42318", retraction: "#8250df", erased: "#000000", retraction_ignored: "#9a6700" };
 
 export const colorClass = (i) => `sw${i % COLORS.length}`;
 export const markClass = (status) => `mk-${status}`;

@@ -129,6 +129,24 @@ function toLocalInput(iso) {
   return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}T${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
 }
 
+/** Links to the trace of every observed key without a current belief (retracted, or
+ * erased): an auditor can still follow what happened, values stay hidden. */
+function otherKeys(subject, summary, model) {
+  const believed = new Set();
+  for (const [context, beliefs] of Object.entries((model && model.contexts) || {})) {
+    for (const b of beliefs) believed.add(`${context}/${b.attribute}`);
+  }
+  const rest = summary.keys.filter((k) => !believed.has(k));
+  if (!rest.length) return null;
+  return h("section", { "aria-labelledby": "other-keys-h" },
+    h("h3", { id: "other-keys-h" }, "Observed, with no current belief"),
+    h("ul", { id: "other-keys" }, rest.map((k) => {
+      const [context, ...attr] = k.split("/");
+      const attribute = attr.join("/");
+      return h("li", {}, h("a", { href: `#/s/${enc(subject)}/b/${enc(context)}/${enc(attribute)}` }, k), " — trace and history");
+    })));
+}
+
 function beliefRows(subject, model, at, flashKey) {
   const sections = [];
   const contexts = Object.keys(model.contexts).sort();
@@ -248,11 +266,13 @@ async function subjectView(subject, query) {
     if (summary.erased && summary.beliefs === 0) {
       asOfForm.hidden = true;
       modelBox.replaceChildren(h("p", { class: "note", id: "erased-note" },
-        "This subject was erased: its data keys were destroyed (crypto-shredding), so no value is shown. Traces still list that events existed."));
+        "This subject was erased: its data keys were destroyed (crypto-shredding), so no value is shown. Traces still list that events existed."),
+        otherKeys(subject, summary, null) || "");
       return;
     }
     if (summary.beliefs === 0 && !asOf) {
-      modelBox.replaceChildren(h("p", { class: "note" }, "No current belief (every observation was retracted)."));
+      modelBox.replaceChildren(h("p", { class: "note" }, "No current belief (every observation was retracted)."),
+        otherKeys(subject, summary, null) || "");
       return;
     }
     try {
@@ -260,7 +280,8 @@ async function subjectView(subject, query) {
       const at = asOf ? new Date(asOf) : new Date();
       modelBox.replaceChildren(
         h("h2", {}, asOf ? `Self-model as of ${fmtTime(asOf)} (${axis})` : "Self-model now"),
-        ...(model.belief_count ? beliefRows(subject, model, at, flashKey) : [h("p", { class: "note" }, "No belief at that instant.")]));
+        ...(model.belief_count ? beliefRows(subject, model, at, flashKey) : [h("p", { class: "note" }, "No belief at that instant.")]),
+        (!asOf && otherKeys(subject, summary, model)) || "");
       announce(`self-model of ${subject}: ${model.belief_count} beliefs`);
     } catch (err) {
       modelBox.replaceChildren(errorBox(err));
