@@ -550,6 +550,7 @@ def test_console_in_a_browser_login_self_model_chart_trace_live(demo, browser, t
 @needs_browser
 def test_console_as_of_shows_the_self_model_then(demo, browser):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
 
     driver = browser()
     driver.get(demo.link(subject=None))
@@ -561,8 +562,15 @@ def test_console_as_of_shows_the_self_model_then(demo, browser):
     assert "frustrated" in driver.find_element(By.ID, "beliefs-support").text
     # 11.5 minutes ago on the occurred axis: triage had seen confused, then the issue, but
     # not yet frustrated (11 min) nor anything of the sentiment agent (7 min).
-    as_of = driver.execute_script("return new Date(Date.now() - 690 * 1000).toISOString()")
-    driver.get(f"{demo.url}/console/#/s/{SUBJECT}?as_of={as_of}&time=occurred")
+    # picked in the form: the instant in the browser's local time, the occurred axis
+    driver.execute_script(
+        "const d = new Date(Date.now() - 690 * 1000); const p = (n) => String(n).padStart(2, '0');"
+        "document.getElementById('as-of').value = `${d.getFullYear()}-${p(d.getMonth() + 1)}-"
+        "${p(d.getDate())}T${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;")
+    Select(driver.find_element(By.ID, "axis")).select_by_value("occurred")
+    driver.find_element(By.XPATH, "//button[.='Show then']").click()
+    wait_for(driver, lambda: "as_of=" in driver.current_url and view_ready(driver, "subject"),
+             "the as-of view")
     wait_for(driver, lambda: "Self-model as of" in driver.find_element(By.ID, "self-model").text,
              "the as-of self-model")
     then = driver.find_element(By.ID, "beliefs-support").text
