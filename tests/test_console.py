@@ -187,6 +187,15 @@ def test_login_link_expires_and_unknown_ones_fail(demo, catalog):
     assert sessions.redeem_link(fresh.token) is not None
     assert sessions.redeem_link(fresh.token) is None
     assert httpx.get(f"{demo.url}/console/login", timeout=30).status_code == 401
+    # an expired session cookie is refused like no session at all
+    stale = sessions.open_session(key_id, ttl_s=-1)
+    assert sessions.session_key(stale) is None
+    r = httpx.get(f"{demo.url}/v1/subjects/{SUBJECT}/self-model", cookies={COOKIE_NAME: stale},
+                  timeout=30)
+    assert r.status_code == 401 and "log in again" in r.json()["detail"]
+    live = sessions.open_session(key_id)
+    assert sessions.session_key(live) == key_id
+    assert sessions.end_session(live) and not sessions.end_session(live)
     # Only a key can ask for a link, never a session cookie.
     with demo.session() as client:
         assert client.post("/console/login-links", json={}).status_code == 401
