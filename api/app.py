@@ -11,11 +11,24 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from beliefstore.api.deps import AppState
 from beliefstore.api.metrics import MetricsMiddleware
-from beliefstore.api.routes import access, audit, discovery, ingest, metrics, operations, reads, retractions
+from beliefstore.api.routes import (
+    access,
+    audit,
+    console,
+    discovery,
+    docs,
+    ingest,
+    listings,
+    metrics,
+    operations,
+    reads,
+    retractions,
+)
 from beliefstore.api.routes import mcp as mcp_route
 from beliefstore.api.security import (
     BodyLimitMiddleware,
@@ -54,6 +67,9 @@ def create_app(settings: Settings, catalog: ProjectionCatalog,
         summary="What AI agents believe about the people they serve: self-models, "
         "traces and observation ingest.",
         lifespan=lifespan,
+        # /docs and /redoc are served with local assets (api/routes/docs.py), not a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.beliefstore = state
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -76,8 +92,10 @@ def create_app(settings: Settings, catalog: ProjectionCatalog,
 
     for module in (reads, audit, ingest, access, operations):
         app.include_router(module.router)
-    for module in (discovery, retractions, metrics, mcp_route):
+    for module in (discovery, retractions, metrics, mcp_route, listings, console, docs):
         app.include_router(module.router)
     mcp_route.mount(app)
+    # The console's page, scripts and styles, and the vendored front-end libraries.
+    app.mount("/static", StaticFiles(packages=[("beliefstore.api", "static")]), name="static")
     instrument(app)
     return app

@@ -14,9 +14,17 @@ from fastapi import Depends, HTTPException, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials
 
 from beliefstore.access.accesslog import AccessLogger
+from beliefstore.access.consolesessions import COOKIE_NAME, ConsoleSessions
 from beliefstore.access.keys import AuthError, KeyStore
 from beliefstore.access.ratelimit import RateLimiter
-from beliefstore.access.scopes import ANONYMOUS, WILDCARD, ContextScope, Principal, format_scope
+from beliefstore.access.scopes import (
+    ANONYMOUS,
+    WILDCARD,
+    ContextScope,
+    KeyStoreError,
+    Principal,
+    format_scope,
+)
 from beliefstore.api import queries
 from beliefstore.api.security import (
     bearer,
@@ -44,6 +52,7 @@ class AppState:
         self.keys = KeyStore.of_catalog(catalog)
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
         self.access = AccessLogger(settings)
+        self.console = ConsoleSessions.of_catalog(catalog)
         self._producer = producer
         self._lock = threading.Lock()
 
@@ -98,6 +107,9 @@ def get_caller(request: Request, state: State, credentials: Credentials) -> Prin
                 f"rate limit of {limiter.rate:g} requests/s (bursts of {limiter.burst}) for "
                 f"client {client} exceeded (BELIEFSTORE_RATE_LIMIT)", wait)
         return ANONYMOUS
+    if credentials is None and request.cookies.get(COOKIE_NAME) \
+            and not request.headers.get("authorization"):
+        return console_caller(request, state, request.cookies[COOKIE_NAME])
     if credentials is None:
         if request.headers.get("authorization"):
             raise unauthorized("the Authorization header must be `Bearer <API key>` (an API key "
@@ -123,6 +135,38 @@ def get_caller(request: Request, state: State, credentials: Credentials) -> Prin
             f"rate limit of {limiter.rate:g} requests/s (bursts of {limiter.burst}) for API key "
             f"{key.key_id} of agent {key.agent!r} exceeded (BELIEFSTORE_RATE_LIMIT, "
             "BELIEFSTORE_RATE_BURST)", wait)
+    return key.principal()
+
+
+def console_caller(request: Request, state: AppState, session: str) -> Principal:
+    """The caller of a request authenticated by a console session cookie (the web console):
+    the session's key, loaded afresh (a revoked key is a 401), after its rate limit.
+
+    Only safe methods (GET, HEAD) are accepted with the cookie: a state-changing request
+    needs the bearer header, so a cross-site form cannot act with the console's session
+    (CSRF), on top of the cookie being ``SameSite=Strict``.
+    """
+    if request.method not in ("GET", "HEAD"):
+        raise unauthorized(f"the console session cookie only authenticates GET requests; send "
+                           f"{request.method} requests with `Authorization: Bearer <API key>`",
+                           "missing")
+    try:
+        key_id = state.console.session_key(session)
+        key = state.keys.get(key_id) if key_id is not None else None
+    except KeyStoreError:
+        key = None
+    except sa.exc.SQLAlchemyError as exc:
+        raise HTTPException(503, f"cannot check the console session, the database is "
+                            f"unreachable: {exc.__class__.__name__}") from None
+    if key is None or not key.active:
+        raise unauthorized("the console session expired, was ended, or its API key was revoked: "
+                           "log in again (/console/, or a new link from `beliefstore console`)",
+                           "invalid")
+    wait = state.limiter.acquire(f"key:{key.key_id}")
+    if wait is not None:
+        raise too_many_requests(
+            f"rate limit of {state.limiter.rate:g} requests/s (bursts of {state.limiter.burst}) "
+            f"for API key {key.key_id} of agent {key.agent!r} exceeded", wait)
     return key.principal()
 
 

@@ -147,6 +147,8 @@ class HistoryEntryOut(BaseModel):
     source: str
     kafka_partition: int
     kafka_offset: int
+    alternatives: dict[str, float] = Field(
+        default_factory=dict, description="The other values after it → their confidence.")
 
 
 class HistoryOut(BaseModel):
@@ -271,3 +273,82 @@ class ContextsOut(BaseModel):
     """The contexts the key may read."""
 
     contexts: list[ContextOut]
+
+class SubjectSummaryOut(BaseModel):
+    """A subject found by a search, counted within the contexts the key may read (no values)."""
+
+    subject_id: str
+    contexts: list[str] = Field(description="Contexts with observations the key may read.")
+    keys: list[str] = Field(description="Their observed context/attribute pairs (no values).")
+    observations: int = Field(description="Stored observations in those contexts.")
+    beliefs: int = Field(description="Current beliefs in those contexts (0 once erased).")
+    last_observed_at: datetime = Field(description="The newest observation's occurred_at.")
+    changed_at: datetime | None = Field(
+        description="When one of those beliefs last changed in the read model (null: none).")
+    erased: bool = Field(description="Whether the subject was erased (crypto-shredded).")
+
+
+class ProjectionOut(BaseModel):
+    """A read model of the catalog; ``active`` is the one the API serves."""
+
+    name: str
+    schema_name: str = Field(description="The PostgreSQL schema holding its tables.")
+    active: bool
+    status: str = Field(description="live, building or built.")
+    created_at: datetime
+    switched_at: datetime | None
+
+
+class AccessRecordOut(BaseModel):
+    """One answered read of the subject, from the access topic."""
+
+    at: datetime
+    agent: str
+    key_id: str | None
+    endpoint: str = Field(description="self-model, beliefs, history or trace.")
+    contexts: list[str]
+    attribute: str | None
+    as_of: str | None
+    count: int | None
+    partition: int | None
+    offset: int | None
+
+
+class AccessLogOut(BaseModel):
+    """Who read a subject's beliefs, in log order (admin keys only)."""
+
+    subject_id: str
+    topic: str
+    records: list[AccessRecordOut]
+    skipped: int = Field(description="Messages of the partition that were not access records.")
+
+
+class LoginLinkIn(BaseModel):
+    """What a one-time console login link opens."""
+
+    subject_id: str | None = Field(None, max_length=256,
+                                   description="Open this subject after login.")
+
+
+class LoginLinkOut(BaseModel):
+    """A single-use console login link for the key that asked for it (expires in 5 minutes)."""
+
+    url: str = Field(description="Open it in a browser once; it holds no API key.")
+    expires_at: datetime
+
+
+class LoginIn(BaseModel):
+    """The console's login form."""
+
+    key: str = Field(max_length=200, description="An API key, bsk_<key id>_<secret>.")
+
+
+class ConsoleMeOut(BaseModel):
+    """Whether the console is logged in, as whom, and the half-lives that tell how stale a
+    belief is."""
+
+    authenticated: bool
+    detail: str | None = Field(None, description="Why not, when not authenticated.")
+    caller: WhoAmIOut | None = None
+    default_half_life_s: float
+    half_lives: dict[str, float] = Field(description="Context → half-life, seconds.")

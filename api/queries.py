@@ -10,7 +10,7 @@ from beliefstore.access.scopes import EVERYTHING, ContextScope
 from beliefstore.events.model import ObservationRecorded
 from beliefstore.projector.fold import Belief, FoldSettings, Key, TraceEntry, trace
 from beliefstore.projector.store import LogPosition, load_events
-from beliefstore.projector.tables import beliefs, observations, projection_offsets
+from beliefstore.projector.tables import beliefs, erasures, observations, projection_offsets
 
 
 def belief_rows(
@@ -86,3 +86,39 @@ __all__ = [
     "projection_lag",
     "subject_known",
 ]
+
+
+def subject_summaries(conn: sa.Connection, prefix: str, limit: int,
+                      scope: ContextScope = EVERYTHING, exact: bool = False) -> list[sa.Row]:
+    """Subjects whose id starts with ``prefix`` and that have observations in the contexts
+    ``scope`` allows, most recently observed first, at most ``limit``: per subject its
+    contexts, its keys (``context/attribute``), counts of observations and beliefs, newest
+    ``occurred_at``, when a belief last changed, and whether it was erased. No values.
+    ``exact``: only the subject ``prefix`` itself."""
+    o, b, e = observations, beliefs, erasures
+    pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    belief_stats = (
+        sa.select(sa.func.count()).where(b.c.subject_id == o.c.subject_id, scope.clause(b.c.context))
+        .scalar_subquery())
+    changed = (
+        sa.select(sa.func.max(b.c.updated_at))
+        .where(b.c.subject_id == o.c.subject_id, scope.clause(b.c.context)).scalar_subquery())
+    query = (
+        sa.select(
+            o.c.subject_id,
+            sa.func.array_agg(sa.distinct(o.c.context)).label("contexts"),
+            sa.func.array_agg(sa.distinct(sa.func.concat(o.c.context, "/", o.c.attribute)))
+            .label("keys"),
+            sa.func.count().label("observations"),
+            belief_stats.label("beliefs"),
+            sa.func.max(o.c.occurred_at).label("last_observed_at"),
+            changed.label("changed_at"),
+            sa.exists().where(e.c.subject_id == o.c.subject_id).label("erased"),
+        )
+        .where(o.c.subject_id == prefix if exact else o.c.subject_id.like(pattern, escape="\\"),
+               scope.clause(o.c.context))
+        .group_by(o.c.subject_id)
+        .order_by(sa.func.max(o.c.occurred_at).desc(), o.c.subject_id)
+        .limit(limit)
+    )
+    return list(conn.execute(query))

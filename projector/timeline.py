@@ -19,7 +19,7 @@ Pure functions: no clock, no I/O.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from beliefstore.events.model import Event, SubjectErased
@@ -62,6 +62,7 @@ class HistoryEntry:
         confidence: its confidence after the change (``None`` with no belief).
         event: the event that changed it.
         partition, offset: that event's position in the log.
+        alternatives: the other values after the change → their confidence.
     """
 
     recorded_at: int
@@ -70,6 +71,7 @@ class HistoryEntry:
     event: Event
     partition: int
     offset: int
+    alternatives: dict[str, float] = field(default_factory=dict)
 
 
 def history(logged: Sequence[LoggedEvent], key: Key, settings: FoldSettings,
@@ -98,7 +100,8 @@ def history(logged: Sequence[LoggedEvent], key: Key, settings: FoldSettings,
         if changed:
             entries.append(HistoryEntry(event_time(item, "recorded"), now[0], now[1],
                                         item.event, item.position.partition,
-                                        item.position.offset))
+                                        item.position.offset,
+                                        dict(belief.alternatives) if belief else {}))
             last = now
     return entries
 

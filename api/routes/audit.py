@@ -48,7 +48,7 @@ def belief_history(caller: Caller, subject_id: SubjectId, context: str, attribut
         HistoryEntryOut(
             recorded_at=from_millis(c.recorded_at), value=c.value, confidence=c.confidence,
             event_id=c.event.event_id, event_type=c.event.type, source=c.event.source,
-            kafka_partition=c.partition, kafka_offset=c.offset)
+            kafka_partition=c.partition, kafka_offset=c.offset, alternatives=c.alternatives)
         for c in changes
     ])
 

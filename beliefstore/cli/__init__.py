@@ -9,6 +9,7 @@
 * :mod:`~beliefstore.cli.demo` — ``demo``;
 * :mod:`~beliefstore.cli.calibrate` — ``calibrate`` (trust per source from outcomes);
 * :mod:`~beliefstore.cli.mcp` — ``mcp`` (the MCP server over stdio);
+* :mod:`~beliefstore.cli.console` — ``console`` (a one-time login link to the web console);
 * :mod:`~beliefstore.cli.common` — what they share (consoles, settings, errors, tables).
 
 No command module imports another; each has a ``register(app)`` that this package
@@ -20,6 +21,7 @@ from __future__ import annotations
 import typer
 
 from beliefstore.cli import audit, calibrate, demo, ingest, projections, reads, security, services
+from beliefstore.cli import console as console_cli
 from beliefstore.cli import mcp as mcp_command
 
 app = typer.Typer(
@@ -36,6 +38,7 @@ app = typer.Typer(
 for _module in (services, ingest, reads, demo, projections, audit, security, calibrate):
     _module.register(app)
 mcp_command.register(app)
+console_cli.register(app)
 
 
 def main() -> None:
