@@ -38,17 +38,49 @@ def up(
 ) -> None:
     """Start everything in the foreground: embedded Kafka and PostgreSQL where none is
     configured (data under ./.beliefstore/, kept across restarts), migrations, topics, the
-    projector and the API. Ctrl-C stops it all cleanly."""
+    projector and the API. An embedded service that dies is restarted (bounded backoff);
+    after repeated failures `up` stops and exits 1 naming it and its log file. Ctrl-C or
+    SIGTERM finishes the projector's batch, stops it all and exits 0."""
+    setup_logging(verbose)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        # SIGTERM (systemd, Docker, supervisors) stops exactly like Ctrl-C; once stopping,
+        # further signals must not interrupt the shutdown half-way (orphaned servers).
+        if stopping.is_set():
+            log.warning("already stopping (signal %d ignored)", signum)
+            return
+        stopping.set()
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    try:
+        failure = _run_up(api_port, stopping)
+    except KeyboardInterrupt:
+        failure = None
+    if failure is not None:
+        raise fail(failure)
+    console.print("stopped")
+
+
+def _run_up(api_port: int | None, stopping: threading.Event) -> str | None:
+    """``up``'s body; returns why supervision gave up (``None`` after a clean stop)."""
+    from beliefstore.embedded import EmbeddedService
     from beliefstore.runtime.serve import ApiServer, ProjectorThread
     from beliefstore.runtime.startup import prepare, start_missing_services
+    from beliefstore.runtime.supervisor import ServiceFailure, Supervisor
 
-    setup_logging(verbose)
     settings = load_settings(use_running=False)
     if api_port:
         settings = replace(settings, api_port=api_port, api_url=f"http://{settings.api_host}:{api_port}")
     with contextlib.ExitStack() as stack:
+        # Runs first when the stack unwinds, however it unwinds: no signal interrupts the
+        # shutdown from here on.
+        stack.callback(stopping.set)
+        started: list[EmbeddedService] = []
         try:
-            settings = start_missing_services(settings, stack, durable=True)
+            settings = start_missing_services(settings, stack, durable=True, started=started)
             catalog = prepare(settings)
             first_key = _first_admin_key(catalog) if settings.auth else None
         except (BeliefstoreError, RuntimeError, OSError) as exc:
@@ -57,6 +89,12 @@ def up(
         projector.start()
         stack.callback(projector.stop)
         api = ApiServer(settings, settings.api_host, settings.api_port, catalog=catalog)
+
+        def give_up(_failure: ServiceFailure) -> None:
+            api.server.should_exit = True
+
+        supervisor = Supervisor(started, on_give_up=give_up).start()
+        stack.callback(supervisor.stop)
         path = write_state(settings.home, {
             "pid": os.getpid(),
             "kafka_bootstrap_servers": settings.kafka_bootstrap_servers,
@@ -77,8 +115,14 @@ def up(
                           "keys with `beliefstore keys create`:\n"
                           f"    export BELIEFSTORE_API_KEY={first_key.token}")
         console.print("Press Ctrl-C to stop.")
-        api.run()
-        console.print("stopping: finishing the projector's batch, then the services")
+        try:
+            api.run()
+        finally:
+            stopping.set()
+            console.print("stopping: finishing the projector's batch, then the services")
+        if supervisor.failure is not None:
+            return f"{supervisor.failure.message()}; everything else was stopped"
+    return None
 
 
 def _first_admin_key(catalog: ProjectionCatalog) -> NewKey | None:
