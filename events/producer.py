@@ -95,6 +95,8 @@ class BeliefProducer:
                     "request_timeout_ms": int(timeout_s * 1000),
                     # kafka-python requires delivery > linger + request timeout.
                     "delivery_timeout_ms": int(timeout_s * 1000) + 5_000,
+                    # a send waiting for metadata (broker down) gives up within the timeout too
+                    "max_block_ms": int(timeout_s * 1000),
                     **kafka_config,
                     "acks": "all",
                     "enable_idempotence": True,

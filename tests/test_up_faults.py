@@ -31,19 +31,29 @@ class Up:
 
     def __init__(self, tmp_path: Path):
         self.home = tmp_path / ".beliefstore"
-        self.port = free_port()
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")
-               and not k.startswith("BELIEFSTORE_")}
-        env.update(BELIEFSTORE_HOME=str(self.home), BELIEFSTORE_API_PORT=str(self.port),
-                   BELIEFSTORE_AUTH="off", BELIEFSTORE_RATE_LIMIT="0", COLUMNS="300")
-        self.proc = subprocess.Popen([CLI, "up"], env=env, cwd=tmp_path, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.out: list[str] = []
-        self.err: list[str] = []
-        for stream, sink in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
-            threading.Thread(target=self._collect, args=(stream, sink), daemon=True).start()
-        self.wait_for("Press Ctrl-C", self.out, 90)
+        for _attempt in range(3):  # the free port may be taken by the time `up` binds it
+            self.port = free_port()
+            env = {k: v for k, v in os.environ.items()
+                   if k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")
+                   and not k.startswith("BELIEFSTORE_")}
+            env.update(BELIEFSTORE_HOME=str(self.home), BELIEFSTORE_API_PORT=str(self.port),
+                       BELIEFSTORE_AUTH="off", BELIEFSTORE_RATE_LIMIT="0", COLUMNS="300")
+            self.proc = subprocess.Popen([CLI, "up"], env=env, cwd=tmp_path, text=True,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            self.out: list[str] = []
+            self.err: list[str] = []
+            for stream, sink in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+                threading.Thread(target=self._collect, args=(stream, sink), daemon=True).start()
+            deadline = time.monotonic() + 90
+            while "Press Ctrl-C" not in "".join(self.out) and self.proc.poll() is None:
+                assert time.monotonic() < deadline, self.text()
+                time.sleep(0.1)
+            if self.proc.poll() is None:
+                break
+            self.proc.wait()
+            time.sleep(0.2)  # the reader threads drain the output
+            assert "is port" in self.text() and "taken" in self.text(), self.text()
+        self.wait_for("Press Ctrl-C", self.out, 1)
         self.url = f"http://127.0.0.1:{self.port}"
 
     @staticmethod

@@ -200,6 +200,11 @@ class ApiServer:
             time.sleep(0.05)
         return self
 
+    @property
+    def alive(self) -> bool:
+        """Whether the server thread (``start_in_thread``) still serves."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         self.server.should_exit = True
         if self._thread is not None:
