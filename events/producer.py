@@ -279,9 +279,19 @@ class BeliefProducer:
         """Wait until every send so far is acknowledged."""
         self._producer.flush(timeout=self.timeout_s)
 
-    def close(self) -> None:
-        """Flush and release the connections (Kafka, and the keyring's database pool)."""
-        self._producer.close(timeout=self.timeout_s)
+    def close(self, timeout_s: float | None = None) -> None:
+        """Flush and release the connections (Kafka, and the keyring's database pool);
+        waits up to ``timeout_s`` seconds (default: the send timeout) for unsent events."""
+        try:
+            self._producer.close(timeout=self.timeout_s if timeout_s is None else timeout_s)
+        except KafkaError:
+            # kafka-python's close() raises while unacknowledged records remain (the broker
+            # is gone) and leaves the producer open, to fail again noisily in __del__:
+            # drop those records (never acknowledged, so never reported as sent).
+            sender = getattr(self._producer, "_sender", None)
+            if sender is not None:
+                sender.force_close()
+            self._producer._closed = True
         if self.serde.sealer is not None:
             self.serde.sealer.keyring.dispose()
 
