@@ -94,6 +94,8 @@ def test_every_operation_survives_hostile_text(live_api, key_store):  # noqa: F8
                                                 case.body, response.text[:500])
 
         run()
+    print(f"\nhostile text: {sent} requests over {len(operations)} operations, statuses "
+          f"{dict(sorted(statuses.items()))}")
     assert sent >= EXAMPLES * len(operations) // 2, (sent, statuses)
     assert 422 in statuses, statuses  # the hostile identifiers were refused, not served
 
@@ -144,4 +146,6 @@ def test_raw_bytes_in_path_query_headers_and_body_are_never_a_5xx(live_api, key_
         assert response.status_code < 500, (where, raw, response.text[:500])
 
     run()
+    print(f"\nraw bytes: {sum(statuses.values())} requests, statuses "
+          f"{dict(sorted(statuses.items()))}")
     assert 422 in statuses, statuses
