@@ -20,7 +20,8 @@ off) on a fresh data directory:
 
 Figures (each a ratio to its limit): RSS last/first ≤ 1.2 per process (first = the sample
 after 60 s of warm-up), errors = 0 (non-2xx answers but the reads' 404 of a subject not yet
-projected, socket errors, timeouts, a failed replay), every 201 visible. Results go to
+projected, socket errors, timeouts, a failed replay, access records `up` logged as not
+acknowledged, tracebacks in its log), every 201 visible. Results go to
 `bench/results/soak-<date>.json`.
 """
 
@@ -285,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
             "socket_errors_and_timeouts": socket_errors,
             "checker": len(checker.errors),
             "replay_failed": int(replay.get("exit_code", 1) != 0),
+            # failures inside up that no client sees: access records lost, tracebacks
+            "up_log_not_acknowledged": up_log.read_text().count("not acknowledged"),
+            "up_log_tracebacks": up_log.read_text().count("Traceback"),
         }
         result = {
             "seconds": seconds,

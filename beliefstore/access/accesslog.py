@@ -131,6 +131,7 @@ class AccessLogger:
         self.settings = settings
         self.topic = settings.access_topic
         self.flush_timeout_s = flush_timeout_s
+        self._broken = False
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -194,6 +195,13 @@ class AccessLogger:
             item = self._queue.get()
             if item is _STOP:
                 break
+            if self._broken and producer is not None:
+                # A failed send may leave the idempotent producer in a fatal state (a
+                # restarted broker refused InitProducerId once) where every later send
+                # fails too: start afresh with a new producer id.
+                self._broken = False
+                _abandon(producer)
+                producer = None
             while producer is None and not self._closed:
                 try:
                     producer = self._producer()
@@ -233,6 +241,7 @@ class AccessLogger:
 
     def _failed(self, rec: AccessRecord, exc: BaseException) -> None:
         self.failed += 1
+        self._broken = True
         log.error("access log: record of %s reading %r not acknowledged: %s", rec.agent,
                   rec.subject_id, exc)
 
@@ -247,6 +256,18 @@ class AccessLogger:
         self._queue.put(_STOP)
         thread.join(self.flush_timeout_s + 5)
         self._closed = True
+
+
+def _abandon(producer: KafkaProducer) -> None:
+    """Close ``producer`` at once, dropping what it could not send (kafka-python's close()
+    raises while unacknowledged records remain)."""
+    try:
+        producer.close(timeout=0)
+    except KafkaError:
+        sender = getattr(producer, "_sender", None)
+        if sender is not None:
+            sender.force_close()
+        producer._closed = True
 
 
 def read_access_log(settings: Settings, subject_id: str, timeout_s: float = 15.0,
