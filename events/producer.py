@@ -20,7 +20,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from kafka import KafkaProducer
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, KafkaTimeoutError
 
 from beliefstore.errors import ProduceError
 from beliefstore.events.model import (
@@ -256,11 +256,24 @@ class BeliefProducer:
 
     def _send_acked(self, batch: list[Event]) -> list[Receipt]:
         payloads = [self.serde.encode(e) for e in batch]
+        try:
+            return self._send_payloads(batch, payloads)
+        except KafkaTimeoutError as exc:  # the broker is away: no retry past the timeout
+            raise ProduceError(f"the broker did not acknowledge the event(s): {exc}") from exc
+        except KafkaError as first:
+            # Another failure may be the idempotent producer's fatal state (a restarted or
+            # busy broker refused InitProducerId once): once, with a fresh producer.
+            try:
+                return self._send_payloads(batch, payloads)
+            except KafkaError as exc:
+                raise ProduceError(f"the broker did not acknowledge the event(s): {exc} "
+                                   f"(first attempt: {first})") from exc
+
+    def _send_payloads(self, batch: list[Event], payloads: list[bytes]) -> list[Receipt]:
         if self._failed:
-            # After a failed send the idempotent producer may be stuck in a fatal state
-            # (e.g. a restarted broker refused InitProducerId once): start afresh with a new
-            # producer id. A re-sent event may then be stored twice; the fold counts an
-            # event_id once.
+            # After a failed send the idempotent producer may be stuck in a fatal state:
+            # start afresh with a new producer id. A re-sent event may then be stored
+            # twice; the fold counts an event_id once.
             self._abandon()
             self._producer = self._connect()
             self._failed = False
@@ -274,9 +287,9 @@ class BeliefProducer:
                 md = f.get(timeout=self.timeout_s)
                 receipts.append(Receipt(e.event_id, md.topic, md.partition, md.offset))
             return receipts
-        except KafkaError as exc:
+        except KafkaError:
             self._failed = True
-            raise ProduceError(f"the broker did not acknowledge the event(s): {exc}") from exc
+            raise
 
     def connected(self, timeout_s: float = 2.0) -> bool:
         """Whether the cluster is reachable: a bootstrap server accepts a TCP connection

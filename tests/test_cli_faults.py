@@ -47,8 +47,9 @@ def test_produce_with_the_broker_dying_mid_file_reports_and_rerun_is_safe(settin
         assert "Re-running" in message and "deduplicated by event_id" in message, message
 
         kafka.start()  # same log directory: what was acknowledged is there
-        stored = {r.value for r in read_topic(kafka.bootstrap_servers, local.topic, 20)}
-        assert len(stored) >= acknowledged
+        # every acknowledged event is in the log (the workload redelivers some events, so
+        # count records, not distinct payloads)
+        assert len(read_topic(kafka.bootstrap_servers, local.topic, 20)) >= acknowledged
         again = subprocess.run([str(BELIEFSTORE), "produce", str(path)], env=env, cwd=tmp_path,
                                capture_output=True, text=True, timeout=300)
         assert again.returncode == 0, again.stderr
