@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     up = subprocess.Popen([CLI, "up"], env=env, cwd=work, stdout=open(up_log, "w"),
                           stderr=subprocess.STDOUT)
     result: dict = {}
+    posts = reads = None
     try:
         deadline = time.monotonic() + 120
         while "Press Ctrl-C" not in up_log.read_text():
@@ -313,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
                    and sum(errors.values()) == 0 and not invisible),
         }
     finally:
+        for load in (posts, reads):
+            if load is not None and load.poll() is None:
+                load.terminate()
         up.send_signal(signal.SIGTERM)
         try:
             up.wait(120)

@@ -96,6 +96,10 @@ class BeliefProducer:
             "delivery_timeout_ms": int(timeout_s * 1000) + 5_000,
             # a send waiting for metadata (broker down) gives up within the timeout too
             "max_block_ms": int(timeout_s * 1000),
+            # One request in flight per broker connection: Tansu answered pipelined
+            # idempotent batches with OutOfOrderSequenceNumber under load (the producer
+            # still batches every event queued meanwhile into the next request).
+            "max_in_flight_requests_per_connection": 1,
             **kafka_config,
             "acks": "all",
             "enable_idempotence": True,
