@@ -122,7 +122,9 @@ class AccessLogger:
 
     Attributes:
         produced: records acknowledged by the broker.
-        failed: records the broker did not acknowledge.
+        failed: records the broker did not acknowledge (twice: a failed record is sent
+            once more, by a fresh producer).
+        retried: records sent a second time.
         dropped: records dropped because the queue was full.
     """
 
@@ -139,6 +141,8 @@ class AccessLogger:
         self._closing = False
         self.produced = 0
         self.failed = 0
+        self.retried = 0
+        self._retrying: set[int] = set()
         self.dropped = 0
 
     def record(self, agent: str, key_id: str | None, subject_id: str, endpoint: str,
@@ -243,8 +247,22 @@ class AccessLogger:
         self.produced += 1
 
     def _failed(self, rec: AccessRecord, exc: BaseException) -> None:
-        self.failed += 1
         self._broken = True
+        if id(rec) not in self._retrying and not self._closing:
+            # once more, by the fresh producer the next send builds (the record may then
+            # be stored twice if the first attempt was stored after all)
+            if len(self._retrying) > 10_000:
+                self._retrying.clear()
+            self._retrying.add(id(rec))
+            try:
+                self._queue.put_nowait(rec)
+                self.retried += 1
+                log.warning("access log: sending the record of %s reading %r once more "
+                            "(%s)", rec.agent, rec.subject_id, exc)
+                return
+            except queue.Full:
+                pass
+        self.failed += 1
         log.error("access log: record of %s reading %r not acknowledged: %s", rec.agent,
                   rec.subject_id, exc)
 
