@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
+import psycopg
+import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from beliefstore.api.deps import AppState
+from beliefstore.api.deps import RETRY_AFTER_S, AppState
 from beliefstore.api.metrics import MetricsMiddleware
 from beliefstore.api.routes import (
     access,
@@ -89,6 +91,15 @@ def create_app(settings: Settings, catalog: ProjectionCatalog,
             {"loc": ["body", e.field], "msg": e.message, "type": "value_error"}
             for e in exc.errors
         ]})
+
+    @app.exception_handler(sa.exc.OperationalError)
+    @app.exception_handler(sa.exc.InterfaceError)
+    @app.exception_handler(psycopg.OperationalError)
+    async def _database_down(request: Request, exc: Exception) -> JSONResponse:
+        # A lost or refused connection: the pool reconnects once PostgreSQL is back.
+        return JSONResponse(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
+                            content={"detail": "the database is unreachable "
+                                     f"({exc.__class__.__name__}); retry later"})
 
     for module in (reads, audit, ingest, access, operations):
         app.include_router(module.router)

@@ -5,13 +5,14 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import sqlalchemy as sa
 from fastapi import Depends, HTTPException, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials
+from pydantic import AfterValidator
 
 from beliefstore.access.accesslog import AccessLogger
 from beliefstore.access.consolesessions import COOKIE_NAME, ConsoleSessions
@@ -32,10 +33,15 @@ from beliefstore.api.security import (
     too_many_requests,
     unauthorized,
 )
+from beliefstore.errors import FieldError
 from beliefstore.events.producer import BeliefProducer
+from beliefstore.events.validation import MAX_ID_LENGTH, MAX_NAME_LENGTH, check_id, check_name
 from beliefstore.projector.catalog import ProjectionCatalog
 from beliefstore.projector.timeline import Axis
 from beliefstore.settings import Settings
+
+#: Seconds a client is told to wait (``Retry-After``) when the broker or database is down.
+RETRY_AFTER_S = 5
 
 
 class AppState:
@@ -128,7 +134,8 @@ def get_caller(request: Request, state: State, credentials: Credentials) -> Prin
         raise unauthorized(str(exc), exc.reason) from None
     except sa.exc.SQLAlchemyError as exc:
         raise HTTPException(503, f"cannot check the API key, the database is unreachable: "
-                            f"{exc.__class__.__name__}") from None
+                            f"{exc.__class__.__name__}; retry later",
+                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     wait = limiter.acquire(f"key:{key.key_id}")
     if wait is not None:
         raise too_many_requests(
@@ -202,7 +209,37 @@ def read_scope(caller: Principal, state: AppState, context: str | None = None) -
     return caller.read_scope(restricted)
 
 
-SubjectId = Annotated[str, Path(description="The subject (person) id.", max_length=256)]
+def _valid(name: str, check: Callable[[str, Any], list[FieldError]]) -> AfterValidator:
+    """A path/query parameter check with the POST body's rules: a 422 naming ``name``, so
+    nothing PostgreSQL cannot store (NUL, surrogates) ever reaches a query."""
+
+    def validator(value: str | None) -> str | None:
+        if value is not None and (problems := check(name, value)):
+            raise ValueError(f"{name} {problems[0].message}")
+        return value
+
+    return AfterValidator(validator)
+
+
+#: What the OpenAPI document says of ids and names (the validators above enforce more).
+ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+NAME_PATTERN = r"^[A-Za-z0-9_.:-]+$"
+
+SubjectId = Annotated[str, Path(description="The subject (person) id.", max_length=MAX_ID_LENGTH,
+                                json_schema_extra={"pattern": ID_PATTERN}),
+                      _valid("subject_id", check_id)]
+ContextName = Annotated[str, Path(description="The context, e.g. `support`.",
+                                  max_length=MAX_NAME_LENGTH,
+                                  json_schema_extra={"pattern": NAME_PATTERN}),
+                        _valid("context", check_name)]
+AttributeName = Annotated[str, Path(description="The attribute, e.g. `emotional_state`.",
+                                    max_length=MAX_NAME_LENGTH,
+                                    json_schema_extra={"pattern": NAME_PATTERN}),
+                          _valid("attribute", check_name)]
+ContextFilter = Annotated[str | None, Query(description="Only this context.",
+                                            max_length=MAX_NAME_LENGTH,
+                                            json_schema_extra={"pattern": NAME_PATTERN}),
+                          _valid("context", check_name)]
 AsOf = Annotated[datetime | None, Query(
     description="Answer as of this instant (ISO 8601 with timezone, e.g. 2026-01-05T12:00Z): "
     "the fold of the events up to it. Erasures always apply.")]

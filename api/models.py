@@ -182,6 +182,10 @@ class ReadyOut(BaseModel):
     projection_lag: int | None = Field(
         description="Messages not yet projected, as of the projector's last batch."
     )
+    failing: list[str] = Field(
+        default_factory=list,
+        description="The dependencies that are down (`database`, `broker`); empty when ready."
+    )
 
 
 class WhoAmIOut(BaseModel):

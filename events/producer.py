@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
 from kafka import KafkaProducer
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, KafkaTimeoutError
 
 from beliefstore.errors import ProduceError
 from beliefstore.events.model import (
@@ -86,24 +87,33 @@ class BeliefProducer:
         self.bootstrap_servers = bootstrap_servers
         self.serde = serde or AvroSerde()
         self.timeout_s = timeout_s
+        self._config: dict[str, Any] = {
+            "bootstrap_servers": bootstrap_servers,
+            "client_id": "beliefstore-producer",
+            "linger_ms": 5,
+            "request_timeout_ms": int(timeout_s * 1000),
+            # kafka-python requires delivery > linger + request timeout.
+            "delivery_timeout_ms": int(timeout_s * 1000) + 5_000,
+            # a send waiting for metadata (broker down) gives up within the timeout too
+            "max_block_ms": int(timeout_s * 1000),
+            # One request in flight per broker connection: Tansu answered pipelined
+            # idempotent batches with OutOfOrderSequenceNumber under load (the producer
+            # still batches every event queued meanwhile into the next request).
+            "max_in_flight_requests_per_connection": 1,
+            **kafka_config,
+            "acks": "all",
+            "enable_idempotence": True,
+        }
+        self._producer = self._connect()
+        self._failed = False
+
+    def _connect(self) -> KafkaProducer:
         try:
-            self._producer = KafkaProducer(
-                bootstrap_servers=bootstrap_servers,
-                client_id="beliefstore-producer",
-                **{
-                    "linger_ms": 5,
-                    "request_timeout_ms": int(timeout_s * 1000),
-                    # kafka-python requires delivery > linger + request timeout.
-                    "delivery_timeout_ms": int(timeout_s * 1000) + 5_000,
-                    **kafka_config,
-                    "acks": "all",
-                    "enable_idempotence": True,
-                },
-            )
+            return KafkaProducer(**self._config)
         except KafkaError as exc:
             raise ProduceError(
-                f"cannot reach Kafka at {bootstrap_servers}: {exc}; check KAFKA_BOOTSTRAP_SERVERS "
-                "or start the embedded services with `beliefstore up`"
+                f"cannot reach Kafka at {self.bootstrap_servers}: {exc}; check "
+                "KAFKA_BOOTSTRAP_SERVERS or start the embedded services with `beliefstore up`"
             ) from exc
 
     @classmethod
@@ -228,22 +238,49 @@ class BeliefProducer:
 
         Raises:
             ValidationError: an event is invalid (nothing is produced).
-            ProduceError: an acknowledgement did not arrive within ``timeout_s``.
+            ProduceError: an acknowledgement did not arrive within ``timeout_s``, or the
+                keyring's database (sealing on) is unreachable.
         """
         batch = [validate(e) for e in events]
         receipts: list[Receipt] = []
         start = 0
-        for i, e in enumerate(batch):
-            if isinstance(e, SubjectErased) or i == len(batch) - 1:
-                receipts += self._send_acked(batch[start:i + 1])
-                start = i + 1
-                if isinstance(e, SubjectErased) and self.serde.sealer is not None:
-                    self.serde.sealer.keyring.destroy(e.subject_id, e.occurred_at,
-                                                      now_millis())
+        try:
+            for i, e in enumerate(batch):
+                if isinstance(e, SubjectErased) or i == len(batch) - 1:
+                    receipts += self._send_acked(batch[start:i + 1])
+                    start = i + 1
+                    if isinstance(e, SubjectErased) and self.serde.sealer is not None:
+                        self.serde.sealer.keyring.destroy(e.subject_id, e.occurred_at,
+                                                          now_millis())
+        except sa.exc.OperationalError as exc:  # the keyring's database (sealing on)
+            raise ProduceError(
+                f"the keyring database is unreachable ({exc.__class__.__name__}); "
+                f"{len(receipts)} of {len(batch)} event(s) were acknowledged") from exc
         return receipts
 
     def _send_acked(self, batch: list[Event]) -> list[Receipt]:
         payloads = [self.serde.encode(e) for e in batch]
+        try:
+            return self._send_payloads(batch, payloads)
+        except KafkaTimeoutError as exc:  # the broker is away: no retry past the timeout
+            raise ProduceError(f"the broker did not acknowledge the event(s): {exc}") from exc
+        except KafkaError as first:
+            # Another failure may be the idempotent producer's fatal state (a restarted or
+            # busy broker refused InitProducerId once): once, with a fresh producer.
+            try:
+                return self._send_payloads(batch, payloads)
+            except KafkaError as exc:
+                raise ProduceError(f"the broker did not acknowledge the event(s): {exc} "
+                                   f"(first attempt: {first})") from exc
+
+    def _send_payloads(self, batch: list[Event], payloads: list[bytes]) -> list[Receipt]:
+        if self._failed:
+            # After a failed send the idempotent producer may be stuck in a fatal state:
+            # start afresh with a new producer id. A re-sent event may then be stored
+            # twice; the fold counts an event_id once.
+            self._abandon()
+            self._producer = self._connect()
+            self._failed = False
         try:
             futures = [
                 self._producer.send(self.topic, key=e.subject_id.encode("utf-8"), value=p)
@@ -254,8 +291,9 @@ class BeliefProducer:
                 md = f.get(timeout=self.timeout_s)
                 receipts.append(Receipt(e.event_id, md.topic, md.partition, md.offset))
             return receipts
-        except KafkaError as exc:
-            raise ProduceError(f"the broker did not acknowledge the event(s): {exc}") from exc
+        except KafkaError:
+            self._failed = True
+            raise
 
     def connected(self, timeout_s: float = 2.0) -> bool:
         """Whether the cluster is reachable: a bootstrap server accepts a TCP connection
@@ -273,13 +311,29 @@ class BeliefProducer:
                 continue
         return False
 
+    def _abandon(self) -> None:
+        """Close the Kafka producer at once, dropping unacknowledged records (never
+        reported as sent). kafka-python's close() raises while such records remain and
+        leaves the producer open, to fail again noisily in ``__del__``."""
+        try:
+            self._producer.close(timeout=0)
+        except KafkaError:
+            sender = getattr(self._producer, "_sender", None)
+            if sender is not None:
+                sender.force_close()
+            self._producer._closed = True
+
     def flush(self) -> None:
         """Wait until every send so far is acknowledged."""
         self._producer.flush(timeout=self.timeout_s)
 
-    def close(self) -> None:
-        """Flush and release the connections (Kafka, and the keyring's database pool)."""
-        self._producer.close(timeout=self.timeout_s)
+    def close(self, timeout_s: float | None = None) -> None:
+        """Flush and release the connections (Kafka, and the keyring's database pool);
+        waits up to ``timeout_s`` seconds (default: the send timeout) for unsent events."""
+        try:
+            self._producer.close(timeout=self.timeout_s if timeout_s is None else timeout_s)
+        except KafkaError:
+            self._abandon()
         if self.serde.sealer is not None:
             self.serde.sealer.keyring.dispose()
 

@@ -39,6 +39,11 @@ MAX_TIMESTAMP_MS = 253402300799999
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# What PostgreSQL text (and UTF-8) cannot hold: NUL, and lone UTF-16 surrogates (a JSON
+# "\ud800" decodes to one).
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+_UNSTORABLE_MESSAGE = ("must not contain NUL (\\u0000) or unpaired surrogates "
+                       "(PostgreSQL text and UTF-8 cannot hold them)")
 
 
 def _check_id(errors: list[FieldError], name: str, value: Any, limit: int = MAX_ID_LENGTH) -> None:
@@ -50,6 +55,8 @@ def _check_id(errors: list[FieldError], name: str, value: Any, limit: int = MAX_
         errors.append(FieldError(name, f"is {len(value)} characters long; the limit is {limit}"))
     elif _CONTROL.search(value):
         errors.append(FieldError(name, "must not contain control characters"))
+    elif _UNSTORABLE.search(value):
+        errors.append(FieldError(name, _UNSTORABLE_MESSAGE))
 
 
 def _check_name(errors: list[FieldError], name: str, value: Any) -> None:
@@ -81,6 +88,8 @@ def _check_text(errors: list[FieldError], name: str, value: Any, limit: int) -> 
         errors.append(FieldError(name, f"must be a string or null, got {type(value).__name__}"))
     elif len(value) > limit:
         errors.append(FieldError(name, f"is {len(value)} characters long; the limit is {limit}"))
+    elif _UNSTORABLE.search(value):
+        errors.append(FieldError(name, _UNSTORABLE_MESSAGE))
 
 
 def _check_time(errors: list[FieldError], name: str, value: Any) -> None:
@@ -111,6 +120,8 @@ def _check_observation(errors: list[FieldError], event: ObservationRecorded) -> 
             FieldError("value", f"is {len(event.value)} characters long; the limit is "
                        f"{MAX_VALUE_LENGTH}")
         )
+    elif _UNSTORABLE.search(event.value):
+        errors.append(FieldError("value", _UNSTORABLE_MESSAGE))
     c = event.confidence
     if isinstance(c, bool) or not isinstance(c, int | float):
         errors.append(FieldError("confidence", f"must be a number, got {type(c).__name__}"))
@@ -131,6 +142,8 @@ def _check_observation(errors: list[FieldError], event: ObservationRecorded) -> 
                 FieldError("metadata", f"key {k!r} must be a non-empty string of at most "
                            f"{MAX_METADATA_KEY_LENGTH} characters")
             )
+        elif _UNSTORABLE.search(k):
+            errors.append(FieldError("metadata", f"key {k!r} {_UNSTORABLE_MESSAGE}"))
         elif not isinstance(v, str):
             errors.append(FieldError(f"metadata.{k}", f"must be a string, got {type(v).__name__}"))
         elif len(v) > MAX_METADATA_VALUE_LENGTH:
@@ -138,6 +151,25 @@ def _check_observation(errors: list[FieldError], event: ObservationRecorded) -> 
                 FieldError(f"metadata.{k}", f"is {len(v)} characters long; the limit is "
                            f"{MAX_METADATA_VALUE_LENGTH}")
             )
+        elif _UNSTORABLE.search(v):
+            errors.append(FieldError(f"metadata.{k}", _UNSTORABLE_MESSAGE))
+
+
+def check_id(name: str, value: Any) -> list[FieldError]:
+    """The problems of ``value`` as an id (subject_id, source): a non-blank string of at
+    most :data:`MAX_ID_LENGTH` characters, without control characters, NUL or surrogates.
+    ``[]`` when it is valid. The API applies it to ids in paths and queries."""
+    errors: list[FieldError] = []
+    _check_id(errors, name, value)
+    return errors
+
+
+def check_name(name: str, value: Any) -> list[FieldError]:
+    """The problems of ``value`` as a context or attribute name: ``[A-Za-z0-9_.:-]``, at
+    most :data:`MAX_NAME_LENGTH` characters. ``[]`` when it is valid."""
+    errors: list[FieldError] = []
+    _check_name(errors, name, value)
+    return errors
 
 
 def validate(event: Event) -> Event:

@@ -133,6 +133,7 @@ def projector(settings: Settings, engine: sa.Engine) -> Iterator[ProjectorThread
     yield thread
     thread.stop()
     assert thread.error is None, thread.error
+    assert thread.reconnects == 0, thread.last_error
 
 
 @pytest.fixture

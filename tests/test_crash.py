@@ -4,6 +4,7 @@ events (nothing lost, nothing applied twice). And SIGTERM finishes the batch, ex
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -109,5 +110,25 @@ def test_sigterm_finishes_the_batch_and_exits_zero(settings, engine):
     done = subprocess.run([CLI, "projector", "--until-caught-up"], env=env,
                           capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert applied(engine) == len(events)
+    assert_read_model_equals_fold(engine, events, settings.fold_settings)
+
+
+@pytest.mark.slow
+def test_sigkill_at_over_100_random_points_applies_each_event_once(settings, engine):
+    """≥ 100 kill points, fast: tests/crash_harness.py forks one worker per life from a
+    pre-imported parent and SIGKILLs it after 0-2 committed batches plus 0-40 ms."""
+    events = generate(5000, seed=23, subjects=200)
+    with BeliefProducer.from_settings(settings) as producer:
+        for i in range(0, len(events), 1000):
+            producer.send_many(events[i:i + 1000])
+    env = projector_env(settings, batch_size=10)
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-m", "tests.crash_harness", "100", "7"], env=env,
+                            cwd=root, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stats = json.loads(result.stdout.strip().splitlines()[-1])
+    assert stats["kills"] >= 100, stats  # each one before the worker had caught up
+    assert stats["lives"] == stats["kills"] + 1, stats
     assert applied(engine) == len(events)
     assert_read_model_equals_fold(engine, events, settings.fold_settings)

@@ -8,7 +8,17 @@ import math
 from fastapi import APIRouter
 
 from beliefstore.api import queries
-from beliefstore.api.deps import Caller, Conn, State, SubjectId, no_such_key, read_scope, record_access
+from beliefstore.api.deps import (
+    AttributeName,
+    Caller,
+    Conn,
+    ContextName,
+    State,
+    SubjectId,
+    no_such_key,
+    read_scope,
+    record_access,
+)
 from beliefstore.api.models import (
     HistoryEntryOut,
     HistoryOut,
@@ -32,7 +42,8 @@ router = APIRouter()
 
 @router.get("/v1/subjects/{subject_id}/beliefs/{context}/{attribute}/history",
          response_model=HistoryOut, responses=TRACE_RESPONSES, tags=["audit"])
-def belief_history(caller: Caller, subject_id: SubjectId, context: str, attribute: str,
+def belief_history(caller: Caller, subject_id: SubjectId, context: ContextName,
+                   attribute: AttributeName,
                    conn: Conn, state: State) -> HistoryOut:
     """How the belief evolved: each (recorded_at, value, confidence) after an event
     that changed it, in log order, with that event. 403 if the key may not read the
@@ -54,7 +65,8 @@ def belief_history(caller: Caller, subject_id: SubjectId, context: str, attribut
 
 @router.get("/v1/subjects/{subject_id}/beliefs/{context}/{attribute}/trace",
          response_model=TraceOut, responses=TRACE_RESPONSES, tags=["audit"])
-def belief_trace(caller: Caller, subject_id: SubjectId, context: str, attribute: str,
+def belief_trace(caller: Caller, subject_id: SubjectId, context: ContextName,
+                 attribute: AttributeName,
                  conn: Conn, state: State) -> TraceOut:
     """Every event of the belief's key, counting or not, and why not (superseded by
     the same source, retracted, erased), with weights and Kafka coordinates. 403 if

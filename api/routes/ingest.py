@@ -9,7 +9,7 @@ from datetime import datetime
 from fastapi import APIRouter, HTTPException
 
 from beliefstore.access.scopes import WILDCARD, format_scope
-from beliefstore.api.deps import Caller, State
+from beliefstore.api.deps import RETRY_AFTER_S, Caller, State
 from beliefstore.api.models import (
     ErrorOut,
     ObservationIn,
@@ -69,5 +69,7 @@ def post_observation(caller: Caller, body: ObservationIn, state: State) -> Recei
     try:
         receipt = state.producer().send(event)
     except ProduceError as exc:
-        raise HTTPException(503, str(exc)) from exc
+        raise HTTPException(503, f"{exc}; retry later (with the same event_id the "
+                            "retry is safe: events are deduplicated by event_id)",
+                            headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
     return ReceiptOut(**receipt.__dict__)

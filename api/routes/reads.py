@@ -16,6 +16,7 @@ from beliefstore.api.deps import (
     AsOf,
     Caller,
     Conn,
+    ContextFilter,
     State,
     SubjectId,
     TimeAxis,
@@ -91,7 +92,7 @@ def subject_beliefs(
     subject_id: SubjectId,
     conn: Conn,
     state: State,
-    context: Annotated[str | None, Query(description="Only this context.")] = None,
+    context: ContextFilter = None,
     min_confidence: Annotated[float | None, Query(
         ge=0.0, le=1.0, description="Only beliefs at least this confident, in [0, 1].")] = None,
     as_of: AsOf = None,

@@ -122,7 +122,9 @@ class AccessLogger:
 
     Attributes:
         produced: records acknowledged by the broker.
-        failed: records the broker did not acknowledge.
+        failed: records the broker did not acknowledge (twice: a failed record is sent
+            once more, by a fresh producer).
+        retried: records sent a second time.
         dropped: records dropped because the queue was full.
     """
 
@@ -131,6 +133,7 @@ class AccessLogger:
         self.settings = settings
         self.topic = settings.access_topic
         self.flush_timeout_s = flush_timeout_s
+        self._broken = False
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -138,6 +141,8 @@ class AccessLogger:
         self._closing = False
         self.produced = 0
         self.failed = 0
+        self.retried = 0
+        self._retrying: set[int] = set()
         self.dropped = 0
 
     def record(self, agent: str, key_id: str | None, subject_id: str, endpoint: str,
@@ -185,7 +190,10 @@ class AccessLogger:
             log.warning("access log: could not create topic %s: %s", self.topic, exc)
         return KafkaProducer(
             bootstrap_servers=s.kafka_bootstrap_servers, client_id="beliefstore-access-log",
-            acks="all", enable_idempotence=True, linger_ms=20, **s.kafka_client_config())
+            acks="all", enable_idempotence=True, linger_ms=20,
+            # one request in flight: Tansu answered pipelined idempotent batches with
+            # OutOfOrderSequenceNumber under load
+            max_in_flight_requests_per_connection=1, **s.kafka_client_config())
 
     def _run(self) -> None:
         producer: KafkaProducer | None = None
@@ -194,6 +202,13 @@ class AccessLogger:
             item = self._queue.get()
             if item is _STOP:
                 break
+            if self._broken and producer is not None:
+                # A failed send may leave the idempotent producer in a fatal state (a
+                # restarted broker refused InitProducerId once) where every later send
+                # fails too: start afresh with a new producer id.
+                self._broken = False
+                _abandon(producer)
+                producer = None
             while producer is None and not self._closed:
                 try:
                     producer = self._producer()
@@ -232,6 +247,21 @@ class AccessLogger:
         self.produced += 1
 
     def _failed(self, rec: AccessRecord, exc: BaseException) -> None:
+        self._broken = True
+        if id(rec) not in self._retrying and not self._closing:
+            # once more, by the fresh producer the next send builds (the record may then
+            # be stored twice if the first attempt was stored after all)
+            if len(self._retrying) > 10_000:
+                self._retrying.clear()
+            self._retrying.add(id(rec))
+            try:
+                self._queue.put_nowait(rec)
+                self.retried += 1
+                log.warning("access log: sending the record of %s reading %r once more "
+                            "(%s)", rec.agent, rec.subject_id, exc)
+                return
+            except queue.Full:
+                pass
         self.failed += 1
         log.error("access log: record of %s reading %r not acknowledged: %s", rec.agent,
                   rec.subject_id, exc)
@@ -247,6 +277,18 @@ class AccessLogger:
         self._queue.put(_STOP)
         thread.join(self.flush_timeout_s + 5)
         self._closed = True
+
+
+def _abandon(producer: KafkaProducer) -> None:
+    """Close ``producer`` at once, dropping what it could not send (kafka-python's close()
+    raises while unacknowledged records remain)."""
+    try:
+        producer.close(timeout=0)
+    except KafkaError:
+        sender = getattr(producer, "_sender", None)
+        if sender is not None:
+            sender.force_close()
+        producer._closed = True
 
 
 def read_access_log(settings: Settings, subject_id: str, timeout_s: float = 15.0,

@@ -51,10 +51,19 @@ def load_master_key(home: Path, environ: dict[str, str] | None = None) -> bytes:
         path = home / "master.key"
         origin = str(path)
         if not path.exists():
+            # Written whole under a temporary name, then linked into place (fails if another
+            # thread or process won the race): a reader never sees a half-written key.
             home.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            temp = home / f".master.key.{os.getpid()}.{secrets.token_hex(4)}"
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode() + "\n")
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                pass
+            finally:
+                temp.unlink()
         raw = path.read_text().strip()
     try:
         key = base64.b64decode(raw, validate=True)

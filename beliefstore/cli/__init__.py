@@ -42,8 +42,27 @@ console_cli.register(app)
 
 
 def main() -> None:
-    """Entry point of the ``beliefstore`` script."""
-    app()
+    """Entry point of the ``beliefstore`` script.
+
+    An expected failure (a service down, a file that cannot be read; see
+    :func:`~beliefstore.cli.common.expected_failure`) ends with one ``error:`` line and exit
+    status 1; ``--verbose`` (or ``-v``) shows its traceback too.
+    """
+    import sys
+
+    from rich.markup import escape
+
+    from beliefstore.cli.common import err, expected_failure
+
+    try:
+        app()
+    except Exception as exc:
+        message = expected_failure(exc)
+        if message is None or {"--verbose", "-v"} & set(sys.argv[1:]):
+            raise
+        err.print(f"[red]error:[/] {escape(message)} (--verbose shows the traceback where a "
+                  "command has it)", highlight=False)
+        sys.exit(1)
 
 
 __all__ = ["app", "main"]

@@ -57,6 +57,31 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def expected_failure(exc: BaseException) -> str | None:
+    """One line for a failure an operator can fix (a service down or unreachable, a file
+    that cannot be read, a beliefstore error), ``None`` for anything else (a bug: its
+    traceback is worth showing)."""
+    import sqlalchemy as sa
+    from kafka.errors import KafkaError
+
+    from beliefstore.errors import BeliefstoreError
+
+    first = (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, BeliefstoreError):
+        return first or exc.__class__.__name__
+    if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
+        return (f"PostgreSQL is unreachable ({first}): is `beliefstore up` running here, and "
+                "is DATABASE_URL right?")
+    if isinstance(exc, KafkaError):
+        return (f"the Kafka broker failed ({exc.__class__.__name__}: {first}): is `beliefstore "
+                "up` running here, and is KAFKA_BOOTSTRAP_SERVERS right?")
+    if isinstance(exc, httpx.TransportError):
+        return f"the API is unreachable ({first}): is `beliefstore up` running here?"
+    if isinstance(exc, OSError):
+        return f"{exc.__class__.__name__}: {exc}"
+    return None
+
+
 def require_services(settings: Settings) -> None:
     """Exit 2, naming what to set, unless the broker and database addresses are known."""
     missing = [name for name, value in (("KAFKA_BOOTSTRAP_SERVERS", settings.kafka_bootstrap_servers),

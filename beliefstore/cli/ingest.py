@@ -5,27 +5,41 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from beliefstore.cli.common import console, err, fail, load_settings, parse_pairs_option
-from beliefstore.errors import BeliefstoreError, ValidationError
+from beliefstore.cli.common import (
+    console,
+    err,
+    fail,
+    load_settings,
+    log,
+    parse_pairs_option,
+    setup_logging,
+)
+from beliefstore.errors import BeliefstoreError, ProduceError, ValidationError
 
 
 def produce(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSON Lines events.")],
-    batch: Annotated[int, typer.Option(help="Events per acknowledged batch.")] = 500,
+    batch: Annotated[int, typer.Option(min=1, help="Events per acknowledged batch.")] = 500,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                          help="Show the traceback of a failure.")] = False,
 ) -> None:
     """Produce events from a JSON Lines file (DESIGN.md's event format) with a progress
     bar. Invalid lines are refused and reported with their line number; the others are
-    produced. Exits 1 if any line was refused."""
+    produced. Exits 1 if any line was refused, or if the broker stopped acknowledging
+    (the message says how many events were acknowledged and the first line that was
+    not; re-running the same file is safe: events are deduplicated by event_id)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from beliefstore.events.jsonl import iter_lines
     from beliefstore.events.producer import BeliefProducer
 
+    setup_logging(verbose)
     settings = load_settings()
     try:
         producer = BeliefProducer.from_settings(settings)
@@ -34,26 +48,51 @@ def produce(
     with file.open(encoding="utf-8") as f:
         total = sum(1 for line in f if line.strip())
     refused = produced = 0
-    pending: list[Any] = []
-    with producer, file.open(encoding="utf-8") as f, Progress(
+    pending: list[tuple[int, Any]] = []
+    failure: ProduceError | None = None
+
+    def flush() -> None:
+        nonlocal produced, pending
+        producer.send_many([event for _, event in pending])
+        produced += len(pending)
+        progress.advance(task, len(pending))
+        pending = []
+
+    with file.open(encoding="utf-8") as f, Progress(
         "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
         TimeRemainingColumn(), console=err,
     ) as progress:
         task = progress.add_task(f"producing to {settings.topic}", total=total)
-        for number, item in iter_lines(f):
-            if isinstance(item, ValidationError):
-                refused += 1
-                progress.console.print(f"[yellow]line {number} refused:[/] {item}")
-                progress.advance(task)
-                continue
-            pending.append(item)
-            if len(pending) >= batch:
-                produced += len(producer.send_many(pending))
-                progress.advance(task, len(pending))
-                pending = []
-        if pending:
-            produced += len(producer.send_many(pending))
-            progress.advance(task, len(pending))
+        try:
+            for number, item in iter_lines(f):
+                if isinstance(item, ValidationError):
+                    refused += 1
+                    progress.console.print(f"[yellow]line {number} refused:[/] {item}")
+                    progress.advance(task)
+                    continue
+                pending.append((number, item))
+                if len(pending) >= batch:
+                    flush()
+            if pending:
+                flush()
+        except ProduceError as exc:
+            failure = exc
+    try:
+        producer.close(timeout_s=1.0 if failure is not None else None)
+    except Exception:  # the broker is gone; what was acknowledged is reported below
+        log.debug("closing the producer failed", exc_info=True)
+    if failure is not None:
+        if verbose:
+            traceback.print_exception(failure, file=sys.stderr)
+        first = pending[0][0] if pending else None
+        raise fail(
+            f"{failure}. {produced} event(s) of {file} were acknowledged before it"
+            + (f"; line {first} is the first not acknowledged (some lines of its batch of "
+               f"{len(pending)} may have been stored)" if first is not None else "")
+            + f"; refused {refused} line(s). Re-running `beliefstore produce {file}` is safe: "
+            "events are deduplicated by event_id. Check that the broker runs "
+            f"({settings.kafka_bootstrap_servers})"
+            + ("" if verbose else "; --verbose shows the traceback"))
     console.print(f"produced {produced} event(s) to {settings.topic}; refused {refused} line(s)")
     if refused:
         raise typer.Exit(1)

@@ -29,6 +29,7 @@ from beliefstore.settings import write_state
 if TYPE_CHECKING:
     from beliefstore.access.keys import NewKey
     from beliefstore.projector.catalog import ProjectionCatalog
+    from beliefstore.settings import Settings
 
 
 def up(
@@ -38,47 +39,100 @@ def up(
 ) -> None:
     """Start everything in the foreground: embedded Kafka and PostgreSQL where none is
     configured (data under ./.beliefstore/, kept across restarts), migrations, topics, the
-    projector and the API. Ctrl-C stops it all cleanly."""
-    from beliefstore.runtime.serve import ApiServer, ProjectorThread
-    from beliefstore.runtime.startup import prepare, start_missing_services
-
+    projector and the API. An embedded service that dies is restarted (bounded backoff);
+    after repeated failures `up` stops and exits 1 naming it and its log file. Ctrl-C or
+    SIGTERM finishes the projector's batch, stops it all and exits 0."""
     setup_logging(verbose)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        # SIGTERM (systemd, Docker, supervisors) stops exactly like Ctrl-C; once stopping,
+        # further signals must not interrupt the shutdown half-way (orphaned servers).
+        if stopping.is_set():
+            log.warning("already stopping (signal %d ignored)", signum)
+            return
+        stopping.set()
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    try:
+        failure = _run_up(api_port, stopping)
+    except KeyboardInterrupt:
+        failure = None
+    if failure is not None:
+        raise fail(failure)
+    console.print("stopped")
+
+
+def _run_up(api_port: int | None, stopping: threading.Event) -> str | None:
+    """``up``'s body; returns why it stopped on its own (a signal raises KeyboardInterrupt)."""
     settings = load_settings(use_running=False)
     if api_port:
         settings = replace(settings, api_port=api_port, api_url=f"http://{settings.api_host}:{api_port}")
     with contextlib.ExitStack() as stack:
         try:
-            settings = start_missing_services(settings, stack, durable=True)
-            catalog = prepare(settings)
-            first_key = _first_admin_key(catalog) if settings.auth else None
-        except (BeliefstoreError, RuntimeError, OSError) as exc:
-            raise fail(str(exc)) from None
-        projector = ProjectorThread(settings, catalog)
-        projector.start()
-        stack.callback(projector.stop)
-        api = ApiServer(settings, settings.api_host, settings.api_port, catalog=catalog)
-        path = write_state(settings.home, {
-            "pid": os.getpid(),
-            "kafka_bootstrap_servers": settings.kafka_bootstrap_servers,
-            "database_url": settings.database_url,
-            "api_url": api.url,
-        })
-        stack.callback(lambda: path.unlink(missing_ok=True))
-        console.print(f"[bold]beliefstore is up[/] (addresses recorded in {path})")
-        console.print(f"  Kafka       {settings.kafka_bootstrap_servers}  topic {settings.topic}")
-        console.print(f"  PostgreSQL  {redact(settings.database_url)}  schema {settings.db_schema}")
-        console.print(f"  API         {api.url}  (OpenAPI at {api.url}/docs)")
-        if not settings.auth:
-            console.print("  [yellow]authentication is off (BELIEFSTORE_AUTH=off): anyone who "
-                          "reaches the API may read and write everything[/]")
-        elif first_key is not None:
-            console.print(f"  [bold]first start: created {describe_new_key(first_key)}.[/]\n"
-                          "  It is shown only this once; store it now, and make agents their own "
-                          "keys with `beliefstore keys create`:\n"
-                          f"    export BELIEFSTORE_API_KEY={first_key.token}")
-        console.print("Press Ctrl-C to stop.")
-        api.run()
-        console.print("stopping: finishing the projector's batch, then the services")
+            return _serve(settings, stack)
+        finally:
+            stopping.set()  # before the stack unwinds: no signal interrupts the shutdown
+
+
+def _serve(settings: Settings, stack: contextlib.ExitStack) -> str | None:
+    """Start the services, the projector and the API on ``stack``; wait for a signal
+    (KeyboardInterrupt) or for supervision to give up (returns its message)."""
+    from beliefstore.embedded import EmbeddedService
+    from beliefstore.runtime.serve import ApiServer, ProjectorThread
+    from beliefstore.runtime.startup import prepare, start_missing_services
+    from beliefstore.runtime.supervisor import Supervisor
+
+    started: list[EmbeddedService] = []
+    try:
+        settings = start_missing_services(settings, stack, durable=True, started=started)
+        catalog = prepare(settings)
+        first_key = _first_admin_key(catalog) if settings.auth else None
+    except (BeliefstoreError, RuntimeError, OSError) as exc:
+        raise fail(str(exc)) from None
+    projector = ProjectorThread(settings, catalog)
+    projector.start()
+    stack.callback(projector.stop)
+    api = ApiServer(settings, settings.api_host, settings.api_port, catalog=catalog)
+    try:
+        api.start_in_thread()
+    except RuntimeError as exc:
+        raise fail(f"{exc}: is port {settings.api_port} taken? Pass another with "
+                   "--api-port or BELIEFSTORE_API_PORT") from None
+    stack.callback(api.stop)
+    gave_up = threading.Event()
+    supervisor = Supervisor(started, on_give_up=lambda _failure: gave_up.set()).start()
+    stack.callback(supervisor.stop)
+    path = write_state(settings.home, {
+        "pid": os.getpid(),
+        "kafka_bootstrap_servers": settings.kafka_bootstrap_servers,
+        "database_url": settings.database_url,
+        "api_url": api.url,
+    })
+    stack.callback(lambda: path.unlink(missing_ok=True))
+    console.print(f"[bold]beliefstore is up[/] (addresses recorded in {path})")
+    console.print(f"  Kafka       {settings.kafka_bootstrap_servers}  topic {settings.topic}")
+    console.print(f"  PostgreSQL  {redact(settings.database_url)}  schema {settings.db_schema}")
+    console.print(f"  API         {api.url}  (OpenAPI at {api.url}/docs)")
+    if not settings.auth:
+        console.print("  [yellow]authentication is off (BELIEFSTORE_AUTH=off): anyone who "
+                      "reaches the API may read and write everything[/]")
+    elif first_key is not None:
+        console.print(f"  [bold]first start: created {describe_new_key(first_key)}.[/]\n"
+                      "  It is shown only this once; store it now, and make agents their own "
+                      "keys with `beliefstore keys create`:\n"
+                      f"    export BELIEFSTORE_API_KEY={first_key.token}")
+    console.print("Press Ctrl-C to stop.")
+    stack.callback(console.print, "stopping: the API, the projector (after its batch), "
+                   "then the services")
+    # Signals reach this (main) thread: SIGINT/SIGTERM raise KeyboardInterrupt here.
+    while not gave_up.wait(0.5) and api.alive:
+        pass
+    if supervisor.failure is not None:
+        return f"{supervisor.failure.message()}; everything else was stopped"
+    return "the API server stopped on its own (see the log above)"
 
 
 def _first_admin_key(catalog: ProjectionCatalog) -> NewKey | None:

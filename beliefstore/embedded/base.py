@@ -289,6 +289,17 @@ class EmbeddedService(ABC):
         """The service's TCP port on 127.0.0.1."""
         return self._port
 
+    def pin_port(self) -> None:
+        """Keep the current port on every later start, even if it was chosen here: a
+        restarted service must come back where its clients reconnect (a taken port is
+        then a start error, not a new port)."""
+        self._fixed_port = True
+
+    @property
+    def log_path(self) -> Path | None:
+        """The service's log file, ``None`` if it has none (subclasses override)."""
+        return None
+
     @property
     @abstractmethod
     def running(self) -> bool:

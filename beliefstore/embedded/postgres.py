@@ -222,6 +222,7 @@ class EmbeddedPostgres(EmbeddedService):
 
         We hold the directory lock, so no live instance owns that server.
         """
+        self._remove_stale_socket_locks()
         pid = _postmaster_pid(self.data_dir)
         if pid is None:
             return
@@ -233,6 +234,23 @@ class EmbeddedPostgres(EmbeddedService):
             return
         self._pid = pid
         self._stop_server(timeout=30.0)
+
+    def _remove_stale_socket_locks(self) -> None:
+        """Remove ``.s.PGSQL.<port>.lock`` files of a killed postmaster.
+
+        PostgreSQL refuses to start while such a file names a pid that ``kill(pid, 0)``
+        finds, and a SIGKILLed postmaster (daemonized by pg_ctl, so not our child) can stay
+        a zombie until init reaps it. We hold the directory lock, so a lock file naming a
+        pid that is not a live postgres is stale.
+        """
+        for lock in self.data_dir.glob(".s.PGSQL.*.lock"):
+            try:
+                pid = int(lock.read_text().split("\n", 1)[0].strip())
+            except (OSError, ValueError):
+                continue
+            if not _is_postgres(pid):
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()
 
     def _initdb(self) -> None:
         if (self.data_dir / "PG_VERSION").exists():

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 import uvicorn
 
 from beliefstore.api.app import create_app
-from beliefstore.errors import FencedError
+from beliefstore.errors import FencedError, LogResetError
 from beliefstore.events.producer import Receipt
 from beliefstore.events.serde import AvroSerde
 from beliefstore.projector.catalog import ProjectionCatalog
@@ -99,21 +99,34 @@ def wait_projected(catalog: ProjectionCatalog, topic: str, receipts: Iterable[Re
 
 class ProjectorThread(threading.Thread):
     """The projector in a daemon thread, following the active projection; :meth:`stop`
-    finishes the batch in progress, commits it and returns. An exception in the worker is
-    kept in ``error``."""
+    finishes the batch in progress, commits it and returns.
+
+    A lost connection (the broker or PostgreSQL went away) does not end it: the worker is
+    rebuilt after a delay that doubles from ``retry_s`` up to ``max_retry_s`` seconds and
+    resumes from the offsets stored in PostgreSQL, so nothing is lost or applied twice.
+    Only a :class:`~beliefstore.errors.LogResetError` (the log lost events the read model
+    has: an operator must decide) ends it; it is kept in ``error``. ``reconnects`` counts
+    the rebuilds and ``last_error`` keeps the error behind the latest one.
+    """
 
     def __init__(self, settings: Settings, catalog: ProjectionCatalog | None = None, *,
-                 report_every_s: float = 10.0):
+                 report_every_s: float = 10.0, retry_s: float = 0.5, max_retry_s: float = 10.0):
         super().__init__(name="projector", daemon=True)
         self.settings = settings
         self._own_catalog = catalog is None
         self.catalog = catalog or ProjectionCatalog.from_settings(settings)
         self._stop_event = threading.Event()
         self.error: BaseException | None = None
+        self.reconnects = 0
+        self.last_error: BaseException | None = None
         self._report_every_s = report_every_s
         self._last_report = time.monotonic()
+        self._retry_s = retry_s
+        self._max_retry_s = max_retry_s
+        self._delay = retry_s
 
     def _report(self, worker: ProjectorWorker, stats: WorkerStats) -> None:
+        self._delay = self._retry_s  # a batch went through: connected again
         now = time.monotonic()
         if now - self._last_report >= self._report_every_s:
             self._last_report = now
@@ -121,18 +134,39 @@ class ProjectorThread(threading.Thread):
                      stats.events, stats.poison, stats.rate, worker.lag())
 
     def run(self) -> None:
-        try:
-            run_active_projection(self.settings, self.catalog, self._stop_event,
-                                  on_batch=self._report)
-        except BaseException as exc:  # surfaced by the owner
-            self.error = exc
-            log.exception("projector stopped with an error")
+        while not self._stop_event.is_set():
+            try:
+                run_active_projection(self.settings, self.catalog, self._stop_event,
+                                      on_batch=self._report)
+                return
+            except LogResetError as exc:
+                self.error = exc
+                log.error("projector stopped: %s", exc)
+                return
+            except Exception as exc:  # a lost connection, mostly: rebuild the worker
+                log.warning("projector: %s; reconnecting in %.1f s", _describe(exc), self._delay)
+                log.debug("projector error", exc_info=True)
+                self.reconnects += 1
+                self.last_error = exc
+                if self._stop_event.wait(self._delay):
+                    return
+                self._delay = min(self._max_retry_s, self._delay * 2)
+            except BaseException as exc:  # surfaced by the owner
+                self.error = exc
+                log.exception("projector stopped with an error")
+                return
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop_event.set()
         self.join(timeout)
         if self._own_catalog:
             self.catalog.dispose()
+
+
+def _describe(exc: BaseException) -> str:
+    """``ExceptionName: first line of the message``, for one-line logs."""
+    text = str(exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {text[0]}" if text else exc.__class__.__name__
 
 
 class ApiServer:
@@ -165,6 +199,11 @@ class ApiServer:
                 raise RuntimeError(f"the API did not start on {self.url}")
             time.sleep(0.05)
         return self
+
+    @property
+    def alive(self) -> bool:
+        """Whether the server thread (``start_in_thread``) still serves."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self) -> None:
         self.server.should_exit = True

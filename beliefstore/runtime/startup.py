@@ -7,23 +7,29 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from beliefstore.events.topics import ensure_topics
 from beliefstore.projector.catalog import ProjectionCatalog
 from beliefstore.settings import Settings
 
+if TYPE_CHECKING:
+    from beliefstore.embedded import EmbeddedService
+
 log = logging.getLogger("beliefstore")
 
 
 def start_missing_services(
-    settings: Settings, stack: contextlib.ExitStack, *, durable: bool = True, fast: bool = False
+    settings: Settings, stack: contextlib.ExitStack, *, durable: bool = True, fast: bool = False,
+    started: list[EmbeddedService] | None = None,
 ) -> Settings:
     """Start the embedded broker and/or PostgreSQL for whatever ``settings`` leaves unset.
 
     Their data lives under ``settings.home`` (``kafka/`` and ``postgres/``) when
     ``durable``, so the event log and the read model survive a restart; otherwise the
     broker keeps its log in memory. Each started service is stopped when ``stack``
-    closes.
+    closes. Each started service is also appended to ``started`` (for a
+    :class:`~beliefstore.runtime.supervisor.Supervisor`).
 
     Returns:
         ``settings`` with ``kafka_bootstrap_servers`` and ``database_url`` filled in.
@@ -37,12 +43,16 @@ def start_missing_services(
     if not settings.kafka_bootstrap_servers:
         kafka = EmbeddedKafka(settings.home / "kafka" if durable else None)
         stack.enter_context(kafka)
+        if started is not None:
+            started.append(kafka)
         log.info("started the embedded Kafka broker (Tansu) at %s", kafka.bootstrap_servers)
         settings = replace(settings, kafka_bootstrap_servers=kafka.bootstrap_servers)
     if not settings.database_url:
         home = settings.home if durable else settings.home / "tmp"
         pg = EmbeddedPostgres(home / "postgres", fast=fast)
         stack.enter_context(pg)
+        if started is not None:
+            started.append(pg)
         log.info("started the embedded PostgreSQL at 127.0.0.1:%d (data %s)", pg.port, pg.data_dir)
         settings = replace(settings, database_url=pg.url)
     return settings
