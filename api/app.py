@@ -13,8 +13,9 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from beliefstore.api.deps import AppState
-from beliefstore.api.routes import access, audit, ingest, operations, reads
+from beliefstore.api.deps import AppState, unavailable
+from beliefstore.api.live import Unavailable
+from beliefstore.api.routes import access, audit, ingest, operations, reads, watch
 from beliefstore.api.security import (
     BodyLimitMiddleware,
 )
@@ -38,7 +39,9 @@ def create_app(settings: Settings, catalog: ProjectionCatalog,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await state.live.start()  # the async pool and the LISTEN connection
         yield
+        await state.live.stop()
         state.close()  # flushes the access log
 
     app = FastAPI(
@@ -66,6 +69,19 @@ def create_app(settings: Settings, catalog: ProjectionCatalog,
             for e in exc.errors
         ]})
 
-    for module in (reads, audit, ingest, access, operations):
+    @app.exception_handler(Unavailable)
+    async def _unavailable(request: Request, exc: Unavailable) -> Response:
+        return await http_exception_handler(request, unavailable(str(exc)))
+
+    for module in (reads, audit, ingest, access, operations, watch):
         app.include_router(module.router)
     return app
+
+
+def app_from_env() -> FastAPI:
+    """The app of the settings in the environment (``uvicorn --factory``): what each of
+    ``beliefstore api --workers N``'s processes serves. DATABASE_URL (or a running
+    ``up``) must be set; the catalog is expected migrated (the parent did it).
+    """
+    settings = Settings.from_env()
+    return create_app(settings, ProjectionCatalog.from_settings(settings))

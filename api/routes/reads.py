@@ -1,4 +1,9 @@
 """Handoff reads: a subject's self-model and beliefs, now or as of an instant.
+
+Reads of *now* take the async path (:mod:`beliefstore.api.live`): the key, the
+restricted contexts, the active projection and the subject's rendered self-model come
+from memory when cached, else from one query each through an async pool; the body is
+written with orjson. ``as_of`` reads fold stored events in a worker thread.
 """
 
 from __future__ import annotations
@@ -6,8 +11,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
+import orjson
 import sqlalchemy as sa
 from fastapi import APIRouter, HTTPException, Query
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from beliefstore.access.scopes import ContextScope
 from beliefstore.api import queries
@@ -15,12 +23,11 @@ from beliefstore.api.deps import (
     AppState,
     AsOf,
     Caller,
-    Conn,
     State,
     SubjectId,
     TimeAxis,
-    read_scope,
     record_access,
+    scope_of,
     unknown_subject,
 )
 from beliefstore.api.models import (
@@ -65,39 +72,78 @@ def fetch_beliefs(conn: sa.Connection, state: AppState, subject_id: str, as_of: 
     return found
 
 
+def _as_of(state: AppState, schema: str, subject_id: str, as_of: datetime, time_axis: Axis,
+           scope: ContextScope, context: str | None = None,
+           min_confidence: float | None = None) -> list[BeliefOut]:
+    """:func:`fetch_beliefs` of a past instant, on a connection of its own (a worker thread)."""
+    engine = state.catalog.engine(schema).execution_options(isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        return fetch_beliefs(conn, state, subject_id, as_of, time_axis, scope, context,
+                             min_confidence)
+
+
+def _json(body: bytes) -> Response:
+    return Response(body, media_type="application/json")
+
+
 @router.get("/v1/subjects/{subject_id}/self-model", response_model=SelfModelOut,
          responses=READ_RESPONSES, tags=["handoff"])
-def self_model(caller: Caller, subject_id: SubjectId, conn: Conn, state: State,
-               as_of: AsOf = None, time: TimeAxis = "recorded") -> SelfModelOut:
+async def self_model(caller: Caller, subject_id: SubjectId, state: State,
+                     as_of: AsOf = None, time: TimeAxis = "recorded") -> Response:
     """Everything believed about the subject, grouped by context: each belief with its
     confidence, alternatives and the sources behind it. Now, or ``as_of`` a past
     instant (folded from the stored events; ``time`` picks the axis). Contexts the
     key may not read are left out."""
-    found = fetch_beliefs(conn, state, subject_id, as_of, time, read_scope(caller, state))
-    contexts: dict[str, list[BeliefOut]] = {}
-    for b in found:
-        contexts.setdefault(b.context, []).append(b)
-    record_access(state, caller, subject_id, "self-model", list(contexts), len(found), as_of=as_of)
-    return SelfModelOut(subject_id=subject_id, contexts=contexts, belief_count=len(found),
-                        as_of=as_of, time=time if as_of else None)
+    scope = scope_of(caller, await state.restricted_async(caller))
+    active = await state.live.active()
+    if as_of is not None:
+        found = await run_in_threadpool(_as_of, state, active.schema, subject_id, as_of, time,
+                                        scope)
+        contexts: dict[str, list[BeliefOut]] = {}
+        for b in found:
+            contexts.setdefault(b.context, []).append(b)
+        record_access(state, caller, subject_id, "self-model", list(contexts), len(found),
+                      as_of=as_of)
+        out = SelfModelOut(subject_id=subject_id, contexts=contexts, belief_count=len(found),
+                           as_of=as_of, time=time)
+        return _json(orjson.dumps(out.model_dump(mode="json")))
+    model = await state.live.self_model(active.schema, subject_id)
+    body, names, count = model.self_model_json(scope)
+    if not count and not await state.live.known(active.schema, model, scope):
+        raise unknown_subject(subject_id)
+    record_access(state, caller, subject_id, "self-model", names, count)
+    return _json(body)
+
 
 @router.get("/v1/subjects/{subject_id}/beliefs", response_model=BeliefsOut,
          responses=READ_RESPONSES, tags=["handoff"])
-def subject_beliefs(
+async def subject_beliefs(
     caller: Caller,
     subject_id: SubjectId,
-    conn: Conn,
     state: State,
     context: Annotated[str | None, Query(description="Only this context.")] = None,
     min_confidence: Annotated[float | None, Query(
         ge=0.0, le=1.0, description="Only beliefs at least this confident, in [0, 1].")] = None,
     as_of: AsOf = None,
     time: TimeAxis = "recorded",
-) -> BeliefsOut:
+) -> Response:
     """The subject's beliefs, optionally of one context and above a confidence; now or
     ``as_of`` a past instant. Contexts the key may not read are left out."""
-    found = fetch_beliefs(conn, state, subject_id, as_of, time, read_scope(caller, state),
-                     context, min_confidence)
-    record_access(state, caller, subject_id, "beliefs", [b.context for b in found], len(found),
-            as_of=as_of)
-    return BeliefsOut(subject_id=subject_id, beliefs=found)
+    scope = scope_of(caller, await state.restricted_async(caller))
+    active = await state.live.active()
+    if as_of is not None:
+        found = await run_in_threadpool(_as_of, state, active.schema, subject_id, as_of, time,
+                                        scope, context, min_confidence)
+        record_access(state, caller, subject_id, "beliefs", [b.context for b in found],
+                      len(found), as_of=as_of)
+        return _json(orjson.dumps(BeliefsOut(subject_id=subject_id, beliefs=found)
+                                  .model_dump(mode="json")))
+    model = await state.live.self_model(active.schema, subject_id)
+    beliefs = [b for b in model.visible(scope)
+               if (context is None or b["context"] == context)
+               and (min_confidence is None or b["confidence"] >= min_confidence)]
+    if not beliefs and not await state.live.known(active.schema, model, scope):
+        raise unknown_subject(subject_id)
+    record_access(state, caller, subject_id, "beliefs", [b["context"] for b in beliefs],
+                  len(beliefs))
+    return _json(orjson.dumps({"subject_id": subject_id, "beliefs": beliefs}))

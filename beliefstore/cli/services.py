@@ -35,6 +35,9 @@ def up(
     api_port: Annotated[int | None, typer.Option(help="API port (default BELIEFSTORE_API_PORT "
                                                       "or 8000).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    api_workers: Annotated[int | None, typer.Option(
+        min=1, help="API processes sharing the port (default: the number of cores); each "
+        "has its own caches and rate-limit buckets.")] = None,
 ) -> None:
     """Start everything in the foreground: embedded Kafka and PostgreSQL where none is
     configured (data under ./.beliefstore/, kept across restarts), migrations, topics, the
@@ -56,7 +59,12 @@ def up(
         projector = ProjectorThread(settings, catalog)
         projector.start()
         stack.callback(projector.stop)
-        api = ApiServer(settings, settings.api_host, settings.api_port, catalog=catalog)
+        api = ApiServer(settings, settings.api_host, settings.api_port, catalog=catalog,
+                        workers=api_workers or os.cpu_count() or 1)
+        try:
+            api.bind()
+        except OSError as exc:
+            raise fail(f"cannot listen on {api.url}: {exc}; pick another --api-port") from None
         path = write_state(settings.home, {
             "pid": os.getpid(),
             "kafka_bootstrap_servers": settings.kafka_bootstrap_servers,
@@ -67,7 +75,8 @@ def up(
         console.print(f"[bold]beliefstore is up[/] (addresses recorded in {path})")
         console.print(f"  Kafka       {settings.kafka_bootstrap_servers}  topic {settings.topic}")
         console.print(f"  PostgreSQL  {redact(settings.database_url)}  schema {settings.db_schema}")
-        console.print(f"  API         {api.url}  (OpenAPI at {api.url}/docs)")
+        console.print(f"  API         {api.url}  (OpenAPI at {api.url}/docs; "
+                      f"{api.workers} process(es))")
         if not settings.auth:
             console.print("  [yellow]authentication is off (BELIEFSTORE_AUTH=off): anyone who "
                           "reaches the API may read and write everything[/]")
@@ -154,8 +163,12 @@ def _supervise_workers(count: int, group: str, until_caught_up: bool, verbose: b
 def api(
     host: Annotated[str | None, typer.Option(help="Bind address (BELIEFSTORE_API_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (BELIEFSTORE_API_PORT).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="API processes sharing the port (default: the number of cores); each "
+        "has its own caches and rate-limit buckets (a key may make N x "
+        "BELIEFSTORE_RATE_LIMIT requests/s in all).")] = None,
 ) -> None:
-    """Serve the HTTP API (self-model, beliefs, trace, POST /v1/observations, /docs)."""
+    """Serve the HTTP API (self-model, beliefs, watch, trace, POST /v1/observations, /docs)."""
     from beliefstore.projector.catalog import ProjectionCatalog
     from beliefstore.runtime.serve import ApiServer
 
@@ -176,7 +189,7 @@ def api(
                         "`beliefstore keys create --agent NAME --read CONTEXTS --write CONTEXTS "
                         "[--admin]`")
     ApiServer(settings, host or settings.api_host, port or settings.api_port,
-              catalog=catalog).run()
+              catalog=catalog, workers=workers or os.cpu_count() or 1).run()
 
 
 def migrate() -> None:

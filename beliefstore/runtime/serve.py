@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -140,23 +142,63 @@ class ApiServer:
 
     ``run()`` blocks in the foreground (Ctrl-C stops it); ``start_in_thread()`` serves
     from a daemon thread and returns once it accepts connections.
+
+    With ``workers`` > 1, ``run()`` starts that many API processes sharing the listening
+    socket (uvicorn's supervisor; each process builds its app with
+    :func:`beliefstore.api.app.app_from_env`, so the settings reach them through the
+    environment: the database and broker addresses are exported first). Each process
+    has its own caches, LISTEN connection and rate-limit buckets.
     """
 
     def __init__(self, settings: Settings, host: str, port: int, *,
-                 catalog: ProjectionCatalog | None = None):
+                 catalog: ProjectionCatalog | None = None, workers: int = 1):
         self._own_catalog = catalog is None
         self.catalog = catalog or ProjectionCatalog.from_settings(settings)
-        app = create_app(settings, self.catalog)
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                access_log=False)
-        self.server = uvicorn.Server(config)
+        self.settings = settings
+        self.host, self.port, self.workers = host, port, max(1, workers)
         self.url = f"http://{host}:{port}"
         self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+        self._config: uvicorn.Config | None = None
+        if self.workers == 1:
+            app = create_app(settings, self.catalog)
+            config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                    access_log=False, timeout_graceful_shutdown=3)
+            self.server = uvicorn.Server(config)
+
+    def bind(self) -> None:
+        """Bind the listening socket now (so connections queue from this moment on, before
+        the worker processes are up); :meth:`run` serves on it."""
+        if self._socket is not None:
+            return
+        if self.workers == 1:
+            self._socket = self.server.config.bind_socket()
+            return
+        for name, value in (("DATABASE_URL", self.settings.database_url),
+                            ("KAFKA_BOOTSTRAP_SERVERS", self.settings.kafka_bootstrap_servers)):
+            if value:
+                os.environ[name] = value
+        self._config = uvicorn.Config(
+            "beliefstore.api.app:app_from_env", factory=True, host=self.host, port=self.port,
+            workers=self.workers, log_level="warning", access_log=False,
+            timeout_graceful_shutdown=3)
+        self._socket = self._config.bind_socket()
 
     def run(self) -> None:
-        self.server.run()
+        """Serve in the foreground until Ctrl-C / SIGTERM (binding first if needed)."""
+        from uvicorn.supervisors import Multiprocess
+
+        self.bind()
+        assert self._socket is not None
+        if self.workers == 1:
+            self.server.run(sockets=[self._socket])
+            return
+        assert self._config is not None
+        Multiprocess(self._config, sockets=[self._socket]).run()
 
     def start_in_thread(self, timeout: float = 15.0) -> ApiServer:
+        if self.workers != 1:
+            raise ValueError("start_in_thread serves one process; use run() for workers > 1")
         self._thread = threading.Thread(target=self.server.run, name="api", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
