@@ -249,8 +249,15 @@ class LiveReads:
                     while not self._closing:
                         async for note in conn.notifies(timeout=LISTEN_CHECK_S):
                             self._on_notify(note.channel, note.payload)
-                        async with asyncio.timeout(QUERY_TIMEOUT_S):
-                            await conn.execute("SELECT 1")
+                        check = asyncio.ensure_future(conn.execute("SELECT 1"))
+                        done, _ = await asyncio.wait({check}, timeout=QUERY_TIMEOUT_S)
+                        if not done:  # a hung server: give up on this connection now
+                            check.cancel()
+                            check.add_done_callback(_quiet)
+                            self.listening = False
+                            self._forget_all()
+                            raise TimeoutError("the LISTEN connection stopped answering")
+                        check.result()
             except (psycopg.Error, OSError, TimeoutError) as exc:
                 if not self._closing:
                     log.warning("lost the LISTEN connection (%s): caches off until it is back",
@@ -315,15 +322,26 @@ class LiveReads:
         if self.pool is None:
             await self.start()
         assert self.pool is not None
+        pool = self.pool
+
+        async def run() -> list:
+            async with pool.connection() as conn:
+                cur = conn.cursor(row_factory=dict_row) if dicts else conn.cursor()
+                await cur.execute(sql, params)  # type: ignore[call-overload]
+                return await cur.fetchall()
+
+        # The query runs as its own task: on a hung server psycopg's cancellation itself
+        # can wait for seconds, and the read must answer 503 now, not then.
+        task = asyncio.ensure_future(run())
+        done, _ = await asyncio.wait({task}, timeout=QUERY_TIMEOUT_S)
+        if not done:
+            task.cancel()
+            task.add_done_callback(_quiet)
+            raise Unavailable(f"the database did not answer within {QUERY_TIMEOUT_S:g} s")
         try:
-            async with asyncio.timeout(QUERY_TIMEOUT_S):
-                async with self.pool.connection() as conn:
-                    cur = conn.cursor(row_factory=dict_row) if dicts else conn.cursor()
-                    await cur.execute(sql, params)  # type: ignore[call-overload]
-                    return await cur.fetchall()
-        except (psycopg.OperationalError, PoolTimeout, TimeoutError, OSError) as exc:
-            raise Unavailable(f"the database did not answer within {QUERY_TIMEOUT_S:g} s "
-                              f"({exc.__class__.__name__})") from None
+            return task.result()
+        except (psycopg.OperationalError, PoolTimeout, OSError) as exc:
+            raise Unavailable(f"the database is unreachable ({exc.__class__.__name__})") from None
 
     async def authenticate(self, token: str) -> ApiKey:
         """The active key ``token`` names: from memory once verified (while listening),
@@ -474,6 +492,12 @@ class LiveReads:
         return [Change(id=r[0], context=r[1], attribute=r[2], value=r[3], confidence=r[4],
                        alternatives=r[5], sources=r[6], partition=r[7], offset=r[8],
                        changed_at=r[9].isoformat()) for r in rows]
+
+
+def _quiet(task: asyncio.Future) -> None:
+    """Retrieve an abandoned query's outcome, so asyncio does not log it."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _configure_sync(conn: Any) -> None:

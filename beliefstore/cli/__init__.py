@@ -8,6 +8,7 @@
 * :mod:`~beliefstore.cli.security` — ``keys``, ``contexts``, ``access-log``;
 * :mod:`~beliefstore.cli.demo` — ``demo``;
 * :mod:`~beliefstore.cli.calibrate` — ``calibrate`` (trust per source from outcomes);
+* :mod:`~beliefstore.cli.watch` — ``watch`` (a subject's belief changes, live);
 * :mod:`~beliefstore.cli.common` — what they share (consoles, settings, errors, tables).
 
 No command module imports another; each has a ``register(app)`` that this package
@@ -19,6 +20,7 @@ from __future__ import annotations
 import typer
 
 from beliefstore.cli import audit, calibrate, demo, ingest, projections, reads, security, services
+from beliefstore.cli import watch as watch_command
 
 app = typer.Typer(
     help="beliefstore: an event-sourced store of what AI agents believe about the people "
@@ -33,6 +35,7 @@ app = typer.Typer(
 
 for _module in (services, ingest, reads, demo, projections, audit, security, calibrate):
     _module.register(app)
+watch_command.register(app)
 
 
 def main() -> None:
