@@ -191,6 +191,7 @@ class LiveReads:
         self._models: OrderedDict[tuple[str, str], SelfModel] = OrderedDict()
         self._watchers: dict[str, set[asyncio.Event]] = {}
         self._listener: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self.connected: asyncio.Event | None = None  # set while listening (from start())
 
@@ -201,6 +202,7 @@ class LiveReads:
         if self.pool is not None:
             return
         self.connected = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
         self.pool = AsyncConnectionPool(
             self.conninfo, min_size=1, max_size=self.pool_size, open=False,
             timeout=QUERY_TIMEOUT_S, kwargs={"autocommit": True, "connect_timeout": 2},
@@ -218,6 +220,17 @@ class LiveReads:
                 await self._listener
         if self.pool is not None:
             await self.pool.close(timeout=2)
+
+    def end_watches_threadsafe(self) -> None:
+        """From any thread: end every open watch stream (before a server stops, so its
+        graceful shutdown does not wait for endless responses)."""
+
+        def end() -> None:
+            self._closing = True
+            self._wake_all()
+
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(end)
 
     @property
     def closing(self) -> bool:

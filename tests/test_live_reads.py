@@ -32,7 +32,7 @@ T0 = 1767225600000
 
 
 def live_of(server: ApiServer) -> LiveReads:
-    return server.server.config.app.state.beliefstore.live
+    return server.app.state.beliefstore.live
 
 
 def wait_listening(*servers: ApiServer, timeout_s: float = 10.0) -> None:

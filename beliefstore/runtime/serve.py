@@ -161,7 +161,7 @@ class ApiServer:
         self._socket: socket.socket | None = None
         self._config: uvicorn.Config | None = None
         if self.workers == 1:
-            app = create_app(settings, self.catalog)
+            self.app = app = create_app(settings, self.catalog)
             config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                                     access_log=False, timeout_graceful_shutdown=3)
             self.server = uvicorn.Server(config)
@@ -209,6 +209,8 @@ class ApiServer:
         return self
 
     def stop(self) -> None:
+        if self.workers == 1:
+            self.app.state.beliefstore.live.end_watches_threadsafe()
         self.server.should_exit = True
         if self._thread is not None:
             self._thread.join(10)
