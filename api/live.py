@@ -65,7 +65,7 @@ from beliefstore.projector.changes import parse_payload
 
 log = logging.getLogger("beliefstore.api")
 
-QUERY_TIMEOUT_S = 0.8
+QUERY_TIMEOUT_S = 0.5
 """Seconds a read may wait for a pooled connection and its query before it answers 503
 (the database is down or hung)."""
 
