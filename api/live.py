@@ -56,7 +56,6 @@ from beliefstore.access.keys import (
     split_token,
 )
 from beliefstore.access.scopes import ContextScope
-from beliefstore.api.models import BeliefOut
 from beliefstore.db import check_schema_name, psycopg_conninfo
 from beliefstore.projector.catalog import CHANNEL as CATALOG_CHANNEL
 from beliefstore.projector.catalog import CatalogError
@@ -77,6 +76,7 @@ DEFAULT_CACHE_SIZE = 100_000
 
 _BELIEF_COLUMNS = ("context, attribute, value, confidence, alternatives, sources, support, "
                    "source_count, last_observed_at, updated_at")
+_NAMES = tuple(_BELIEF_COLUMNS.split(", "))  # BeliefOut's fields, in its order
 
 
 class Unavailable(Exception):
@@ -113,13 +113,19 @@ class Change:
     changed_at: str
 
 
-@dataclass
+@dataclass(slots=True)
 class SelfModel:
     """A subject's beliefs in one projection, rendered to JSON once.
 
+    Each belief is kept as ``(context, confidence, JSON bytes)`` — strings, floats and
+    bytes only, so a cache of 100,000 subjects adds almost nothing for the garbage
+    collector to scan (dicts and lists per belief made its full collections stall reads
+    for tens of milliseconds).
+
     Attributes:
         subject_id: the subject.
-        beliefs: every belief as the API's JSON object, by (context, attribute).
+        items: every belief as ``(context, confidence, BeliefOut JSON)``, by (context,
+            attribute).
         fragments: context → the JSON array of its beliefs.
         observed: the contexts the subject has observations in (loaded on demand, for
             the 404 of a subject whose beliefs the caller may not see).
@@ -127,30 +133,41 @@ class SelfModel:
     """
 
     subject_id: str
-    beliefs: list[dict[str, Any]]
+    items: list[tuple[str, float, bytes]]
     fragments: dict[str, bytes]
     observed: frozenset[str] | None = None
     rendered: dict[ContextScope, bytes] = field(default_factory=dict)
 
     @classmethod
     def of_rows(cls, subject_id: str, rows: Sequence[Sequence[Any]]) -> SelfModel:
-        names = _BELIEF_COLUMNS.split(", ")
-        beliefs = [BeliefOut(**dict(zip(names, row, strict=True))).model_dump(mode="json")
-                   for row in rows]
-        grouped: dict[str, list[dict[str, Any]]] = {}
-        for b in beliefs:
-            grouped.setdefault(b["context"], []).append(b)
-        return cls(subject_id, beliefs, {c: orjson.dumps(bs) for c, bs in grouped.items()})
+        """From ``SELECT {_BELIEF_COLUMNS}`` rows: each belief serialised as the API's
+        ``BeliefOut`` (same field order; datetimes as pydantic writes them, UTC as Z)."""
+        items = [(row[0], row[3], orjson.dumps(dict(zip(_NAMES, row, strict=True)),
+                                               option=orjson.OPT_UTC_Z)) for row in rows]
+        grouped: dict[str, list[bytes]] = {}
+        for context, _, body in items:
+            grouped.setdefault(context, []).append(body)
+        return cls(subject_id, items,
+                   {c: b"[" + b",".join(bs) + b"]" for c, bs in grouped.items()})
 
-    def visible(self, scope: ContextScope) -> list[dict[str, Any]]:
-        """The beliefs ``scope`` allows."""
-        return [b for b in self.beliefs if scope.allows(b["context"])]
+    def count(self, scope: ContextScope) -> int:
+        """How many beliefs ``scope`` allows."""
+        return sum(1 for context, _, _ in self.items if scope.allows(context))
+
+    def beliefs_json(self, scope: ContextScope, context: str | None = None,
+                     min_confidence: float | None = None) -> tuple[bytes, list[str]]:
+        """The JSON array of the beliefs ``scope`` allows (optionally of one context and at
+        least ``min_confidence``), and their contexts."""
+        chosen = [(c, body) for c, confidence, body in self.items
+                  if scope.allows(c) and (context is None or c == context)
+                  and (min_confidence is None or confidence >= min_confidence)]
+        return b"[" + b",".join(body for _, body in chosen) + b"]", [c for c, _ in chosen]
 
     def self_model_json(self, scope: ContextScope) -> tuple[bytes, list[str], int]:
         """The ``SelfModelOut`` body for a reader with ``scope``, the contexts in it and the
         number of beliefs."""
         contexts = [c for c in self.fragments if scope.allows(c)]
-        count = sum(1 for b in self.beliefs if scope.allows(b["context"]))
+        count = self.count(scope)
         body = self.rendered.get(scope)
         if body is None:
             inner = b",".join(orjson.dumps(c) + b":" + self.fragments[c] for c in contexts)
@@ -459,7 +476,7 @@ class LiveReads:
     async def known(self, schema: str, model: SelfModel, scope: ContextScope) -> bool:
         """Whether the subject has any belief or observation in a context ``scope`` allows
         (a second query, only for subjects whose visible beliefs are none)."""
-        if model.visible(scope):
+        if model.count(scope):
             return True
         observed = model.observed
         if observed is None:

@@ -139,11 +139,8 @@ async def subject_beliefs(
         return _json(orjson.dumps(BeliefsOut(subject_id=subject_id, beliefs=found)
                                   .model_dump(mode="json")))
     model = await state.live.self_model(active.schema, subject_id)
-    beliefs = [b for b in model.visible(scope)
-               if (context is None or b["context"] == context)
-               and (min_confidence is None or b["confidence"] >= min_confidence)]
-    if not beliefs and not await state.live.known(active.schema, model, scope):
+    body, contexts = model.beliefs_json(scope, context, min_confidence)
+    if not contexts and not await state.live.known(active.schema, model, scope):
         raise unknown_subject(subject_id)
-    record_access(state, caller, subject_id, "beliefs", [b["context"] for b in beliefs],
-                  len(beliefs))
-    return _json(orjson.dumps({"subject_id": subject_id, "beliefs": beliefs}))
+    record_access(state, caller, subject_id, "beliefs", contexts, len(contexts))
+    return _json(b'{"subject_id":' + orjson.dumps(subject_id) + b',"beliefs":' + body + b"}")
