@@ -86,8 +86,9 @@ class AppState:
         return await self.live.restricted() if caller.needs_restricted else frozenset()
 
 
-def get_state(request: Request) -> AppState:
-    """The app's :class:`AppState` (a FastAPI dependency)."""
+async def get_state(request: Request) -> AppState:
+    """The app's :class:`AppState` (a FastAPI dependency; async, so that FastAPI does not
+    hop to its thread pool for it on every request)."""
     return request.app.state.beliefstore
 
 
