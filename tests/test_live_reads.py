@@ -317,3 +317,39 @@ def test_database_down_reads_answer_503_with_retry_after_within_a_second(
     finally:
         server.stop()
         proxy.close()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_up_stops_its_embedded_services_on_sigterm(tmp_path, workers):
+    """SIGTERM to `up` (one API process, or a supervisor of two) stops the API and the
+    embedded PostgreSQL and Kafka it started: nothing is left running."""
+    import signal
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("BELIEFSTORE_", "KAFKA_", "DATABASE_URL"))}
+    env["BELIEFSTORE_HOME"] = str(tmp_path / ".beliefstore")
+    port = free_port()
+    proc = subprocess.Popen([str(BELIEFSTORE), "up", "--api-port", str(port), "--api-workers",
+                             workers], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        within(90.0, lambda: _answers(f"http://127.0.0.1:{port}/healthz"))
+        pidfile = tmp_path / ".beliefstore" / "postgres" / "postmaster.pid"
+        postgres = int(pidfile.read_text().split()[0])
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode in (0, 128 + signal.SIGTERM, -signal.SIGTERM), proc.returncode
+    within(10.0, lambda: not _alive(postgres))
+    assert not _answers(f"http://127.0.0.1:{port}/healthz")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -137,6 +138,10 @@ class ProjectorThread(threading.Thread):
             self.catalog.dispose()
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def listen_tcp(host: str, port: int, backlog: int = 2048) -> socket.socket:
     """A listening TCP socket for uvicorn (inheritable, for worker processes).
 
@@ -215,6 +220,12 @@ class ApiServer:
         self.bind()
         assert self._socket is not None
         if self.workers == 1:
+            # uvicorn handles SIGTERM, shuts down, then re-raises it with the handler it
+            # found: make that one an exit, so callers' cleanup (``up``'s embedded
+            # services) still runs instead of the process dying on the spot.
+            if threading.current_thread() is threading.main_thread() \
+                    and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+                signal.signal(signal.SIGTERM, _exit_on_sigterm)
             self.server.run(sockets=[self._socket])
             return
         assert self._config is not None
