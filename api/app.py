@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from beliefstore.api.deps import RETRY_AFTER_S, AppState
+from beliefstore.api.deps import RETRY_AFTER_S, AppState, unavailable
+from beliefstore.api.live import Unavailable
 from beliefstore.api.metrics import MetricsMiddleware
 from beliefstore.api.routes import (
     access,
@@ -30,6 +31,7 @@ from beliefstore.api.routes import (
     operations,
     reads,
     retractions,
+    watch,
 )
 from beliefstore.api.routes import mcp as mcp_route
 from beliefstore.api.security import (
@@ -56,10 +58,12 @@ def create_app(settings: Settings, catalog: ProjectionCatalog,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await state.live.start()  # the async pool and the LISTEN connection
         try:
             async with mcp_route.running(app):
                 yield
         finally:
+            await state.live.stop()
             state.close()  # flushes the access log
             shutdown(app)
 
@@ -101,7 +105,11 @@ def create_app(settings: Settings, catalog: ProjectionCatalog,
                             content={"detail": "the database is unreachable "
                                      f"({exc.__class__.__name__}); retry later"})
 
-    for module in (reads, audit, ingest, access, operations):
+    @app.exception_handler(Unavailable)
+    async def _unavailable(request: Request, exc: Unavailable) -> Response:
+        return await http_exception_handler(request, unavailable(str(exc)))
+
+    for module in (reads, audit, ingest, access, operations, watch):
         app.include_router(module.router)
     for module in (discovery, retractions, metrics, mcp_route, listings, console, docs):
         app.include_router(module.router)
@@ -110,3 +118,12 @@ def create_app(settings: Settings, catalog: ProjectionCatalog,
     app.mount("/static", StaticFiles(packages=[("beliefstore.api", "static")]), name="static")
     instrument(app)
     return app
+
+
+def app_from_env() -> FastAPI:
+    """The app of the settings in the environment (``uvicorn --factory``): what each of
+    ``beliefstore api --workers N``'s processes serves. DATABASE_URL (or a running
+    ``up``) must be set; the catalog is expected migrated (the parent did it).
+    """
+    settings = Settings.from_env()
+    return create_app(settings, ProjectionCatalog.from_settings(settings))

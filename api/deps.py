@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from fastapi import Depends, HTTPException, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import AfterValidator
+from starlette.concurrency import run_in_threadpool
 
 from beliefstore.access.accesslog import AccessLogger
 from beliefstore.access.consolesessions import COOKIE_NAME, ConsoleSessions
@@ -27,6 +28,7 @@ from beliefstore.access.scopes import (
     format_scope,
 )
 from beliefstore.api import queries
+from beliefstore.api.live import LiveReads, Unavailable
 from beliefstore.api.security import (
     bearer,
     forbidden,
@@ -59,6 +61,8 @@ class AppState:
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
         self.access = AccessLogger(settings)
         self.console = ConsoleSessions.of_catalog(catalog)
+        # The async read path: pool, LISTEN connection and NOTIFY-invalidated caches.
+        self.live = LiveReads(catalog.database_url, catalog.base_schema)
         self._producer = producer
         self._lock = threading.Lock()
 
@@ -82,12 +86,25 @@ class AppState:
             self._producer.close()
 
     def restricted(self, caller: Principal) -> frozenset[str]:
-        """The restricted contexts, when they matter to ``caller`` (``*`` scopes)."""
-        return self.keys.restricted() if caller.needs_restricted else frozenset()
+        """The restricted contexts, when they matter to ``caller`` (``*`` scopes); from the
+        live cache when it is trusted, else from the database."""
+        if not caller.needs_restricted:
+            return frozenset()
+        cached = self.live.cached_restricted()
+        return cached if cached is not None else self.keys.restricted()
+
+    async def restricted_async(self, caller: Principal) -> frozenset[str]:
+        """:meth:`restricted` for async routes (never blocks the event loop).
+
+        Raises:
+            Unavailable: the database is unreachable (503).
+        """
+        return await self.live.restricted() if caller.needs_restricted else frozenset()
 
 
-def get_state(request: Request) -> AppState:
-    """The app's :class:`AppState` (a FastAPI dependency)."""
+async def get_state(request: Request) -> AppState:
+    """The app's :class:`AppState` (a FastAPI dependency; async, so that FastAPI does not
+    hop to its thread pool for it on every request)."""
     return request.app.state.beliefstore
 
 
@@ -102,8 +119,16 @@ Conn = Annotated[sa.Connection, Depends(get_connection)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
-def get_caller(request: Request, state: State, credentials: Credentials) -> Principal:
-    """The authenticated agent (401 without a valid key), after its rate limit (429)."""
+def unavailable(what: str) -> HTTPException:
+    """503 with ``Retry-After: 1``: the database did not answer in time."""
+    return HTTPException(503, f"{what}: the database is unreachable; retry shortly",
+                         headers={"Retry-After": "1"})
+
+
+async def get_caller(request: Request, state: State, credentials: Credentials) -> Principal:
+    """The authenticated agent (401 without a valid key), after its rate limit (429).
+
+    A key verified before is answered from memory (see :mod:`beliefstore.api.live`)."""
     client = request.client.host if request.client else "unknown"
     limiter = state.limiter
     if not state.settings.auth:
@@ -115,7 +140,9 @@ def get_caller(request: Request, state: State, credentials: Credentials) -> Prin
         return ANONYMOUS
     if credentials is None and request.cookies.get(COOKIE_NAME) \
             and not request.headers.get("authorization"):
-        return console_caller(request, state, request.cookies[COOKIE_NAME])
+        # a session lookup in PostgreSQL (sync): off the event loop
+        return await run_in_threadpool(console_caller, request, state,
+                                       request.cookies[COOKIE_NAME])
     if credentials is None:
         if request.headers.get("authorization"):
             raise unauthorized("the Authorization header must be `Bearer <API key>` (an API key "
@@ -128,10 +155,12 @@ def get_caller(request: Request, state: State, credentials: Credentials) -> Prin
     if wait is not None:
         raise too_many_requests(f"too many failed authentications from {client}", wait)
     try:
-        key = state.keys.authenticate(credentials.credentials)
+        key = await state.live.authenticate(credentials.credentials)
     except AuthError as exc:
         limiter.acquire(failures)
         raise unauthorized(str(exc), exc.reason) from None
+    except Unavailable:
+        raise unavailable("cannot check the API key") from None
     except sa.exc.SQLAlchemyError as exc:
         raise HTTPException(503, f"cannot check the API key, the database is unreachable: "
                             f"{exc.__class__.__name__}; retry later",
@@ -203,7 +232,17 @@ def read_scope(caller: Principal, state: AppState, context: str | None = None) -
         raise forbidden(f"{caller.describe()} may not read any context (its read scope is "
                         "empty); ask an admin for a key made with `beliefstore keys create "
                         f"--agent {caller.agent} --read CONTEXTS`")
-    restricted = state.restricted(caller)
+    return scope_of(caller, state.restricted(caller), context)
+
+
+def scope_of(caller: Principal, restricted: frozenset[str],
+             context: str | None = None) -> ContextScope:
+    """:func:`read_scope` with the restricted contexts given (async routes fetch them with
+    :meth:`AppState.restricted_async`); 403 as there."""
+    if not caller.unrestricted and not caller.read:
+        raise forbidden(f"{caller.describe()} may not read any context (its read scope is "
+                        "empty); ask an admin for a key made with `beliefstore keys create "
+                        f"--agent {caller.agent} --read CONTEXTS`")
     if context is not None:
         check_readable(caller, context, restricted)
     return caller.read_scope(restricted)

@@ -27,6 +27,16 @@ def sqlalchemy_url(url: str) -> str:
     )
 
 
+def psycopg_conninfo(url: str) -> str:
+    """A PostgreSQL URL as plain libpq connection string for psycopg itself (the
+    ``+psycopg`` driver suffix of SQLAlchemy URLs removed).
+
+    Raises:
+        ValueError: not a PostgreSQL URL.
+    """
+    return "postgresql://" + sqlalchemy_url(url)[len("postgresql+psycopg://"):]
+
+
 def check_schema_name(schema: str) -> str:
     """Return ``schema`` if it is a plain lowercase identifier, else raise ``ValueError``."""
     if not _SCHEMA.match(schema):

@@ -80,6 +80,26 @@ def rows(quick: bool) -> list[tuple[str, str, str, str, str]]:
                 out.append((f"read latency, {label}", size,
                             f"p50 {_ms(v['median_p50_ms'])}, **p99 {_ms(v['median_p99_ms'])}** "
                             f"({_n(v['median_requests_per_second'])} req/s)", target, status))
+    if rl and "healthz_50" in rl:  # the wrk version (issue 10)
+        size = f"{_n(rl['beliefs'])} beliefs, {rl['api_workers']} API processes, wrk"
+        met = rl["met"]
+        h, m = rl["healthz_50"], rl["self_model_50"]
+        one, fixed, f = rl["self_model_1"], rl["self_model_fixed_500"], rl["freshness"]
+        out.append(("GET self-model vs /healthz, 50 connections (same server, same run)", size,
+                    f"{_n(m['requests_per_second'])} / {_n(h['requests_per_second'])} req/s = "
+                    f"**{rl['ratio_self_model_over_healthz']:.0%}**", "≥ 50 %",
+                    "met" if met["ratio"] else "missed"))
+        out.append(("GET self-model, 1 connection", size,
+                    f"**p50 {_ms(one['p50_ms'])}, p99 {_ms(one['p99_ms'])}** "
+                    f"({_n(one['requests_per_second'])} req/s)", "p50 ≤ 1 ms, p99 ≤ 3 ms",
+                    "met" if met["p50_1"] and met["p99_1"] else "missed"))
+        out.append(("GET self-model at a fixed rate", size,
+                    f"{_n(fixed['requests_per_second'])} req/s: **p99 {_ms(fixed['p99_ms'])}**",
+                    "p99 ≤ 10 ms at 500 req/s", "met" if met["p99_fixed"] else "missed"))
+        out.append(("freshness: POST → visible in GET / → watch event", f"{f['probes']} probes",
+                    f"p99 **{_ms(f.get('visible_p99_ms', 0))}** / **{_ms(f.get('watch_p99_ms', 0))}**",
+                    "p99 ≤ 100 ms each",
+                    "met" if met["fresh_visible"] and met["fresh_watch"] else "missed"))
     fr = r["freshness"]
     if fr:
         p99 = fr["median_p99_ms"]

@@ -24,6 +24,9 @@ import sqlalchemy as sa
 from beliefstore.db import check_schema_name, create_tables, make_engine, migrate
 
 DEFAULT_PROJECTION = "self_model"
+CHANNEL = "beliefstore_catalog"
+"""The NOTIFY channel of projection switches: payload ``<base schema>``, sent in the
+switch's transaction; API processes then re-read the active projection."""
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
 
 
@@ -210,6 +213,7 @@ class ProjectionCatalog:
             conn.execute(self.table.update().where(self.table.c.active).values(active=False))
             conn.execute(self.table.update().where(self.table.c.name == name)
                          .values(active=True, switched_at=sa.func.now()))
+            conn.execute(sa.select(sa.func.pg_notify(CHANNEL, self.base_schema)))
         self._active = None
         return self.get(name)
 

@@ -28,6 +28,7 @@ from beliefstore.events.model import (
     ObservationRetracted,
     SubjectErased,
 )
+from beliefstore.projector.changes import record_changes
 from beliefstore.projector.fold import Belief, FoldSettings, Key, fold
 from beliefstore.projector.tables import (
     belief_sources,
@@ -214,6 +215,7 @@ class ProjectionRecorder:
                 self._check_fence(conn, topic, {p: fence.get(p, -1) for p in progress})
             keys = self._apply_events(conn, batch)
             recomputed = self.recompute(conn, keys) if keys else 0
+            record_changes(conn, keys, batch)  # + NOTIFY, delivered at commit
             if progress:
                 stmt = pg_insert(projection_offsets)
                 conn.execute(stmt.on_conflict_do_update(

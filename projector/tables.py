@@ -132,3 +132,26 @@ projection_offsets = sa.Table(
               server_default=sa.func.now()),
 )
 """Where each projection stands in each partition, written in the batch's transaction."""
+
+belief_changes = sa.Table(
+    "belief_changes",
+    metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=True,
+              doc="Commit-ordered per subject (see projector/changes.py): a watch's event id."),
+    sa.Column("subject_id", sa.Text, nullable=False),
+    sa.Column("context", sa.Text, nullable=False),
+    sa.Column("attribute", sa.Text, nullable=False),
+    sa.Column("value", sa.Text, nullable=True, doc="NULL: the belief is gone (retracted, erased)."),
+    sa.Column("confidence", sa.Float(precision=53), nullable=True),
+    sa.Column("alternatives", JSONB, nullable=True),
+    sa.Column("sources", JSONB, nullable=True),
+    sa.Column("kafka_partition", sa.Integer, nullable=True,
+              doc="The partition of the subject's events in the batch that changed it."),
+    sa.Column("kafka_offset", sa.BigInteger, nullable=True,
+              doc="The batch's last offset of that subject in that partition."),
+    sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False,
+              server_default=sa.func.now()),
+    sa.Index("belief_changes_subject", "subject_id", "id"),
+)
+"""One row per recomputed belief per batch, appended in the batch's transaction: what
+``GET /v1/subjects/{id}/watch`` streams."""

@@ -9,6 +9,7 @@ import time
 import uuid
 from dataclasses import replace
 
+import httpx
 import pytest
 
 from beliefstore.client import (
@@ -18,7 +19,6 @@ from beliefstore.client import (
     ConnectionFailed,
     InvalidRequest,
     NotFound,
-    NotSupported,
     PermissionDenied,
     RateLimited,
     RetryPolicy,
@@ -133,19 +133,36 @@ def test_observe_many_falls_back_to_one_by_one_without_the_batch_endpoint(world:
         assert client.beliefs("cust-batch").beliefs[0].value == "gold"
 
 
-def test_watch_names_the_missing_endpoint(world: World):
-    with BeliefClient(world.url, world.keys["triage_agent"]) as client:
-        with pytest.raises(NotSupported) as missing:
-            next(iter(client.watch(SUBJECT)))
-    assert missing.value.endpoint == "GET /v1/subjects/{subject_id}/watch"
+@pytest.mark.timeout(90)
+def test_watch_streams_belief_changes_sync_and_async(world: World, catalog):
+    """The clients follow GET /v1/subjects/{id}/watch (the live SSE stream): resumed from
+    the projection's first change, a subject's changes arrive in order with their values."""
+    subject = f"cust-watch-{uuid.uuid4().hex[:8]}"
+    with BeliefClient(world.url, world.keys["support_bot"]) as client:
+        first = client.observe(subject, "support", "mood", "calm", 0.8)
+        world.wait_for([sdk(first)])
+        second = client.observe(subject, "support", "mood", "tense", 0.9)
+        world.wait_for([sdk(second)])
+        start = f"{catalog.active().name}:0"
+        values: list[str] = []
+        for event in client.watch(subject, last_event_id=start, read_timeout_s=30):
+            if isinstance(event.data, dict) and event.data.get("attribute") == "mood":
+                values.append(event.data["value"])
+            if values[-1:] == ["tense"]:
+                break
+        assert values == ["calm", "tense"]
 
-    async def run() -> None:
-        async with AsyncBeliefClient(world.url, world.keys["triage_agent"]) as client:
-            with pytest.raises(NotSupported):
-                async for _ in client.watch(SUBJECT):
+    async def run() -> list[str]:
+        seen: list[str] = []
+        async with AsyncBeliefClient(world.url, world.keys["support_bot"]) as aclient:
+            async for event in aclient.watch(subject, last_event_id=start, read_timeout_s=30):
+                if isinstance(event.data, dict) and event.data.get("attribute") == "mood":
+                    seen.append(event.data["value"])
+                if seen[-1:] == ["tense"]:
                     break
+        return seen
 
-    asyncio.run(run())
+    assert asyncio.run(run()) == ["calm", "tense"]
 
 
 def test_sse_parser_follows_the_event_stream_format():

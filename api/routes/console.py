@@ -165,14 +165,14 @@ def logout(request: Request, state: State,
 
 @router.get("/console/me", response_model=ConsoleMeOut, responses=AUTH_RESPONSES,
             tags=["console"])
-def me(request: Request, state: State, credentials: Credentials) -> ConsoleMeOut:
+async def me(request: Request, state: State, credentials: Credentials) -> ConsoleMeOut:
     """Whether the request is logged in (session cookie or bearer key) and as whom (as
     ``/v1/whoami``); 200 either way, so the console's first look logs no error. Carries
     the half-lives that tell how stale a belief is."""
     halves = {"default_half_life_s": state.settings.default_half_life_s,
               "half_lives": dict(state.settings.half_lives)}
     try:
-        caller = get_caller(request, state, credentials)
+        caller = await get_caller(request, state, credentials)
     except HTTPException as exc:
         if exc.status_code != 401:
             raise

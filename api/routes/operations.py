@@ -24,7 +24,7 @@ router = APIRouter()
 
 
 @router.get("/healthz", tags=["operations"])
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     """Liveness: the process answers."""
     return {"status": "ok"}
 

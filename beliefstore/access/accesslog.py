@@ -155,7 +155,8 @@ class AccessLogger:
             log.error("access log closed: dropping the record of %s reading %r", agent, subject_id)
             self.dropped += 1
             return rec
-        self._start()
+        if self._thread is None:
+            self._start()
         try:
             self._queue.put_nowait(rec)
         except queue.Full:

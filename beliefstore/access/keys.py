@@ -50,6 +50,15 @@ SCRYPT_P = 1
 SCRYPT_LEN = 32
 _VERIFIED_CACHE_SIZE = 10_000
 
+CHANNEL = "beliefstore_access"
+"""The NOTIFY channel of key and restriction changes: payload ``<base schema> key <key id>``
+or ``<base schema> restricted``, sent in the changing transaction (so at its commit).
+API processes LISTEN to it and drop what they cached (:mod:`beliefstore.api.live`)."""
+
+
+def _notify(conn: sa.Connection, payload: str) -> None:
+    conn.execute(sa.select(sa.func.pg_notify(CHANNEL, payload)))
+
 
 class AuthError(Exception):
     """A presented API key is missing, malformed, unknown, wrong or revoked (HTTP 401).
@@ -131,6 +140,42 @@ def _derive(secret: str, salt: bytes, kdf: str) -> bytes:
     _return_large_buffers_to_the_os()
     return hashlib.scrypt(secret.encode("ascii"), salt=salt, n=int(p["n"]), r=int(p["r"]),
                           p=int(p["p"]), dklen=int(p["len"]), maxmem=64 * 1024 * 1024)
+
+
+def check_secret(secret: str, salt: bytes, kdf: str, stored: bytes) -> bool:
+    """Whether ``secret`` hashes (scrypt with ``salt`` and the ``kdf`` parameters) to
+    ``stored``; constant-time comparison. About 50 ms of CPU: run it off the event loop.
+
+    Raises:
+        AuthError: ``kdf`` names an unsupported hash.
+    """
+    return hmac.compare_digest(_derive(secret, salt, kdf), stored)
+
+
+def burn_unknown_key(secret: str) -> None:
+    """Spend the time of a scrypt check on a key id that does not exist, so that key ids
+    cannot be probed by timing."""
+    _derive(secret, b"\0" * 16, _kdf_name())
+
+
+def invalid_key() -> AuthError:
+    """The 401 error of a key that is unknown or whose secret is wrong."""
+    return AuthError("invalid", "invalid API key: no active key has this id and secret; check "
+                     "the Authorization header (or BELIEFSTORE_API_KEY), or ask an admin for a "
+                     "key (`beliefstore keys create --agent NAME --read CONTEXTS`)")
+
+
+def revoked_key(key: ApiKey) -> AuthError:
+    """The 401 error of a revoked key."""
+    return AuthError("revoked", f"API key {key.key_id} of agent {key.agent!r} was revoked at "
+                     f"{key.revoked_at:%Y-%m-%d %H:%M:%S %Z}; ask an admin for a new one "
+                     "(`beliefstore keys create`)")
+
+
+def key_of_row(row) -> ApiKey:
+    """An ``api_keys`` row (any object with its column names as attributes) → :class:`ApiKey`."""
+    return ApiKey(row.key_id, row.agent, frozenset(row.read_contexts),
+                  frozenset(row.write_contexts), row.admin, row.created_at, row.revoked_at)
 
 
 def _tables(base_schema: str) -> tuple[sa.Table, sa.Table]:
@@ -215,6 +260,7 @@ class KeyStore:
                 key_id=key_id, agent=agent, secret_hash=digest, salt=salt, kdf=kdf,
                 read_contexts=sorted(read_scope), write_contexts=sorted(write_scope), admin=admin,
             ).returning(*self.keys.c)).one()
+            _notify(conn, f"{self.base_schema} key {key_id}")
         return NewKey(self._key(row), f"{KEY_PREFIX}_{key_id}_{secret}")
 
     def create_first_admin_key(self) -> NewKey | None:
@@ -264,6 +310,7 @@ class KeyStore:
             row = conn.execute(self.keys.update().where(
                 self.keys.c.key_id == key_id, self.keys.c.revoked_at.is_(None)
             ).values(revoked_at=sa.func.now()).returning(*self.keys.c)).first()
+            _notify(conn, f"{self.base_schema} key {key_id}")
         with self._lock:
             self._verified.pop(key_id, None)
         if row is not None:
@@ -285,8 +332,7 @@ class KeyStore:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(self.keys).where(self.keys.c.key_id == key_id)).first()
         if row is None:
-            # Spend the same time as a wrong secret, so key ids cannot be probed by timing.
-            _derive(secret, b"\0" * 16, _kdf_name())
+            burn_unknown_key(secret)
             raise self._invalid()
         stored = bytes(row.secret_hash)
         presented = hashlib.sha256(secret.encode("ascii")).digest()
@@ -305,21 +351,16 @@ class KeyStore:
             raise self._invalid()
         key = self._key(row)
         if not key.active:
-            raise AuthError("revoked", f"API key {key_id} of agent {key.agent!r} was revoked at "
-                            f"{key.revoked_at:%Y-%m-%d %H:%M:%S %Z}; ask an admin for a new one "
-                            "(`beliefstore keys create`)")
+            raise revoked_key(key)
         return key
 
     @staticmethod
     def _invalid() -> AuthError:
-        return AuthError("invalid", "invalid API key: no active key has this id and secret; check "
-                         "the Authorization header (or BELIEFSTORE_API_KEY), or ask an admin for a "
-                         "key (`beliefstore keys create --agent NAME --read CONTEXTS`)")
+        return invalid_key()
 
     @staticmethod
     def _key(row: sa.Row) -> ApiKey:
-        return ApiKey(row.key_id, row.agent, frozenset(row.read_contexts),
-                      frozenset(row.write_contexts), row.admin, row.created_at, row.revoked_at)
+        return key_of_row(row)
 
     # -- restricted contexts -----------------------------------------------------------------
 
@@ -346,6 +387,7 @@ class KeyStore:
             added = conn.execute(insert(self.restricted_table).values(
                 context=context, reason=reason).on_conflict_do_nothing()
                 .returning(self.restricted_table.c.context)).first()
+            _notify(conn, f"{self.base_schema} restricted")
         return added is not None
 
     def unrestrict(self, context: str) -> bool:
@@ -356,7 +398,9 @@ class KeyStore:
             removed = conn.execute(self.restricted_table.delete().where(
                 self.restricted_table.c.context == context)
                 .returning(self.restricted_table.c.context)).first()
+            _notify(conn, f"{self.base_schema} restricted")
         return removed is not None
 
 
-__all__ = ["ApiKey", "AuthError", "KeyStore", "KeyStoreError", "NewKey", "split_token"]
+__all__ = ["CHANNEL", "ApiKey", "AuthError", "KeyStore", "KeyStoreError", "NewKey", "burn_unknown_key",
+           "check_secret", "invalid_key", "key_of_row", "revoked_key", "split_token"]

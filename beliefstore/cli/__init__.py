@@ -10,6 +10,7 @@
 * :mod:`~beliefstore.cli.calibrate` — ``calibrate`` (trust per source from outcomes);
 * :mod:`~beliefstore.cli.mcp` — ``mcp`` (the MCP server over stdio);
 * :mod:`~beliefstore.cli.console` — ``console`` (a one-time login link to the web console);
+* :mod:`~beliefstore.cli.watch` — ``watch`` (a subject's belief changes, live);
 * :mod:`~beliefstore.cli.common` — what they share (consoles, settings, errors, tables).
 
 No command module imports another; each has a ``register(app)`` that this package
@@ -23,6 +24,7 @@ import typer
 from beliefstore.cli import audit, calibrate, demo, ingest, projections, reads, security, services
 from beliefstore.cli import console as console_cli
 from beliefstore.cli import mcp as mcp_command
+from beliefstore.cli import watch as watch_command
 
 app = typer.Typer(
     help="beliefstore: an event-sourced store of what AI agents believe about the people "
@@ -39,6 +41,7 @@ for _module in (services, ingest, reads, demo, projections, audit, security, cal
     _module.register(app)
 mcp_command.register(app)
 console_cli.register(app)
+watch_command.register(app)
 
 
 def main() -> None:

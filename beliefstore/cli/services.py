@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 def up(
     api_port: Annotated[int | None, typer.Option(help="API port (default BELIEFSTORE_API_PORT "
                                                       "or 8000).")] = None,
+    api_workers: Annotated[int | None, typer.Option(
+        min=1, help="API processes sharing the port (default: the number of cores); each "
+        "has its own caches and rate-limit buckets. With more than one they run as a child "
+        "process group logging to .beliefstore/api.log.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Start everything in the foreground: embedded Kafka and PostgreSQL where none is
@@ -57,7 +61,7 @@ def up(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     try:
-        failure = _run_up(api_port, stopping)
+        failure = _run_up(api_port, api_workers or os.cpu_count() or 1, stopping)
     except KeyboardInterrupt:
         failure = None
     if failure is not None:
@@ -65,23 +69,23 @@ def up(
     console.print("stopped")
 
 
-def _run_up(api_port: int | None, stopping: threading.Event) -> str | None:
+def _run_up(api_port: int | None, api_workers: int, stopping: threading.Event) -> str | None:
     """``up``'s body; returns why it stopped on its own (a signal raises KeyboardInterrupt)."""
     settings = load_settings(use_running=False)
     if api_port:
         settings = replace(settings, api_port=api_port, api_url=f"http://{settings.api_host}:{api_port}")
     with contextlib.ExitStack() as stack:
         try:
-            return _serve(settings, stack)
+            return _serve(settings, stack, api_workers)
         finally:
             stopping.set()  # before the stack unwinds: no signal interrupts the shutdown
 
 
-def _serve(settings: Settings, stack: contextlib.ExitStack) -> str | None:
+def _serve(settings: Settings, stack: contextlib.ExitStack, api_workers: int = 1) -> str | None:
     """Start the services, the projector and the API on ``stack``; wait for a signal
     (KeyboardInterrupt) or for supervision to give up (returns its message)."""
     from beliefstore.embedded import EmbeddedService
-    from beliefstore.runtime.serve import ApiServer, ProjectorThread
+    from beliefstore.runtime.serve import ApiProcesses, ApiServer, ProjectorThread
     from beliefstore.runtime.startup import prepare, start_missing_services
     from beliefstore.runtime.supervisor import Supervisor
 
@@ -95,10 +99,16 @@ def _serve(settings: Settings, stack: contextlib.ExitStack) -> str | None:
     projector = ProjectorThread(settings, catalog)
     projector.start()
     stack.callback(projector.stop)
-    api = ApiServer(settings, settings.api_host, settings.api_port, catalog=catalog)
+    api: ApiServer | ApiProcesses
     try:
-        api.start_in_thread()
-    except RuntimeError as exc:
+        if api_workers == 1:
+            api = ApiServer(settings, settings.api_host, settings.api_port, catalog=catalog)
+            api.start_in_thread()
+        else:
+            api = ApiProcesses(settings, settings.api_host, settings.api_port, api_workers,
+                               settings.home / "api.log")
+            api.start()
+    except (RuntimeError, OSError) as exc:
         raise fail(f"{exc}: is port {settings.api_port} taken? Pass another with "
                    "--api-port or BELIEFSTORE_API_PORT") from None
     stack.callback(api.stop)
@@ -115,7 +125,8 @@ def _serve(settings: Settings, stack: contextlib.ExitStack) -> str | None:
     console.print(f"[bold]beliefstore is up[/] (addresses recorded in {path})")
     console.print(f"  Kafka       {settings.kafka_bootstrap_servers}  topic {settings.topic}")
     console.print(f"  PostgreSQL  {redact(settings.database_url)}  schema {settings.db_schema}")
-    console.print(f"  API         {api.url}  (OpenAPI at {api.url}/docs)")
+    console.print(f"  API         {api.url}  (OpenAPI at {api.url}/docs; "
+                  f"{api_workers} process(es))")
     if not settings.auth:
         console.print("  [yellow]authentication is off (BELIEFSTORE_AUTH=off): anyone who "
                       "reaches the API may read and write everything[/]")
@@ -132,7 +143,8 @@ def _serve(settings: Settings, stack: contextlib.ExitStack) -> str | None:
         pass
     if supervisor.failure is not None:
         return f"{supervisor.failure.message()}; everything else was stopped"
-    return "the API server stopped on its own (see the log above)"
+    return ("the API server stopped on its own (see the log above"
+            + (f" and {settings.home / 'api.log'})" if api_workers > 1 else ")"))
 
 
 def _first_admin_key(catalog: ProjectionCatalog) -> NewKey | None:
@@ -233,8 +245,12 @@ def _supervise_workers(count: int, group: str, until_caught_up: bool, verbose: b
 def api(
     host: Annotated[str | None, typer.Option(help="Bind address (BELIEFSTORE_API_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (BELIEFSTORE_API_PORT).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="API processes sharing the port (default: the number of cores); each "
+        "has its own caches and rate-limit buckets (a key may make N x "
+        "BELIEFSTORE_RATE_LIMIT requests/s in all).")] = None,
 ) -> None:
-    """Serve the HTTP API (self-model, beliefs, trace, POST /v1/observations, /docs)."""
+    """Serve the HTTP API (self-model, beliefs, watch, trace, POST /v1/observations, /docs)."""
     from beliefstore.projector.catalog import ProjectionCatalog
     from beliefstore.runtime.serve import ApiServer
 
@@ -254,8 +270,13 @@ def api(
             log.warning("no API key exists yet, so every request will get 401: make one with "
                         "`beliefstore keys create --agent NAME --read CONTEXTS --write CONTEXTS "
                         "[--admin]`")
-    ApiServer(settings, host or settings.api_host, port or settings.api_port,
-              catalog=catalog).run()
+    server = ApiServer(settings, host or settings.api_host, port or settings.api_port,
+                       catalog=catalog, workers=workers or os.cpu_count() or 1)
+    try:
+        server.bind()
+    except OSError as exc:
+        raise fail(f"cannot listen on {server.url}: {exc}; pick another --port") from None
+    server.run()
 
 
 def migrate() -> None:

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from pathlib import Path
 
 import sqlalchemy as sa
 import uvicorn
@@ -169,29 +175,107 @@ def _describe(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {text[0]}" if text else exc.__class__.__name__
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def listen_tcp(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A listening TCP socket for uvicorn (inheritable, for worker processes).
+
+    Made with ``IPPROTO_TCP`` on purpose: asyncio sets ``TCP_NODELAY`` only on sockets
+    whose protocol is TCP, and uvicorn's own ``bind_socket()`` creates them with protocol
+    0, so every response then waits for the client's delayed ACK (about 40 ms per
+    request on Linux: Nagle's algorithm).
+
+    Raises:
+        OSError: the address is in use or cannot be bound.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.set_inheritable(True)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class ApiServer:
     """uvicorn serving :func:`create_app` on ``host:port``.
 
     ``run()`` blocks in the foreground (Ctrl-C stops it); ``start_in_thread()`` serves
     from a daemon thread and returns once it accepts connections.
+
+    With ``workers`` > 1, ``run()`` starts that many API processes sharing the listening
+    socket (uvicorn's supervisor; each process builds its app with
+    :func:`beliefstore.api.app.app_from_env`, so the settings reach them through the
+    environment: the database and broker addresses are exported first). Each process
+    has its own caches, LISTEN connection and rate-limit buckets.
     """
 
     def __init__(self, settings: Settings, host: str, port: int, *,
-                 catalog: ProjectionCatalog | None = None):
+                 catalog: ProjectionCatalog | None = None, workers: int = 1):
         self._own_catalog = catalog is None
         self.catalog = catalog or ProjectionCatalog.from_settings(settings)
-        app = create_app(settings, self.catalog)
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                access_log=False)
-        self.server = uvicorn.Server(config)
+        self.settings = settings
+        self.host, self.port, self.workers = host, port, max(1, workers)
         self.url = f"http://{host}:{port}"
         self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+        self._config: uvicorn.Config | None = None
+        if self.workers == 1:
+            self.app = app = create_app(settings, self.catalog)
+            config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                    access_log=False, timeout_graceful_shutdown=3)
+            self.server = uvicorn.Server(config)
+
+    def bind(self) -> None:
+        """Bind the listening socket now (so connections queue from this moment on, before
+        the worker processes are up); :meth:`run` serves on it."""
+        if self._socket is not None:
+            return
+        if self.workers == 1:
+            self._socket = listen_tcp(self.host, self.port)
+            return
+        for name, value in (("DATABASE_URL", self.settings.database_url),
+                            ("KAFKA_BOOTSTRAP_SERVERS", self.settings.kafka_bootstrap_servers)):
+            if value:
+                os.environ[name] = value
+        self._config = uvicorn.Config(
+            "beliefstore.api.app:app_from_env", factory=True, host=self.host, port=self.port,
+            workers=self.workers, log_level="warning", access_log=False,
+            timeout_graceful_shutdown=3)
+        self._socket = listen_tcp(self.host, self.port)
 
     def run(self) -> None:
-        self.server.run()
+        """Serve in the foreground until Ctrl-C / SIGTERM (binding first if needed)."""
+        from uvicorn.supervisors import Multiprocess
+
+        self.bind()
+        assert self._socket is not None
+        if self.workers == 1:
+            # uvicorn handles SIGTERM, shuts down, then re-raises it with the handler it
+            # found: make that one an exit, so callers' cleanup (``up``'s embedded
+            # services) still runs instead of the process dying on the spot.
+            if threading.current_thread() is threading.main_thread() \
+                    and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+                signal.signal(signal.SIGTERM, _exit_on_sigterm)
+            self.server.run(sockets=[self._socket])
+            return
+        assert self._config is not None
+        Multiprocess(self._config, sockets=[self._socket]).run()
 
     def start_in_thread(self, timeout: float = 15.0) -> ApiServer:
-        self._thread = threading.Thread(target=self.server.run, name="api", daemon=True)
+        if self.workers != 1:
+            raise ValueError("start_in_thread serves one process; use run() for workers > 1")
+        self.bind()  # our socket: TCP_NODELAY (see listen_tcp)
+        assert self._socket is not None
+        sockets = [self._socket]
+        self._thread = threading.Thread(target=lambda: self.server.run(sockets=sockets),
+                                        name="api", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:
@@ -206,8 +290,80 @@ class ApiServer:
         return self._thread is not None and self._thread.is_alive()
 
     def stop(self) -> None:
+        if self.workers == 1:
+            self.app.state.beliefstore.live.end_watches_threadsafe()
         self.server.should_exit = True
         if self._thread is not None:
             self._thread.join(10)
         if self._own_catalog:
             self.catalog.dispose()
+
+
+class ApiProcesses:
+    """``beliefstore api --workers N`` as a child process of ``up`` (uvicorn's supervisor
+    and its N worker processes sharing one port), with the addresses of the services
+    ``up`` started exported to it.
+
+    Its output goes to ``log_path``; on Linux it gets SIGTERM if ``up`` dies without
+    stopping it.
+
+    Args:
+        settings: ``up``'s settings (broker and database addresses filled in).
+        host, port: where the API listens.
+        workers: API processes (≥ 2; one process runs in ``up``'s own, see :class:`ApiServer`).
+        log_path: the API's log file (appended).
+    """
+
+    def __init__(self, settings: Settings, host: str, port: int, workers: int, log_path: Path):
+        self.settings, self.host, self.port, self.workers = settings, host, port, workers
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``http://HOST:PORT``."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def alive(self) -> bool:
+        """Whether the API's supervisor process still runs."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout: float = 60.0) -> ApiProcesses:
+        """Start the processes; return once ``/healthz`` answers.
+
+        Raises:
+            RuntimeError: it exited or did not answer within ``timeout`` seconds (the
+                message names the log file).
+        """
+        import httpx
+
+        from beliefstore.embedded.base import spawn
+
+        env = dict(os.environ)
+        for name, value in (("DATABASE_URL", self.settings.database_url),
+                            ("KAFKA_BOOTSTRAP_SERVERS", self.settings.kafka_bootstrap_servers)):
+            if value:
+                env[name] = value
+        argv = [sys.executable, "-c", "from beliefstore.cli import main; main()", "api",
+                "--host", self.host, "--port", str(self.port), "--workers", str(self.workers)]
+        self._proc = spawn(argv, self.log_path, env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                break
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"the API processes did not start on {self.url}; see {self.log_path}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the API (uvicorn stops its workers), SIGKILL after ``timeout`` s."""
+        from beliefstore.embedded.base import terminate
+
+        terminate(self._proc, timeout)
+        self._proc = None

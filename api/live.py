@@ -1,0 +1,561 @@
+"""The API process's live read path: an async connection pool, one LISTEN connection,
+and the caches that PostgreSQL's NOTIFY keeps honest.
+
+A handoff read costs at most one database round trip, and none once warm:
+
+* **API keys** — after a key's first scrypt check, its row is kept in memory; ``keys
+  create`` and ``keys revoke`` send ``NOTIFY beliefstore_access`` in their transaction
+  (:data:`beliefstore.access.keys.CHANNEL`), and this process drops the key;
+* **restricted contexts** — the same channel (``contexts restrict|unrestrict``);
+* **the active projection** — ``projections switch`` / ``replay --switch`` send
+  ``NOTIFY beliefstore_catalog`` (:data:`beliefstore.projector.catalog.CHANNEL`);
+* **self-models** — each subject's beliefs, rendered to JSON once; the projector sends
+  ``NOTIFY beliefstore_changes`` with the subjects of every batch, in the batch's
+  transaction (:mod:`beliefstore.projector.changes`).
+
+PostgreSQL delivers a NOTIFY when the sending transaction commits; this process then
+drops the entries within milliseconds (the window between a commit and the moment the
+notification is handled is the only time an older answer can be served). A read that
+was already querying when a notification came in does not store its answer
+(``generation`` check), so no stale entry outlives a notification. The caches are
+trusted only while the LISTEN connection is up: when it drops (database restart,
+network), everything is forgotten and every read goes to the database until it is back
+(and answers 503 while the database is unreachable).
+
+The same notifications wake the watchers of ``GET /v1/subjects/{id}/watch``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import anyio
+import orjson
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import set_json_loads
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from beliefstore.access.keys import CHANNEL as ACCESS_CHANNEL
+from beliefstore.access.keys import (
+    ApiKey,
+    burn_unknown_key,
+    check_secret,
+    invalid_key,
+    key_of_row,
+    revoked_key,
+    split_token,
+)
+from beliefstore.access.scopes import ContextScope
+from beliefstore.db import check_schema_name, psycopg_conninfo
+from beliefstore.projector.catalog import CHANNEL as CATALOG_CHANNEL
+from beliefstore.projector.catalog import CatalogError
+from beliefstore.projector.changes import CHANNEL as CHANGES_CHANNEL
+from beliefstore.projector.changes import parse_payload
+
+log = logging.getLogger("beliefstore.api")
+
+QUERY_TIMEOUT_S = 0.5
+"""Seconds a read may wait for a pooled connection and its query before it answers 503
+(the database is down or hung)."""
+
+LISTEN_CHECK_S = 2.0
+"""Seconds between liveness checks of the LISTEN connection when no notification comes."""
+
+DEFAULT_CACHE_SIZE = 100_000
+"""Self-models kept per API process (least recently used dropped first)."""
+
+_BELIEF_COLUMNS = ("context, attribute, value, confidence, alternatives, sources, support, "
+                   "source_count, last_observed_at, updated_at")
+_NAMES = tuple(_BELIEF_COLUMNS.split(", "))  # BeliefOut's fields, in its order
+
+
+class Unavailable(Exception):
+    """The database did not answer within :data:`QUERY_TIMEOUT_S` (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class Active:
+    """The projection the API serves: its name and PostgreSQL schema."""
+
+    name: str
+    schema: str
+
+
+@dataclass(frozen=True)
+class Change:
+    """One row of ``belief_changes``: a belief as a batch left it (``value`` ``None``: gone).
+
+    Attributes:
+        id: the change id (commit-ordered per subject).
+        partition, offset: Kafka position of the batch's last event about the subject.
+        changed_at: when the batch committed it (ISO 8601).
+    """
+
+    id: int
+    context: str
+    attribute: str
+    value: str | None
+    confidence: float | None
+    alternatives: dict[str, float] | None
+    sources: list[str] | None
+    partition: int | None
+    offset: int | None
+    changed_at: str
+
+
+@dataclass(slots=True)
+class SelfModel:
+    """A subject's beliefs in one projection, rendered to JSON once.
+
+    Each belief is kept as ``(context, confidence, last observed, JSON bytes)`` —
+    strings, floats and bytes only, so a cache of 100,000 subjects adds almost nothing
+    for the garbage collector to scan (dicts and lists per belief made its full
+    collections stall reads for tens of milliseconds). The JSON of a belief is kept
+    open (without its closing brace): its ``age_s`` depends on the read's instant and is
+    appended when the answer is written.
+
+    Attributes:
+        subject_id: the subject.
+        items: every belief as ``(context, confidence, last_observed_at in epoch
+            seconds, BeliefOut JSON without age_s and the closing brace)``, by (context,
+            attribute).
+        observed: the contexts the subject has observations in (loaded on demand, for
+            the 404 of a subject whose beliefs the caller may not see).
+    """
+
+    subject_id: str
+    items: list[tuple[str, float, float, bytes]]
+    observed: frozenset[str] | None = None
+
+    @classmethod
+    def of_rows(cls, subject_id: str, rows: Sequence[Sequence[Any]]) -> SelfModel:
+        """From ``SELECT {_BELIEF_COLUMNS}`` rows: each belief serialised as the API's
+        ``BeliefOut`` (same field order; datetimes as pydantic writes them, UTC as Z)."""
+        observed_at = _NAMES.index("last_observed_at")
+        items = [(row[0], row[3], row[observed_at].timestamp(),
+                  orjson.dumps(dict(zip(_NAMES, row, strict=True)),
+                               option=orjson.OPT_UTC_Z)[:-1]) for row in rows]
+        return cls(subject_id, items)
+
+    def count(self, scope: ContextScope) -> int:
+        """How many beliefs ``scope`` allows (whatever their age)."""
+        return sum(1 for item in self.items if scope.allows(item[0]))
+
+    def _chosen(self, scope: ContextScope, now_s: float, max_age_s: float | None,
+                context: str | None = None,
+                min_confidence: float | None = None) -> list[tuple[str, bytes]]:
+        """``(context, closed JSON with age_s)`` of the beliefs the filters keep, in order.
+
+        ``age_s`` is ``now_s − last_observed_at`` in seconds (≥ 0), rounded to ms, as
+        :func:`beliefstore.api.staleness.with_age` computes it for past views."""
+        out = []
+        for c, confidence, observed_s, body in self.items:
+            if not scope.allows(c) or (context is not None and c != context):
+                continue
+            if min_confidence is not None and confidence < min_confidence:
+                continue
+            age = max(0.0, now_s - observed_s)
+            if max_age_s is not None and age > max_age_s:
+                continue
+            out.append((c, body + b',"age_s":' + orjson.dumps(round(age, 3)) + b"}"))
+        return out
+
+    def beliefs_json(self, scope: ContextScope, context: str | None = None,
+                     min_confidence: float | None = None, now_s: float | None = None,
+                     max_age_s: float | None = None) -> tuple[bytes, list[str]]:
+        """The JSON array of the beliefs ``scope`` allows (optionally of one context, at
+        least ``min_confidence`` and at most ``max_age_s`` seconds old at ``now_s``,
+        epoch seconds, default now), and their contexts."""
+        chosen = self._chosen(scope, time.time() if now_s is None else now_s, max_age_s,
+                              context, min_confidence)
+        return b"[" + b",".join(body for _, body in chosen) + b"]", [c for c, _ in chosen]
+
+    def self_model_json(self, scope: ContextScope, now_s: float | None = None,
+                        max_age_s: float | None = None) -> tuple[bytes, list[str], int]:
+        """The ``SelfModelOut`` body for a reader with ``scope`` at ``now_s`` (epoch
+        seconds, default now), without beliefs older than ``max_age_s``; the contexts in
+        it and the number of beliefs."""
+        chosen = self._chosen(scope, time.time() if now_s is None else now_s, max_age_s)
+        grouped: dict[str, list[bytes]] = {}
+        for c, body in chosen:
+            grouped.setdefault(c, []).append(body)
+        inner = b",".join(orjson.dumps(c) + b":[" + b",".join(bs) + b"]"
+                          for c, bs in grouped.items())
+        body = (b'{"subject_id":' + orjson.dumps(self.subject_id) + b',"contexts":{' + inner
+                + b'},"belief_count":' + str(len(chosen)).encode()
+                + b',"as_of":null,"time":null}')
+        return body, list(grouped), len(chosen)
+
+
+class LiveReads:
+    """One API process's pool, LISTEN connection, caches and watchers.
+
+    Args:
+        database_url: the PostgreSQL URL.
+        base_schema: the catalog's base schema (keys, restricted contexts, projections).
+        cache_size: self-models kept (LRU).
+        pool_size: most pooled connections for reads.
+
+    Use from the API's event loop only: :meth:`start` in the lifespan, :meth:`stop` at
+    its end.
+    """
+
+    def __init__(self, database_url: str, base_schema: str = "public", *,
+                 cache_size: int = DEFAULT_CACHE_SIZE, pool_size: int = 10):
+        self.conninfo = psycopg_conninfo(database_url)
+        self.base = check_schema_name(base_schema)
+        self.cache_size = cache_size
+        self.pool_size = pool_size
+        self.pool: AsyncConnectionPool | None = None
+        self.listening = False
+        self.generation = 0
+        self.stats = {"hits": 0, "misses": 0, "notifications": 0}
+        self._keys: dict[str, tuple[ApiKey, bytes]] = {}
+        self._verified: dict[str, tuple[bytes, bytes]] = {}
+        self._restricted: frozenset[str] | None = None
+        self._active: Active | None = None
+        self._models: OrderedDict[tuple[str, str], SelfModel] = OrderedDict()
+        self._watchers: dict[str, set[asyncio.Event]] = {}
+        self._listener: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        self.connected: asyncio.Event | None = None  # set while listening (from start())
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the pool (connections are made in the background) and start listening."""
+        if self.pool is not None:
+            return
+        self.connected = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self.pool = AsyncConnectionPool(
+            self.conninfo, min_size=1, max_size=self.pool_size, open=False,
+            timeout=QUERY_TIMEOUT_S, kwargs={"autocommit": True, "connect_timeout": 2},
+            configure=_configure, name="beliefstore-reads")
+        await self.pool.open(wait=False)
+        self._listener = asyncio.create_task(self._listen(), name="beliefstore-listen")
+
+    async def stop(self) -> None:
+        """Stop listening, wake every watcher (they end) and close the pool."""
+        self._closing = True
+        self._wake_all()
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._listener
+        if self.pool is not None:
+            await self.pool.close(timeout=2)
+
+    def end_watches_threadsafe(self) -> None:
+        """From any thread: end every open watch stream (before a server stops, so its
+        graceful shutdown does not wait for endless responses)."""
+
+        def end() -> None:
+            self._closing = True
+            self._wake_all()
+
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(end)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    # -- LISTEN ----------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        delay = 0.1
+        while not self._closing:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self.conninfo, autocommit=True, connect_timeout=2)
+            except (psycopg.Error, OSError) as exc:
+                log.warning("cannot LISTEN for cache invalidations (%s); retrying in %.1f s",
+                            exc.__class__.__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            try:
+                async with conn:
+                    for channel in (ACCESS_CHANNEL, CATALOG_CHANNEL, CHANGES_CHANNEL):
+                        await conn.execute(f"LISTEN {channel}")
+                    self._forget_all()
+                    self.listening = True
+                    assert self.connected is not None
+                    self.connected.set()
+                    delay = 0.1
+                    while not self._closing:
+                        async for note in conn.notifies(timeout=LISTEN_CHECK_S):
+                            self._on_notify(note.channel, note.payload)
+                        check = asyncio.ensure_future(conn.execute("SELECT 1"))
+                        done, _ = await asyncio.wait({check}, timeout=QUERY_TIMEOUT_S)
+                        if not done:  # a hung server: give up on this connection now
+                            check.cancel()
+                            check.add_done_callback(_quiet)
+                            self.listening = False
+                            self._forget_all()
+                            raise TimeoutError("the LISTEN connection stopped answering")
+                        check.result()
+            except (psycopg.Error, OSError, TimeoutError) as exc:
+                if not self._closing:
+                    log.warning("lost the LISTEN connection (%s): caches off until it is back",
+                                exc.__class__.__name__)
+            finally:
+                self.listening = False
+                assert self.connected is not None
+                self.connected.clear()
+                self._forget_all()
+            if not self._closing:
+                await asyncio.sleep(delay)
+
+    def _on_notify(self, channel: str, payload: str) -> None:
+        self.stats["notifications"] += 1
+        self.generation += 1
+        if channel == CHANGES_CHANNEL:
+            try:
+                schema, _, subjects = parse_payload(payload)
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring a malformed %s payload %r", channel, payload[:200])
+                return
+            if subjects is None:
+                for key in [k for k in self._models if k[0] == schema]:
+                    del self._models[key]
+                self._wake_all()
+                return
+            for subject in subjects:
+                self._models.pop((schema, subject), None)
+                for event in self._watchers.get(subject, ()):
+                    event.set()
+        elif channel == ACCESS_CHANNEL:
+            base, _, what = payload.partition(" ")
+            if base != self.base:
+                return
+            kind, _, key_id = what.partition(" ")
+            if kind == "key":
+                self._keys.pop(key_id, None)
+            else:
+                self._restricted = None
+            self._wake_all()
+        elif channel == CATALOG_CHANNEL and payload == self.base:
+            self._active = None
+            self._models.clear()
+            self._wake_all()
+
+    def _forget_all(self) -> None:
+        self.generation += 1
+        self._keys.clear()
+        self._restricted = None
+        self._active = None
+        self._models.clear()
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        for events in self._watchers.values():
+            for event in events:
+                event.set()
+
+    # -- queries ---------------------------------------------------------------------------
+
+    async def _fetch(self, sql: str, params: Sequence[Any] = (), *, dicts: bool = False) -> list:
+        if self.pool is None:
+            await self.start()
+        assert self.pool is not None
+        pool = self.pool
+
+        async def run() -> list:
+            async with pool.connection() as conn:
+                cur = conn.cursor(row_factory=dict_row) if dicts else conn.cursor()
+                await cur.execute(sql, params)  # type: ignore[call-overload]
+                return await cur.fetchall()
+
+        # The query runs as its own task: on a hung server psycopg's cancellation itself
+        # can wait for seconds, and the read must answer 503 now, not then.
+        task = asyncio.ensure_future(run())
+        done, _ = await asyncio.wait({task}, timeout=QUERY_TIMEOUT_S)
+        if not done:
+            task.cancel()
+            task.add_done_callback(_quiet)
+            raise Unavailable(f"the database did not answer within {QUERY_TIMEOUT_S:g} s")
+        try:
+            return task.result()
+        except (psycopg.OperationalError, PoolTimeout, OSError) as exc:
+            raise Unavailable(f"the database is unreachable ({exc.__class__.__name__})") from None
+
+    async def authenticate(self, token: str) -> ApiKey:
+        """The active key ``token`` names: from memory once verified (while listening),
+        else one query and, the first time, a scrypt check off the event loop.
+
+        Raises:
+            AuthError: malformed, unknown, wrong secret or revoked.
+            Unavailable: the database is unreachable.
+        """
+        key_id, secret = split_token(token)
+        presented = hashlib.sha256(secret.encode("ascii")).digest()
+        if self.listening:
+            hit = self._keys.get(key_id)
+            if hit is not None and hmac.compare_digest(hit[1], presented):
+                if not hit[0].active:
+                    raise revoked_key(hit[0])
+                return hit[0]
+        generation = self.generation
+        rows = await self._fetch(
+            f'SELECT * FROM "{self.base}".api_keys WHERE key_id = %s', (key_id,), dicts=True)
+        if not rows:
+            await anyio.to_thread.run_sync(burn_unknown_key, secret)
+            raise invalid_key()
+        row = SimpleNamespace(**rows[0])
+        stored = bytes(row.secret_hash)
+        verified = self._verified.get(key_id)
+        if verified is not None and hmac.compare_digest(verified[0], stored) \
+                and hmac.compare_digest(verified[1], presented):
+            ok = True
+        else:
+            ok = await anyio.to_thread.run_sync(check_secret, secret, bytes(row.salt), row.kdf,
+                                                stored)
+            if ok:
+                if len(self._verified) >= 10_000:
+                    self._verified.clear()
+                self._verified[key_id] = (stored, presented)
+        if not ok:
+            raise invalid_key()
+        key = key_of_row(row)
+        if self.listening and generation == self.generation:
+            self._keys[key_id] = (key, presented)
+        if not key.active:
+            raise revoked_key(key)
+        return key
+
+    async def restricted(self) -> frozenset[str]:
+        """The restricted contexts (cached while listening)."""
+        cached = self._restricted
+        if cached is not None and self.listening:
+            return cached
+        generation = self.generation
+        rows = await self._fetch(f'SELECT context FROM "{self.base}".restricted_contexts')
+        found = frozenset(r[0] for r in rows)
+        if self.listening and generation == self.generation:
+            self._restricted = found
+        return found
+
+    def cached_restricted(self) -> frozenset[str] | None:
+        """The restricted contexts if known and trusted now, else ``None``."""
+        return self._restricted if self.listening else None
+
+    async def active(self) -> Active:
+        """The projection the API serves (cached while listening).
+
+        Raises:
+            CatalogError: no active projection (run ``beliefstore migrate``).
+        """
+        cached = self._active
+        if cached is not None and self.listening:
+            return cached
+        generation = self.generation
+        rows = await self._fetch(
+            f'SELECT name, schema_name FROM "{self.base}".projections WHERE active')
+        if not rows:
+            raise CatalogError("no active projection: run `beliefstore migrate` first")
+        found = Active(rows[0][0], check_schema_name(rows[0][1]))
+        if self.listening and generation == self.generation:
+            self._active = found
+        return found
+
+    async def self_model(self, schema: str, subject_id: str) -> SelfModel:
+        """The subject's beliefs in ``schema``: from memory, or one query."""
+        key = (schema, subject_id)
+        if self.listening:
+            hit = self._models.get(key)
+            if hit is not None:
+                self._models.move_to_end(key)
+                self.stats["hits"] += 1
+                return hit
+        self.stats["misses"] += 1
+        generation = self.generation
+        rows = await self._fetch(
+            f'SELECT {_BELIEF_COLUMNS} FROM "{schema}".beliefs WHERE subject_id = %s '
+            "ORDER BY context, attribute", (subject_id,))
+        model = SelfModel.of_rows(subject_id, rows)
+        if self.listening and generation == self.generation:
+            self._models[key] = model
+            while len(self._models) > self.cache_size:
+                self._models.popitem(last=False)
+        return model
+
+    async def known(self, schema: str, model: SelfModel, scope: ContextScope) -> bool:
+        """Whether the subject has any belief or observation in a context ``scope`` allows
+        (a second query, only for subjects whose visible beliefs are none)."""
+        if model.count(scope):
+            return True
+        observed = model.observed
+        if observed is None:
+            rows = await self._fetch(
+                f'SELECT DISTINCT context FROM "{schema}".observations WHERE subject_id = %s',
+                (model.subject_id,))
+            observed = model.observed = frozenset(r[0] for r in rows)
+        return any(scope.allows(c) for c in observed)
+
+    # -- watch -----------------------------------------------------------------------------
+
+    def subscribe(self, subject_id: str) -> asyncio.Event:
+        """An event set whenever the subject's beliefs may have changed (or the caches
+        were reset); :meth:`unsubscribe` it when done."""
+        event = asyncio.Event()
+        self._watchers.setdefault(subject_id, set()).add(event)
+        return event
+
+    def unsubscribe(self, subject_id: str, event: asyncio.Event) -> None:
+        events = self._watchers.get(subject_id)
+        if events is not None:
+            events.discard(event)
+            if not events:
+                del self._watchers[subject_id]
+
+    def watcher_count(self) -> int:
+        return sum(len(v) for v in self._watchers.values())
+
+    async def last_change(self, schema: str, subject_id: str) -> int:
+        """The subject's newest change id in ``schema`` (0 when none)."""
+        rows = await self._fetch(
+            f'SELECT coalesce(max(id), 0) FROM "{schema}".belief_changes WHERE subject_id = %s',
+            (subject_id,))
+        return int(rows[0][0])
+
+    async def changes_since(self, schema: str, subject_id: str, after: int,
+                            limit: int = 500) -> list[Change]:
+        """The subject's changes with id > ``after``, oldest first, at most ``limit``."""
+        rows = await self._fetch(
+            "SELECT id, context, attribute, value, confidence, alternatives, sources, "
+            f'kafka_partition, kafka_offset, changed_at FROM "{schema}".belief_changes '
+            "WHERE subject_id = %s AND id > %s ORDER BY id LIMIT %s", (subject_id, after, limit))
+        return [Change(id=r[0], context=r[1], attribute=r[2], value=r[3], confidence=r[4],
+                       alternatives=r[5], sources=r[6], partition=r[7], offset=r[8],
+                       changed_at=r[9].isoformat()) for r in rows]
+
+
+def _quiet(task: asyncio.Future) -> None:
+    """Retrieve an abandoned query's outcome, so asyncio does not log it."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _configure_sync(conn: Any) -> None:
+    set_json_loads(orjson.loads, conn)
+
+
+async def _configure(conn: psycopg.AsyncConnection) -> None:
+    _configure_sync(conn)
+
+
+__all__ = ["Active", "Change", "LiveReads", "SelfModel", "Unavailable"]
