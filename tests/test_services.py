@@ -255,3 +255,53 @@ def test_free_port_is_bindable() -> None:
     port = free_port()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
+
+
+def test_s3_store_runs_pinned_localbucket_with_nodelay(tmp_path: Path) -> None:
+    """The durable log's S3 store is localbucket at the pinned version, and our entry point
+    switches Nagle's algorithm off on its connections (without it every S3 request of the
+    broker waits ~40 ms for a delayed ACK). Fails if localbucket changes version or stops
+    being a StreamRequestHandler that honours ``disable_nagle_algorithm``."""
+    import socketserver
+    import threading
+    import urllib.request
+    from http.server import ThreadingHTTPServer
+
+    import localbucket
+
+    from beliefstore.embedded import s3server
+
+    assert localbucket.__version__ == s3server.LOCALBUCKET_VERSION
+    handler = s3server.configure()
+    assert handler is localbucket.S3Handler
+    assert issubclass(handler, socketserver.StreamRequestHandler)
+    seen: list[int] = []
+
+    class Probe(handler):  # type: ignore[misc, valid-type]
+        def setup(self) -> None:
+            super().setup()
+            seen.append(self.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    (tmp_path / "bucket").mkdir()
+    Probe.data_root = tmp_path
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Probe)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/bucket"
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(urllib.request.Request(url, method="HEAD"), timeout=5) as response:
+            assert response.status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen and all(seen), "localbucket's connections must have TCP_NODELAY set"
+
+
+def test_kafka_durable_store_process_is_the_tuned_entry_point(tmp_path: Path) -> None:
+    with EmbeddedKafka(tmp_path / "kafka") as kafka:
+        children = psutil.Process().children(recursive=True)
+        commands = [" ".join(c.cmdline()) for c in children]
+        assert any("beliefstore.embedded.s3server" in c for c in commands), commands
+        create_topic(kafka.bootstrap_servers, "events", partitions=1)
+        assert produce(kafka.bootstrap_servers, "events", [(0, b"a"), (0, b"b")]) == [0, 1]
