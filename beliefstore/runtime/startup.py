@@ -39,6 +39,11 @@ def start_missing_services(
         stack.enter_context(kafka)
         log.info("started the embedded Kafka broker (Tansu) at %s", kafka.bootstrap_servers)
         settings = replace(settings, kafka_bootstrap_servers=kafka.bootstrap_servers)
+        if durable and settings.fetch_max_wait_ms is None:
+            # Tansu's s3:// fetch lists the partition's objects before it answers, and
+            # answers nothing if that takes longer than the fetch's max wait: with 100 ms
+            # a log of ~1,000+ record batches per partition is no longer read at all.
+            settings = replace(settings, fetch_max_wait_ms=500)
     if not settings.database_url:
         home = settings.home if durable else settings.home / "tmp"
         pg = EmbeddedPostgres(home / "postgres", fast=fast)
