@@ -261,7 +261,10 @@ def run(ctx: common.Context, *, agents: int, seconds: int, probe_ms: int,
             "failed": missing != 0 or bool(load["non_201"]),
         }
     finally:
-        shutil.rmtree(home, ignore_errors=True)
+        if os.environ.get("BENCH_KEEP_HOME"):
+            common.console.print(f"kept {home}")
+        else:
+            shutil.rmtree(home, ignore_errors=True)
 
 
 def summary(r: dict[str, Any]) -> list[str]:

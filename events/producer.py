@@ -170,6 +170,11 @@ class BeliefProducer:
                     **kafka_config,
                     "acks": "all",
                     "enable_idempotence": True,
+                    # One produce request in flight: Tansu answered pipelined idempotent
+                    # requests with OutOfOrderSequenceNumber, and kafka-python's epoch bump
+                    # that follows fails on the embedded broker (fatal for the producer).
+                    # Group commit sends one group per request anyway.
+                    "max_in_flight_requests_per_connection": 1,
                 },
             )
         except KafkaError as exc:

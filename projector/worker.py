@@ -154,6 +154,7 @@ class ProjectorWorker:
             client_id="beliefstore-projector-dlq",
             acks="all",
             enable_idempotence=True,
+            max_in_flight_requests_per_connection=1,  # see events/producer.py
             **s.kafka_client_config(),
         )
         if self.group:

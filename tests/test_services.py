@@ -273,7 +273,7 @@ def test_s3_store_runs_pinned_localbucket_with_nodelay(tmp_path: Path) -> None:
 
     assert localbucket.__version__ == s3server.LOCALBUCKET_VERSION
     handler = s3server.configure()
-    assert handler is localbucket.S3Handler
+    assert issubclass(handler, localbucket.S3Handler)
     assert issubclass(handler, socketserver.StreamRequestHandler)
     seen: list[int] = []
 
@@ -305,3 +305,104 @@ def test_kafka_durable_store_process_is_the_tuned_entry_point(tmp_path: Path) ->
         assert any("beliefstore.embedded.s3server" in c for c in commands), commands
         create_topic(kafka.bootstrap_servers, "events", partitions=1)
         assert produce(kafka.bootstrap_servers, "events", [(0, b"a"), (0, b"b")]) == [0, 1]
+
+
+def _serve_s3(root: Path):  # type: ignore[no-untyped-def]
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from beliefstore.embedded import s3server
+
+    handler = s3server.configure()
+    handler.data_root = root
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_s3_store_honours_if_match_on_put(tmp_path: Path) -> None:
+    """Tansu's read-modify-write of meta.json / watermark.json relies on ``If-Match``
+    (412 on a stale ETag); localbucket alone ignores it, so concurrent updates were lost."""
+    import urllib.error
+    import urllib.request
+
+    (tmp_path / "bkt").mkdir()
+    server = _serve_s3(tmp_path)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    url = f"http://127.0.0.1:{server.server_address[1]}/bkt/dir/meta.json"
+
+    def put(body: bytes, if_match: str | None = None) -> tuple[int, str]:
+        req = urllib.request.Request(url, data=body, method="PUT")
+        if if_match is not None:
+            req.add_header("If-Match", if_match)
+        try:
+            with opener.open(req, timeout=5) as r:
+                return r.status, r.headers.get("ETag", "")
+        except urllib.error.HTTPError as e:
+            return e.code, ""
+
+    try:
+        status, first = put(b"v1")
+        assert status == 200 and first
+        status, second = put(b"v2", if_match=first)
+        assert status == 200 and second != first
+        # a writer still holding the first ETag loses: 412, and the object is unchanged
+        assert put(b"stale", if_match=first)[0] == 412
+        assert (tmp_path / "bkt" / "dir" / "meta.json").read_bytes() == b"v2"
+        # If-Match on a missing object fails too (S3 semantics)
+        url = url.replace("meta.json", "missing.json")
+        assert put(b"x", if_match=second)[0] == 412
+        assert not (tmp_path / "bkt" / "dir" / "missing.json").exists()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_durable_broker_concurrent_idempotent_producers_lose_nothing(tmp_path: Path) -> None:
+    """Several idempotent producers and threads writing to several partitions of the durable
+    broker at once: every acknowledged record is in the log, at its own offset (lost
+    read-modify-write updates used to give OutOfOrderSequenceNumber or shared offsets)."""
+    import threading
+
+    with EmbeddedKafka(tmp_path / "kafka") as kafka:
+        bootstrap = kafka.bootstrap_servers
+        create_topic(bootstrap, "events", partitions=4)
+        producers = [KafkaProducer(bootstrap_servers=bootstrap, acks="all",
+                                   enable_idempotence=True, linger_ms=2,
+                                   max_in_flight_requests_per_connection=1) for _ in range(2)]
+        acked: list[tuple[int, int]] = []
+        errors: list[str] = []
+        lock = threading.Lock()
+
+        def agent(n: int) -> None:
+            producer = producers[n % 2]
+            for i in range(15):
+                try:
+                    md = producer.send("events", key=f"k{n}-{i}".encode(),
+                                       value=f"{n}-{i}".encode()).get(30)
+                except Exception as exc:  # noqa: BLE001 - recorded and asserted below
+                    errors.append(repr(exc))
+                    return
+                with lock:
+                    acked.append((md.partition, md.offset))
+
+        threads = [threading.Thread(target=agent, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for p in producers:
+            p.close()
+        # Tansu 0.6.0 still answers OutOfOrderSequenceNumber now and then under this load
+        # (and cannot bump a non-transactional producer's epoch), so a producer may fail;
+        # what must hold is that nothing it acknowledged is lost or shares an offset.
+        assert all("OutOfOrderSequence" in e or "InitProducerId" in e for e in errors), errors
+        assert len(acked) >= 60 and len(set(acked)) == len(acked)
+        expected = 120 if not errors else len(acked)  # unacknowledged sends may be stored
+        records = consume_all(bootstrap, "events", [0, 1, 2, 3], expected=expected,
+                              timeout=15 if not errors else 5)
+        stored = [(p, o) for p, o, _ in records]
+        assert len(set(stored)) == len(stored)
+        assert set(acked) <= set(stored)
+        if not errors:
+            assert sorted(stored) == sorted(acked)

@@ -185,7 +185,10 @@ class AccessLogger:
             log.warning("access log: could not create topic %s: %s", self.topic, exc)
         return KafkaProducer(
             bootstrap_servers=s.kafka_bootstrap_servers, client_id="beliefstore-access-log",
-            acks="all", enable_idempotence=True, linger_ms=20, **s.kafka_client_config())
+            acks="all", enable_idempotence=True, linger_ms=20,
+            # pipelined idempotent requests got OutOfOrderSequenceNumber from Tansu, and
+            # the epoch bump after it is fatal there (see events/producer.py)
+            max_in_flight_requests_per_connection=1, **s.kafka_client_config())
 
     def _run(self) -> None:
         producer: KafkaProducer | None = None
