@@ -49,7 +49,8 @@ def create_app(settings: Settings, catalog: ProjectionCatalog,
         lifespan=lifespan,
     )
     app.state.beliefstore = state
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       path_limits={"/v1/observations:batch": ingest.BATCH_MAX_BYTES})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
