@@ -406,3 +406,93 @@ def test_durable_broker_concurrent_idempotent_producers_lose_nothing(tmp_path: P
         assert set(acked) <= set(stored)
         if not errors:
             assert sorted(stored) == sorted(acked)
+
+
+def _start_up(home: Path, port: int) -> tuple[subprocess.Popen[str], list[str]]:
+    import threading
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("BELIEFSTORE_", "KAFKA_", "DATABASE_URL"))}
+    env.update(BELIEFSTORE_HOME=str(home / ".beliefstore"), BELIEFSTORE_API_PORT=str(port),
+               BELIEFSTORE_RATE_LIMIT="0", COLUMNS="250", NO_COLOR="1")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("beliefstore")), "up"],
+                            env=env, cwd=home, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    lines: list[str] = []
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+
+    threading.Thread(target=reader, daemon=True).start()
+    deadline = time.monotonic() + 120
+    while not any("Press Ctrl-C" in line for line in lines):
+        assert proc.poll() is None, "".join(lines)
+        assert time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.1)
+    return proc, lines
+
+
+def _stop_up(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_up_keeps_the_event_log_across_a_restart(tmp_path: Path) -> None:
+    """`up` on the embedded default (durable Tansu on localbucket, embedded PostgreSQL):
+    events accepted before a restart are still in the log and the read model after it,
+    and the log goes on at the next offsets (not reset)."""
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc, lines = _start_up(tmp_path, port)
+    try:
+        [token] = [w.split("=", 1)[1] for w in "".join(lines).split()
+                   if w.startswith("BELIEFSTORE_API_KEY=")]
+        auth = {"Authorization": f"Bearer {token}"}
+        items = [{"subject_id": f"durable-{i}", "context": "support", "attribute": "mood",
+                  "value": "calm", "confidence": 0.9, "source": "admin"} for i in range(3)]
+        r = httpx.post(f"{url}/v1/observations:batch", json={"observations": items},
+                       headers=auth, timeout=60)
+        assert r.status_code == 200 and r.json()["accepted"] == 3, r.text
+        before = [x["receipt"] for x in r.json()["results"]]
+    finally:
+        _stop_up(proc)
+    assert proc.returncode in (0, 128 + signal.SIGINT, -signal.SIGINT), "".join(lines)
+
+    proc, lines = _start_up(tmp_path, port)
+    try:
+        assert "first start" not in "".join(lines)  # same home: the key store survived
+        deadline = time.monotonic() + 60
+        for i in range(3):
+            while True:
+                r = httpx.get(f"{url}/v1/subjects/durable-{i}/self-model", headers=auth,
+                              timeout=10)
+                if r.status_code == 200 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert r.status_code == 200, r.text
+            assert r.json()["contexts"]["support"][0]["value"] == "calm"
+        after = httpx.post(f"{url}/v1/observations", json={**items[0], "value": "angry"},
+                           headers=auth, timeout=60)
+        assert after.status_code == 201, after.text
+        receipt = after.json()
+        same = [b["offset"] for b in before if b["partition"] == receipt["partition"]]
+        assert same and receipt["offset"] > max(same)
+        state = (tmp_path / ".beliefstore" / "services.json").read_text()
+        import json
+
+        bootstrap = json.loads(state)["kafka_bootstrap_servers"]
+        stored = consume_all(bootstrap, receipt["topic"], [receipt["partition"]],
+                             expected=receipt["offset"] + 1)
+        offsets = {o for _, o, _ in stored}
+        assert {b["offset"] for b in before if b["partition"] == receipt["partition"]} <= offsets
+    finally:
+        _stop_up(proc)
