@@ -7,7 +7,8 @@ kafka_bootstrap_servers            KAFKA_BOOTSTRAP_SERVERS          unset → th
 database_url                       DATABASE_URL                     unset → the embedded PostgreSQL
 topic                              BELIEFSTORE_TOPIC                ``beliefstore.events``
 dlq_topic                          BELIEFSTORE_DLQ_TOPIC            ``<topic>.dlq``
-partitions                         BELIEFSTORE_PARTITIONS           4 (used when creating topics)
+partitions                         BELIEFSTORE_PARTITIONS           4 (used when creating topics; unset:
+                                                                    1 on ``up``'s durable embedded broker)
 replication_factor                 BELIEFSTORE_REPLICATION_FACTOR   1 (used when creating topics)
 db_schema                          BELIEFSTORE_DB_SCHEMA            ``public`` (PostgreSQL schema)
 projection                         BELIEFSTORE_PROJECTION           ``self_model`` (offsets' owner)

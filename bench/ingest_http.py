@@ -55,20 +55,22 @@ LUA = common.BENCH / "ingest_post.lua"
 
 def params(quick: bool) -> dict[str, Any]:
     return {"agents": 20, "seconds": 15 if quick else 60, "probe_ms": 100,
-            "raw_seconds": 5 if quick else 10, "partitions": 4}
+            "raw_seconds": 5 if quick else 10, "partitions": None}
 
 
-def _env(home: Path, port: int, partitions: int) -> dict[str, str]:
+def _env(home: Path, port: int, partitions: int | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("BELIEFSTORE_", "KAFKA_", "DATABASE_URL"))}
     env.update({"BELIEFSTORE_HOME": str(home / ".beliefstore"),
                 "BELIEFSTORE_API_PORT": str(port), "BELIEFSTORE_RATE_LIMIT": "0",
-                "BELIEFSTORE_PARTITIONS": str(partitions), "PYTHONUNBUFFERED": "1"})
+                "PYTHONUNBUFFERED": "1"})
+    if partitions is not None:  # else as `up` creates them (1 on its durable broker)
+        env["BELIEFSTORE_PARTITIONS"] = str(partitions)
     return env
 
 
 @contextlib.contextmanager
-def _up(home: Path, port: int, partitions: int) -> Any:
+def _up(home: Path, port: int, partitions: int | None) -> Any:
     """``beliefstore up`` in ``home``; yields (process, log path); stopped with SIGINT."""
     log = home / "up.log"
     with open(log, "ab") as out:
@@ -169,10 +171,11 @@ def _missing(conninfo: str, schema: str, ids: list[str]) -> int:
     return len(ids) - int(row[0]) if row else len(ids)
 
 
-def _raw_produce(bootstrap: str, agents: int, seconds: int, partitions: int) -> dict[str, Any]:
+def _raw_produce(bootstrap: str, agents: int, seconds: int, partitions: int | None
+                 ) -> dict[str, Any]:
     """``agents`` threads, each producing one record and waiting for its ack, in a loop."""
     topic = f"bench.rawproduce.{uuid.uuid4().hex[:6]}"
-    ensure_topics(bootstrap, {topic: partitions})
+    ensure_topics(bootstrap, {topic: partitions or 1})
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
                              linger_ms=5)
     try:
@@ -201,7 +204,7 @@ def _raw_produce(bootstrap: str, agents: int, seconds: int, partitions: int) -> 
 
 
 def run(ctx: common.Context, *, agents: int, seconds: int, probe_ms: int,
-        raw_seconds: int, partitions: int) -> dict[str, Any]:
+        raw_seconds: int, partitions: int | None) -> dict[str, Any]:
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed: apt-get update && apt-get install -y wrk")
     home = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
