@@ -2,7 +2,7 @@
 public interface.
 
 Run as ``python -m beliefstore.embedded.s3server [--host H] [--port P] DATA_ROOT`` (the
-same arguments as ``localbucket``). Two things differ from ``python -m localbucket``:
+same arguments as ``localbucket``). Three things differ from ``python -m localbucket``:
 
 * **TCP_NODELAY on every connection.** localbucket's handler is a
   :class:`http.server.BaseHTTPRequestHandler`, which writes a response's headers and its
@@ -25,7 +25,9 @@ same arguments as ``localbucket``). Two things differ from ``python -m localbuck
   producer refused every later send; a lost watermark update would give two record
   batches one offset. :class:`ConditionalS3Handler` checks the stored ETag (localbucket's
   own :func:`localbucket.object_etag`) and writes under a per-key lock, or answers 412
-  PreconditionFailed as S3 does.
+  PreconditionFailed as S3 does. (Two idempotent producers hammering four partitions
+  still get an occasional OutOfOrderSequenceNumber from Tansu 0.6.0, without losing an
+  acknowledged record: ``tests/test_services.py``.)
 * **An access log of errors only**: successful S3 requests are not logged, so a
   long-running durable broker does not grow an unbounded log.
 
