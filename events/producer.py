@@ -98,12 +98,16 @@ class GroupCommit:
                 return slot.outcome()
             self._busy = True
             group, self._queue = self._queue[:self._max_group], self._queue[self._max_group:]
+        results: list[Receipt | Exception] = []
         try:
             try:
-                results: Sequence[Receipt | Exception] = self._flush([s.event for s in group])
+                results = list(self._flush([s.event for s in group]))
             except Exception as exc:  # noqa: BLE001 - every caller of the group gets it
                 results = [exc] * len(group)
         finally:
+            # interrupted (KeyboardInterrupt in the leader): the others must not wait forever
+            results += [ProduceError("the send was interrupted before the broker answered")
+                        ] * (len(group) - len(results))
             with self._cond:
                 for s, r in zip(group, results, strict=True):
                     s.result, s.done = r, True
