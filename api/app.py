@@ -78,7 +78,8 @@ def create_app(settings: Settings, catalog: ProjectionCatalog,
         redoc_url=None,
     )
     app.state.beliefstore = state
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       path_limits={"/v1/observations:batch": ingest.BATCH_MAX_BYTES})
     app.add_middleware(MetricsMiddleware)
 
     @app.exception_handler(StarletteHTTPException)

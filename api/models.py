@@ -52,6 +52,42 @@ class ReceiptOut(BaseModel):
     offset: int
 
 
+class BatchIn(BaseModel):
+    """Up to 500 observations to record in one request (``POST /v1/observations:batch``).
+
+    Each item is checked on its own (same rules as ``POST /v1/observations``): an invalid
+    item gets its own 422 in the answer and does not stop the others.
+    """
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "observations": [{"subject_id": "user-42", "context": "support",
+                          "attribute": "emotional_state", "value": "frustrated",
+                          "confidence": 0.88, "source": "triage_agent"}]}]})
+
+    observations: list[dict[str, object]] = Field(
+        description="The observations, each an ObservationIn object (at most 500).")
+
+
+class BatchItemOut(BaseModel):
+    """The result of one item of a batch, at the item's position."""
+
+    status: int = Field(description="201 stored, 422 invalid, 403 not allowed for this key, "
+                                    "503 not acknowledged by the broker.")
+    receipt: ReceiptOut | None = Field(None, description="Where it was stored (201 only).")
+    errors: list[dict[str, object]] | None = Field(
+        None, description="422: one entry per wrong field; ``loc`` names it "
+                          "(``body``, ``observations``, index, field).")
+    detail: str | None = Field(None, description="403/503: what is wrong and the fix.")
+
+
+class BatchOut(BaseModel):
+    """One result per submitted observation, in the order submitted."""
+
+    accepted: int
+    rejected: int
+    results: list[BatchItemOut]
+
+
 class BeliefOut(BaseModel):
     """One belief of the self-model."""
 

@@ -76,19 +76,23 @@ ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
 class BodyLimitMiddleware:
     """Refuse request bodies larger than ``max_bytes`` with 413, before the app reads them.
 
-    A declared ``Content-Length`` over the limit is refused at once; a chunked body is
+    ``path_limits`` gives some paths their own limit (``{path: bytes}``). A declared
+    ``Content-Length`` over the limit is refused at once; a chunked body is
     read up to the limit (never further) and then refused. Bodies within the limit are
     buffered (at most ``max_bytes``) and handed to the app unchanged.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, path_limits: dict[str, int] | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.path_limits = dict(path_limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        # ``path_limits``: endpoints with their own limit (the batch ingest)
+        limit = self.path_limits.get(scope.get("path", ""), self.max_bytes)
         length = None
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
@@ -96,9 +100,9 @@ class BodyLimitMiddleware:
                     length = int(value)
                 except ValueError:
                     length = None
-        if length is not None and length > self.max_bytes:
+        if length is not None and length > limit:
             await self._refuse(send, f"the request body is {length} bytes; the limit is "
-                               f"{self.max_bytes} bytes")
+                               f"{limit} bytes", scope.get("path", "") in self.path_limits)
             return
         messages: list[Message] = []
         total = 0
@@ -108,9 +112,9 @@ class BodyLimitMiddleware:
             if message["type"] != "http.request":
                 break
             total += len(message.get("body", b""))
-            if total > self.max_bytes:
+            if total > limit:
                 await self._refuse(send, f"the request body is larger than the limit of "
-                                   f"{self.max_bytes} bytes")
+                                   f"{limit} bytes", scope.get("path", "") in self.path_limits)
                 return
             if not message.get("more_body", False):
                 break
@@ -122,10 +126,12 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send, what: str) -> None:
+    async def _refuse(self, send: Send, what: str, own_limit: bool = False) -> None:
         import json
 
         body = json.dumps({"detail": (
+            f"{what}: nothing was produced; split the batch into several requests"
+            if own_limit else
             f"{what} (BELIEFSTORE_MAX_BODY_BYTES): send one observation per request, with "
             "value at most 4096 and evidence at most 16384 characters, or ask the operator "
             "to raise the limit")}).encode("utf-8")

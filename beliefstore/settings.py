@@ -7,7 +7,8 @@ kafka_bootstrap_servers            KAFKA_BOOTSTRAP_SERVERS          unset → th
 database_url                       DATABASE_URL                     unset → the embedded PostgreSQL
 topic                              BELIEFSTORE_TOPIC                ``beliefstore.events``
 dlq_topic                          BELIEFSTORE_DLQ_TOPIC            ``<topic>.dlq``
-partitions                         BELIEFSTORE_PARTITIONS           4 (used when creating topics)
+partitions                         BELIEFSTORE_PARTITIONS           4 (used when creating topics; unset:
+                                                                    1 on ``up``'s durable embedded broker)
 replication_factor                 BELIEFSTORE_REPLICATION_FACTOR   1 (used when creating topics)
 db_schema                          BELIEFSTORE_DB_SCHEMA            ``public`` (PostgreSQL schema)
 projection                         BELIEFSTORE_PROJECTION           ``self_model`` (offsets' owner)
@@ -16,6 +17,8 @@ half_lives                         BELIEFSTORE_HALF_LIVES           none; ``ctx=
 trust                              BELIEFSTORE_TRUST                none; ``source=weight,...``
 batch_size                         BELIEFSTORE_BATCH_SIZE           500 events per transaction
 poll_timeout_ms                    BELIEFSTORE_POLL_TIMEOUT_MS      500 ms
+fetch_max_wait_ms                  BELIEFSTORE_FETCH_MAX_WAIT_MS    unset → 100 ms; 500 ms on ``up``'s
+                                                                    durable embedded broker
 produce_timeout_s                  BELIEFSTORE_PRODUCE_TIMEOUT      30 s until a send must be acked
 api_host                           BELIEFSTORE_API_HOST             ``127.0.0.1``
 api_port                           BELIEFSTORE_API_PORT             8000
@@ -75,6 +78,7 @@ ENV_VARS = (
     "BELIEFSTORE_TRUST",
     "BELIEFSTORE_BATCH_SIZE",
     "BELIEFSTORE_POLL_TIMEOUT_MS",
+    "BELIEFSTORE_FETCH_MAX_WAIT_MS",
     "BELIEFSTORE_PRODUCE_TIMEOUT",
     "BELIEFSTORE_API_HOST",
     "BELIEFSTORE_API_PORT",
@@ -192,6 +196,7 @@ class Settings:
     trust: dict[str, float] = field(default_factory=dict)
     batch_size: int = 500
     poll_timeout_ms: int = 500
+    fetch_max_wait_ms: int | None = None
     produce_timeout_s: float = 30.0
     api_host: str = "127.0.0.1"
     api_port: int = 8000
@@ -251,6 +256,8 @@ class Settings:
             trust=trust,
             batch_size=int(_number(env, "BELIEFSTORE_BATCH_SIZE", 500)),
             poll_timeout_ms=int(_number(env, "BELIEFSTORE_POLL_TIMEOUT_MS", 500)),
+            fetch_max_wait_ms=(int(_number(env, "BELIEFSTORE_FETCH_MAX_WAIT_MS", 100))
+                               if env.get("BELIEFSTORE_FETCH_MAX_WAIT_MS") else None),
             produce_timeout_s=_number(env, "BELIEFSTORE_PRODUCE_TIMEOUT", 30.0, float),
             api_host=host,
             api_port=port,

@@ -487,6 +487,8 @@ def standalone(module: ModuleType, argv: list[str] | None = None) -> int:
 def add_size_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subjects", type=int, default=None,
                    help="read_latency: override the number of subjects (10 beliefs each)")
+    p.add_argument("--partitions", type=int, default=None,
+                   help="ingest_http: partitions of the event topic `up` creates")
     p.add_argument("--seconds", type=int, default=None,
                    help="freshness: override how long each run produces")
 
@@ -494,4 +496,4 @@ def add_size_options(p: argparse.ArgumentParser) -> None:
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The size options given on the command line (None: keep the benchmark's own)."""
     return {"events": args.events, "runs": args.runs, "subjects": args.subjects,
-            "seconds": args.seconds}
+            "seconds": args.seconds, "partitions": getattr(args, "partitions", None)}

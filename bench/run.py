@@ -30,6 +30,7 @@ BENCHMARKS = [
     "memory",
     "read_latency",
     "freshness",
+    "ingest_http",
     "projector_throughput",
     "raw_upsert_limit",
     "replay",

@@ -12,8 +12,9 @@ only speak HTTP use ``POST /v1/observations``, which applies the same validation
 from __future__ import annotations
 
 import socket
+import threading
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -57,6 +58,80 @@ def _millis(occurred_at: int | datetime | None) -> int:
     if isinstance(occurred_at, datetime):
         return to_millis(occurred_at)
     return occurred_at
+
+
+class GroupCommit:
+    """Group commit for concurrent sends: callers that arrive while a group is being
+    produced wait, and are produced together as the next group.
+
+    The first caller to find no group in flight becomes the leader: it takes every
+    queued event (up to ``max_group``), calls ``flush`` once for all of them and hands
+    each waiting caller its own result. No timer is involved, so a lone caller is never
+    delayed; under load the group size grows with the number of concurrent callers
+    (the classic database "group commit"; PostgreSQL's ``commit_delay`` works alike).
+
+    Args:
+        flush: produces a list of events and returns one result per event, in order
+            (a :class:`Receipt`, or the exception for that event alone).
+        max_group: most events in one group.
+    """
+
+    def __init__(self, flush: Callable[[Sequence[Event]], Sequence[Receipt | Exception]],
+                 max_group: int = 500):
+        self._flush = flush
+        self._max_group = max_group
+        self._cond = threading.Condition()
+        self._queue: list[_Slot] = []
+        self._busy = False
+
+    def submit(self, event: Event) -> Receipt:
+        """Produce ``event`` with whatever else is queued; return its receipt.
+
+        Raises:
+            ProduceError: this event was not acknowledged.
+        """
+        slot = _Slot(event)
+        with self._cond:
+            self._queue.append(slot)
+            while not slot.done and self._busy:
+                self._cond.wait()
+            if slot.done:
+                return slot.outcome()
+            self._busy = True
+            group, self._queue = self._queue[:self._max_group], self._queue[self._max_group:]
+        results: list[Receipt | Exception] = []
+        try:
+            try:
+                results = list(self._flush([s.event for s in group]))
+            except Exception as exc:  # noqa: BLE001 - every caller of the group gets it
+                results = [exc] * len(group)
+        finally:
+            # interrupted (KeyboardInterrupt in the leader): the others must not wait forever
+            results += [ProduceError("the send was interrupted before the broker answered")
+                        ] * (len(group) - len(results))
+            with self._cond:
+                for s, r in zip(group, results, strict=True):
+                    s.result, s.done = r, True
+                self._busy = False
+                self._cond.notify_all()
+        return slot.outcome()
+
+
+class _Slot:
+    """One caller's event in a :class:`GroupCommit` and, once produced, its result."""
+
+    __slots__ = ("event", "result", "done")
+
+    def __init__(self, event: Event):
+        self.event = event
+        self.result: Receipt | Exception | None = None
+        self.done = False
+
+    def outcome(self) -> Receipt:
+        if isinstance(self.result, Exception):
+            raise self.result
+        assert isinstance(self.result, Receipt)
+        return self.result
 
 
 class BeliefProducer:
@@ -106,6 +181,7 @@ class BeliefProducer:
         }
         self._producer = self._connect()
         self._failed = False
+        self._group = GroupCommit(self.send_each)
 
     def _connect(self) -> KafkaProducer:
         try:
@@ -222,11 +298,17 @@ class BeliefProducer:
     def send(self, event: Event) -> Receipt:
         """Validate, encode and produce one event; wait for the acknowledgement.
 
+        Concurrent calls from several threads (an API serving many agents) are grouped:
+        while one group is in flight, the events that arrive queue up and are produced
+        together as the next group (one record batch per partition, one data-key
+        transaction for new subjects), and each call still returns only once the broker
+        has acknowledged *its* event. A lone caller is sent at once (no added wait).
+
         Raises:
             ValidationError: the event is invalid (nothing is produced).
             ProduceError: the broker did not acknowledge within ``timeout_s``.
         """
-        return self.send_many([event])[0]
+        return self._group.submit(validate(event))
 
     def send_many(self, events: Iterable[Event]) -> list[Receipt]:
         """Produce several events pipelined, then wait for every acknowledgement.
@@ -238,40 +320,66 @@ class BeliefProducer:
 
         Raises:
             ValidationError: an event is invalid (nothing is produced).
-            ProduceError: an acknowledgement did not arrive within ``timeout_s``, or the
-                keyring's database (sealing on) is unreachable.
+            ProduceError: an acknowledgement did not arrive within ``timeout_s`` (the
+                first such failure; others may have been stored).
         """
-        batch = [validate(e) for e in events]
-        receipts: list[Receipt] = []
+        results = self.send_each([validate(e) for e in events])
+        for r in results:
+            if isinstance(r, ProduceError):
+                raise r
+        return results  # type: ignore[return-value]
+
+    def send_each(self, events: Sequence[Event]) -> list[Receipt | ProduceError]:
+        """Produce already-validated events pipelined; one result per event, in order.
+
+        Each result is the event's :class:`Receipt` once acknowledged (``acks="all"``),
+        or the :class:`ProduceError` of that event alone. Erasures are handled as in
+        :meth:`send_many`. Records of one partition go out as one record batch.
+        """
+        batch = list(events)
+        results: list[Receipt | ProduceError] = []
         start = 0
         try:
             for i, e in enumerate(batch):
                 if isinstance(e, SubjectErased) or i == len(batch) - 1:
-                    receipts += self._send_acked(batch[start:i + 1])
+                    part = self._send_acked(batch[start:i + 1])
+                    results += part
                     start = i + 1
-                    if isinstance(e, SubjectErased) and self.serde.sealer is not None:
+                    if isinstance(e, SubjectErased) and self.serde.sealer is not None \
+                            and isinstance(part[-1], Receipt):
                         self.serde.sealer.keyring.destroy(e.subject_id, e.occurred_at,
                                                           now_millis())
         except sa.exc.OperationalError as exc:  # the keyring's database (sealing on)
-            raise ProduceError(
+            error = ProduceError(
                 f"the keyring database is unreachable ({exc.__class__.__name__}); "
-                f"{len(receipts)} of {len(batch)} event(s) were acknowledged") from exc
-        return receipts
+                f"{sum(isinstance(r, Receipt) for r in results)} of {len(batch)} event(s) "
+                "were acknowledged")
+            results += [error] * (len(batch) - len(results))
+        return results
 
-    def _send_acked(self, batch: list[Event]) -> list[Receipt]:
+    def _send_acked(self, batch: list[Event]) -> list[Receipt | ProduceError]:
+        """Produce one run of events (no erasure inside); a receipt per event, or the
+        failure for each of them (some may have been stored: a retry with the same
+        event ids is safe, the fold counts an event_id once)."""
+        if self.serde.sealer is not None:
+            # one transaction for the data keys of every new subject of the batch
+            self.serde.sealer.keyring.data_keys(
+                {e.subject_id for e in batch if isinstance(e, ObservationRecorded)},
+                now_millis())
         payloads = [self.serde.encode(e) for e in batch]
         try:
-            return self._send_payloads(batch, payloads)
+            return list(self._send_payloads(batch, payloads))
         except KafkaTimeoutError as exc:  # the broker is away: no retry past the timeout
-            raise ProduceError(f"the broker did not acknowledge the event(s): {exc}") from exc
+            error = ProduceError(f"the broker did not acknowledge the event(s): {exc}")
         except KafkaError as first:
             # Another failure may be the idempotent producer's fatal state (a restarted or
             # busy broker refused InitProducerId once): once, with a fresh producer.
             try:
-                return self._send_payloads(batch, payloads)
+                return list(self._send_payloads(batch, payloads))
             except KafkaError as exc:
-                raise ProduceError(f"the broker did not acknowledge the event(s): {exc} "
-                                   f"(first attempt: {first})") from exc
+                error = ProduceError(f"the broker did not acknowledge the event(s): {exc} "
+                                     f"(first attempt: {first})")
+        return [error] * len(batch)
 
     def _send_payloads(self, batch: list[Event], payloads: list[bytes]) -> list[Receipt]:
         if self._failed:

@@ -246,8 +246,14 @@ class AvroSerde:
                        "sealed": self.sealer.seal(event)}
         return encode_record(record, schema)
 
-    def decode(self, data: bytes) -> DecodedEvent:
+    def decode(self, data: bytes, *, open_sealed: bool = True) -> DecodedEvent:
         """Decode and validate one message.
+
+        With ``open_sealed=False`` a sealed observation comes back still sealed and not
+        yet validated (its personal fields empty, the ``sealed`` record in ``record``);
+        :meth:`open_decoded` finishes it. The projector decodes a whole batch that way,
+        fetches every data key the batch needs in one query
+        (:meth:`~beliefstore.access.datakeys.Keyring.prefetch`), then opens them.
 
         Raises:
             PoisonEvent: ``kind`` is ``bad_marker`` (no ``C3 01``), ``unknown_schema``
@@ -295,6 +301,23 @@ class AvroSerde:
         sealed = record.get("sealed")
         try:
             event = cls(**kwargs)
+        except ValidationError as exc:
+            raise PoisonEvent("invalid_event", str(exc)) from exc
+        decoded = DecodedEvent(event=event, writer=writer, record=record)
+        if not open_sealed and sealed is not None and isinstance(event, ObservationRecorded):
+            return decoded
+        return self.open_decoded(decoded)
+
+    def open_decoded(self, decoded: DecodedEvent) -> DecodedEvent:
+        """Open the sealed fields of ``decoded`` (if any) and validate it: the second half
+        of ``decode(data, open_sealed=False)``.
+
+        Raises:
+            PoisonEvent, EventShredded, SealedEventError: as :meth:`decode`.
+        """
+        event = decoded.event
+        sealed = decoded.record.get("sealed")
+        try:
             if sealed is not None and isinstance(event, ObservationRecorded):
                 if self.sealer is None:
                     raise SealedEventError(event.event_id)
@@ -302,7 +325,7 @@ class AvroSerde:
             event = validate(event)
         except ValidationError as exc:
             raise PoisonEvent("invalid_event", str(exc)) from exc
-        return DecodedEvent(event=event, writer=writer, record=record)
+        return DecodedEvent(event=event, writer=decoded.writer, record=decoded.record)
 
 
 def encode_record(record: dict[str, Any], schema: RegisteredSchema) -> bytes:

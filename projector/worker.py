@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import sqlalchemy as sa
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
@@ -27,7 +28,7 @@ from kafka.errors import OffsetOutOfRangeError
 
 from beliefstore.errors import LogResetError, PoisonEvent
 from beliefstore.events.sealing import EventShredded
-from beliefstore.events.serde import AvroSerde
+from beliefstore.events.serde import AvroSerde, DecodedEvent
 from beliefstore.events.topics import ensure_topics
 from beliefstore.projector import metrics
 from beliefstore.projector.store import (
@@ -142,8 +143,9 @@ class ProjectorWorker:
             # Never jump silently: a stored offset outside the log is a LogResetError.
             auto_offset_reset="none",
             max_poll_records=s.batch_size,
-            # Freshness: a fetch returns within 100 ms even when the batch is not full.
-            fetch_max_wait_ms=100,
+            # Freshness: a fetch returns within 100 ms even when the batch is not full
+            # (500 ms on the durable embedded broker, whose fetch lists the whole log).
+            fetch_max_wait_ms=s.fetch_max_wait_ms or 100,
             session_timeout_ms=10_000,
             heartbeat_interval_ms=3_000,
             **s.kafka_client_config(),
@@ -153,6 +155,7 @@ class ProjectorWorker:
             client_id="beliefstore-projector-dlq",
             acks="all",
             enable_idempotence=True,
+            max_in_flight_requests_per_connection=1,  # see events/producer.py
             **s.kafka_client_config(),
         )
         if self.group:
@@ -279,9 +282,10 @@ class ProjectorWorker:
         batch: list[LoggedEvent] = []
         progress: dict[int, PartitionProgress] = {}
         poison: list[tuple[ConsumerRecord, PoisonEvent]] = []
+        opened = self._decode_all(polled)
         for tp, records in polled.items():
             for record in records:
-                item = self._decode(record)
+                item = opened[id(record)]
                 if item is None:
                     self.stats.shredded += 1
                 elif isinstance(item, PoisonEvent):
@@ -314,9 +318,37 @@ class ProjectorWorker:
             f"schema (BELIEFSTORE_DB_SCHEMA) from offset 0. Refusing to skip or re-apply events."
         )
 
-    def _decode(self, record: ConsumerRecord) -> LoggedEvent | PoisonEvent | None:
+    def _decode_all(self, polled: dict[Any, list[ConsumerRecord]]
+                    ) -> dict[int, LoggedEvent | PoisonEvent | None]:
+        """Decode every polled record (keyed by ``id(record)``). Sealed observations are
+        opened after one query for all the data keys the batch needs."""
+        first: dict[int, DecodedEvent | PoisonEvent] = {}
+        key_ids: set[str] = set()
+        for records in polled.values():
+            for record in records:
+                try:
+                    decoded = self.serde.decode(record.value, open_sealed=False)
+                except PoisonEvent as exc:
+                    first[id(record)] = exc
+                    continue
+                sealed = decoded.record.get("sealed")
+                if isinstance(sealed, dict):
+                    key_ids.add(str(sealed["key_id"]))
+                first[id(record)] = decoded
+        if key_ids and self.serde.sealer is not None:
+            self.serde.sealer.keyring.prefetch(key_ids)
+        return {
+            id(record): self._decode(record, first[id(record)])
+            for records in polled.values() for record in records
+        }
+
+    def _decode(self, record: ConsumerRecord, parsed: DecodedEvent | PoisonEvent | None = None
+                ) -> LoggedEvent | PoisonEvent | None:
         try:
-            decoded = self.serde.decode(record.value)
+            if isinstance(parsed, PoisonEvent):
+                raise parsed
+            decoded = (self.serde.decode(record.value) if parsed is None
+                       else self.serde.open_decoded(parsed))
         except PoisonEvent as exc:
             return exc
         except EventShredded:

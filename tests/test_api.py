@@ -413,3 +413,82 @@ def test_health_and_readiness(settings, engine, producer, api_url):
     assert body["broker"]["ok"] is True
     assert isinstance(body["projection_lag"], int) and not isinstance(body["projection_lag"], bool)
     assert body["projection_lag"] == 0
+
+
+# -- POST /v1/observations:batch ---------------------------------------------------------
+
+
+def test_batch_stores_the_valid_items_and_names_each_invalid_field(settings, engine, api_url,
+                                                                   projector, auth):
+    """Some items invalid: the valid ones are produced (each 201 with its coordinates),
+    each invalid one gets its own 422 naming the field, at its position."""
+    good = [observation(subject_id=f"batch-{i}", event_id=str(uuid.uuid4())) for i in range(5)]
+    items = [good[0], observation(confidence=1.5), good[1], good[2],
+             {**observation(), "colour": "blue"}, good[3], observation(event_id="nope"),
+             good[4]]
+    response = httpx.post(f"{api_url}/v1/observations:batch", json={"observations": items},
+                          timeout=30, headers=auth)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["accepted"], body["rejected"]) == (5, 3)
+    statuses = [r["status"] for r in body["results"]]
+    assert statuses == [201, 422, 201, 201, 422, 201, 422, 201]
+    bad = {1: ["confidence"], 4: ["colour"], 6: ["event_id"]}
+    for i, field_path in bad.items():
+        locs = [e["loc"] for e in body["results"][i]["errors"]]
+        assert any(loc[:3] == ["body", "observations", i] and loc[3:] == field_path
+                   for loc in locs), (i, locs)
+        assert all(e["msg"] for e in body["results"][i]["errors"])
+    receipts = [r["receipt"] for r in body["results"] if r["status"] == 201]
+    assert [r["event_id"] for r in receipts] == [g["event_id"] for g in good]
+
+    # exactly the valid items are on the topic, at the returned coordinates
+    messages = read_topic(settings.kafka_bootstrap_servers, settings.topic)
+    assert sorted((m.partition, m.offset) for m in messages) == sorted(
+        (r["partition"], r["offset"]) for r in receipts)
+    serde = AvroSerde.for_settings(settings)
+    assert sorted(serde.decode(m.value).event.event_id for m in messages) == sorted(
+        g["event_id"] for g in good)
+
+    wait_caught_up(settings, [Receipt(**r) for r in receipts])
+    for g in good:
+        model = httpx.get(f"{api_url}/v1/subjects/{g['subject_id']}/self-model",
+                          headers=auth).json()
+        assert model["belief_count"] == 1
+
+
+def test_batch_over_the_limit_is_413_and_nothing_is_produced(settings, api_url, auth):
+    items = [observation(subject_id=f"over-{i}") for i in range(501)]
+    response = httpx.post(f"{api_url}/v1/observations:batch", json={"observations": items},
+                          timeout=30, headers=auth)
+    assert response.status_code == 413, response.text
+    assert "500" in response.json()["detail"]
+    # a body over the batch byte limit: refused before it is read
+    huge = {"observations": [observation(evidence="e" * 16000) for _ in range(600)]}
+    response = httpx.post(f"{api_url}/v1/observations:batch", json=huge, timeout=30,
+                          headers=auth)
+    assert response.status_code == 413, response.text
+    assert "split the batch" in response.json()["detail"]
+    assert read_topic(settings.kafka_bootstrap_servers, settings.topic) == []
+    # a batch of 500 is accepted (and bigger than the single-observation body limit)
+    items = [observation(subject_id=f"full-{i}", evidence="x" * 200) for i in range(500)]
+    assert len(json.dumps({"observations": items})) > settings.max_body_bytes
+    response = httpx.post(f"{api_url}/v1/observations:batch", json={"observations": items},
+                          timeout=60, headers=auth)
+    assert response.status_code == 200, response.text
+    assert response.json()["accepted"] == 500
+    assert len(read_topic(settings.kafka_bootstrap_servers, settings.topic)) == 500
+
+
+def test_batch_item_outside_the_write_scope_is_403_alone(settings, api_url, make_key):
+    sales = {"Authorization": f"Bearer {make_key('sales_bot', write='billing')}"}
+    items = [observation(source="sales_bot", context="billing", subject_id="s1"),
+             observation(source="sales_bot", context="support", subject_id="s2"),
+             observation(source="someone_else", context="billing", subject_id="s3")]
+    response = httpx.post(f"{api_url}/v1/observations:batch", json={"observations": items},
+                          timeout=30, headers=sales)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["status"] for r in results] == [201, 403, 403]
+    assert "write scope" in results[1]["detail"] and "source" in results[2]["detail"]
+    assert len(read_topic(settings.kafka_bootstrap_servers, settings.topic)) == 1

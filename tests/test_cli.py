@@ -285,3 +285,30 @@ def test_bad_setting_exits_2_and_names_the_variable(settings, tmp_path):
         message = flat(result.stderr)
         assert "configuration error" in message and "BELIEFSTORE_TRUST" in message, message
         assert "garbage" in message
+
+
+def test_simulate_profiles_realistic_and_hot_key(tmp_path):
+    """``simulate --profile``: realistic spreads observations over many subjects (about ten
+    each, none far above ten times the mean); hot-key (the default, today's workload)
+    puts most of them on one subject; an unknown profile is refused with the choices."""
+    from collections import Counter
+
+    def counts(profile: str | None) -> Counter:
+        out = tmp_path / f"{profile}.jsonl"
+        args = ["simulate", "--events", "20000", "--output", str(out)]
+        if profile:
+            args += ["--profile", profile]
+        done = run(args, None, tmp_path)
+        assert done.returncode == 0, done.stderr
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(lines) == 20000
+        return Counter(e["subject_id"] for e in lines if e["type"] == "observed")
+
+    realistic, hot, default = counts("realistic"), counts("hot-key"), counts(None)
+    assert default == hot
+    assert len(realistic) > 1800  # of 2,000 subjects
+    assert max(realistic.values()) <= 15 * sum(realistic.values()) / 2000
+    assert max(hot.values()) > 0.4 * sum(hot.values())
+    done = run(["simulate", "--profile", "flat"], None, tmp_path)
+    assert done.returncode == 2
+    assert "hot-key" in done.stderr and "realistic" in done.stderr

@@ -42,3 +42,40 @@ def test_vector_through_live_pipeline(case, settings, engine, auth):
         server.stop()
         projector.stop()
     assert projector.error is None
+
+
+def test_concurrent_sends_share_produce_requests_and_each_gets_its_own_receipt(settings):
+    """Group commit: 16 threads each sending observations at once through one producer;
+    every call returns the receipt of its own event (matching event id, a distinct
+    partition/offset), and the events on the topic are exactly those acknowledged."""
+    import threading
+    import uuid
+
+    from tests.conftest import read_topic
+
+    receipts: dict[str, object] = {}
+    errors: list[str] = []
+    with BeliefProducer(settings.kafka_bootstrap_servers, settings.topic) as producer:
+        def agent(n: int) -> None:
+            for i in range(10):
+                event_id = str(uuid.uuid4())
+                try:
+                    r = producer.observe(f"gc-{n}-{i}", "support", "mood", "calm", 0.5,
+                                         "agent", event_id=event_id)
+                except Exception as exc:  # noqa: BLE001 - asserted below
+                    errors.append(repr(exc))
+                    return
+                assert r.event_id == event_id
+                receipts[event_id] = r
+
+        threads = [threading.Thread(target=agent, args=(n,)) for n in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert len(receipts) == 160
+    coords = {(r.partition, r.offset) for r in receipts.values()}  # type: ignore[attr-defined]
+    assert len(coords) == 160
+    messages = read_topic(settings.kafka_bootstrap_servers, settings.topic)
+    assert {(m.partition, m.offset) for m in messages} == coords

@@ -192,8 +192,8 @@ class AccessLogger:
         return KafkaProducer(
             bootstrap_servers=s.kafka_bootstrap_servers, client_id="beliefstore-access-log",
             acks="all", enable_idempotence=True, linger_ms=20,
-            # one request in flight: Tansu answered pipelined idempotent batches with
-            # OutOfOrderSequenceNumber under load
+            # pipelined idempotent requests got OutOfOrderSequenceNumber from Tansu, and
+            # the epoch bump after it is fatal there (see events/producer.py)
             max_in_flight_requests_per_connection=1, **s.kafka_client_config())
 
     def _run(self) -> None:

@@ -21,6 +21,7 @@ import os
 import secrets
 import threading
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -163,6 +164,67 @@ class Keyring:
             self._active[subject_id] = found
             self._cache[found[0]] = found[1]
         return found
+
+    def data_keys(self, subject_ids: Iterable[str], now_ms: int) -> dict[str, tuple[str, bytes]]:
+        """The current data keys of many subjects at once, ``{subject_id: (key_id, key)}``.
+
+        Same result as :meth:`data_key` per subject, but the subjects without a cached key
+        are looked up and, where missing, created in one transaction (the per-subject
+        advisory locks taken in sorted order, so concurrent callers cannot deadlock): one
+        commit for a whole group of new subjects instead of one each.
+        """
+        wanted = set(subject_ids)
+        found: dict[str, tuple[str, bytes]] = {}
+        with self._lock:
+            for subject in wanted:
+                if subject in self._active:
+                    found[subject] = self._active[subject]
+        missing = sorted(wanted - found.keys())
+        if not missing:
+            return found
+        self._ensure()
+        t = self.table
+        with self.engine.begin() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(s)) "
+                                 "FROM unnest(CAST(:s AS text[])) AS s ORDER BY s"),
+                         {"s": [f"subject-key:{subject}" for subject in missing]})
+            rows = conn.execute(sa.select(t.c.subject_id, t.c.key_id, t.c.wrapped).where(
+                t.c.subject_id.in_(missing), t.c.wrapped.is_not(None))
+                .order_by(t.c.subject_id, t.c.created_at.desc())).all()
+            fetched: dict[str, tuple[str, bytes]] = {}
+            for row in rows:
+                if row.subject_id not in fetched:
+                    fetched[row.subject_id] = (row.key_id, self._unwrap(row.wrapped, row.key_id))
+            new_rows = []
+            for subject in missing:
+                if subject not in fetched:
+                    key_id, key = str(uuid.uuid4()), AESGCM.generate_key(bit_length=256)
+                    new_rows.append({"key_id": key_id, "subject_id": subject,
+                                     "wrapped": self._wrap(key, key_id), "created_at": now_ms})
+                    fetched[subject] = (key_id, key)
+            if new_rows:
+                conn.execute(t.insert(), new_rows)
+        with self._lock:
+            for subject, pair in fetched.items():
+                self._active[subject] = pair
+                self._cache[pair[0]] = pair[1]
+        return {**found, **fetched}
+
+    def prefetch(self, key_ids: Iterable[str]) -> None:
+        """Load the data keys ``key_ids`` into the cache with one query (destroyed keys
+        are cached as destroyed); unknown ids are left for :meth:`key` to report."""
+        with self._lock:
+            missing = sorted({k for k in key_ids if k not in self._cache})
+        if not missing:
+            return
+        self._ensure()
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(self.table.c.key_id, self.table.c.wrapped).where(
+                self.table.c.key_id.in_(missing))).all()
+        loaded = {row.key_id: self._unwrap(row.wrapped, row.key_id) if row.wrapped else None
+                  for row in rows}
+        with self._lock:
+            self._cache.update(loaded)
 
     def key(self, key_id: str) -> bytes | None:
         """The data key ``key_id``, or ``None`` if it was destroyed.

@@ -103,14 +103,22 @@ def simulate(
     seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same events.")] = 7,
     subjects: Annotated[int | None, typer.Option(help="Number of subjects (default events/10).")] = None,
     output: Annotated[Path | None, typer.Option(help="Write JSON Lines here (default stdout).")] = None,
+    profile: Annotated[str, typer.Option(
+        help="Who is observed: hot-key (Pareto 1.2, a few subjects get most events) or "
+             "realistic (Zipf s=1.1 over subjects, hottest capped at 10x the mean: about "
+             "10 events per subject).")] = "hot-key",
 ) -> None:
     """Generate a deterministic synthetic workload as JSON Lines: agents observing people
     with Zipf-distributed activity, supersessions, own- and other-source retractions,
     erasures and duplicate deliveries. Feed it to `produce` or `fold`."""
     from beliefstore.events.jsonl import dumps
-    from beliefstore.events.workload import generate
+    from beliefstore.events.workload import PROFILES, generate
 
-    lines = (dumps(e) + "\n" for e in generate(events, seed=seed, subjects=subjects))
+    if profile not in PROFILES:
+        raise fail(f"--profile {profile!r} is not a workload profile: use one of "
+                   f"{', '.join(PROFILES)}", 2)
+    lines = (dumps(e) + "\n" for e in generate(events, seed=seed, subjects=subjects,
+                                                profile=profile))
     if output is None:
         sys.stdout.writelines(lines)
     else:

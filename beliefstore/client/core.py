@@ -166,8 +166,16 @@ def read_params(context: str | None = None, min_confidence: float | None = None,
 
 def batch_results(body: Any) -> list[BatchResult]:
     """The batch endpoint's answer ``{"results": [{"status": 201, "receipt": {...}} |
-    {"status": 422, "detail": [...]}, ...]}`` (one per observation, in order)."""
-    return [BatchResult.model_validate(r) for r in body["results"]]
+    {"status": 422, "errors": [...]} | {"status": 403|503, "detail": "..."}, ...]}`` (one
+    per observation, in order). A 422's field errors become its ``detail`` (a list, as
+    the single POST's 422 body has them)."""
+    out = []
+    for r in body["results"]:
+        item = {k: v for k, v in r.items() if k in ("status", "receipt", "detail")}
+        if item.get("detail") is None and r.get("errors") is not None:
+            item["detail"] = r["errors"]
+        out.append(BatchResult.model_validate(item))
+    return out
 
 
 def single_result(receipt: Receipt | None = None, error: APIError | None = None) -> BatchResult:

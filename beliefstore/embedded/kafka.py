@@ -35,24 +35,6 @@ from beliefstore.embedded.base import (
 
 __all__ = ["EmbeddedKafka"]
 
-#: Bootstrap for localbucket: same as ``python -m localbucket`` but its access
-#: log keeps only error responses (status >= 400), so a long-running durable
-#: broker does not grow an unbounded log of successful S3 requests.
-_LOCALBUCKET_MAIN = """\
-import logging, re, sys
-_ok = re.compile(r'" [23][0-9][0-9] ')
-class _Errors(logging.Filter):
-    def filter(self, record):
-        return not _ok.search(record.getMessage())
-_handler = logging.StreamHandler()
-_handler.addFilter(_Errors())
-_handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s]: %(message)s"))
-logging.basicConfig(level=logging.INFO, handlers=[_handler])
-import localbucket
-sys.argv[0] = "localbucket"
-localbucket.main()
-"""
-
 #: Environment variables Tansu reads as defaults for its flags; scrubbed so a
 #: stray value in the user's shell cannot redirect the embedded broker.
 _TANSU_ENV_VARS = (
@@ -198,11 +180,12 @@ class EmbeddedKafka(EmbeddedService):
             port = free_port()
             since = log_size(log)
             args = ["--host", LOOPBACK, "--port", str(port), str(self.data_dir)]
+            # localbucket with TCP_NODELAY and an errors-only access log (see s3server)
             proc = spawn(
-                [sys.executable, "-c", _LOCALBUCKET_MAIN, *args],
+                [sys.executable, "-m", "beliefstore.embedded.s3server", *args],
                 log,
                 env,
-                display=shlex.join([sys.executable, "-m", "localbucket", *args]),
+                display=shlex.join([sys.executable, "-m", "beliefstore.embedded.s3server", *args]),
             )
             self._s3, self._s3_port = proc, port
             url = f"http://{LOOPBACK}:{port}/{self.BUCKET}"
