@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -47,6 +48,18 @@ def load_cases() -> list[dict]:
 def case_events(case: dict) -> list:
     return [from_dict(e) for e in case["events"]]
 
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (a CI time limit, ``timeout``, a supervisor) stops the suite like Ctrl-C:
+    pytest then tears the fixtures down, so the session's embedded PostgreSQL (which
+    ``pg_ctl`` daemonizes) and broker are stopped instead of orphaned."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
