@@ -57,6 +57,7 @@ from beliefstore.access.keys import (
     split_token,
 )
 from beliefstore.access.scopes import ContextScope
+from beliefstore.api.metrics import record_cache
 from beliefstore.db import check_schema_name, psycopg_conninfo
 from beliefstore.projector.catalog import CHANNEL as CATALOG_CHANNEL
 from beliefstore.projector.catalog import CatalogError
@@ -480,8 +481,10 @@ class LiveReads:
             if hit is not None:
                 self._models.move_to_end(key)
                 self.stats["hits"] += 1
+                record_cache("self_model", True)
                 return hit
         self.stats["misses"] += 1
+        record_cache("self_model", False)
         generation = self.generation
         rows = await self._fetch(
             f'SELECT {_BELIEF_COLUMNS} FROM "{schema}".beliefs WHERE subject_id = %s '

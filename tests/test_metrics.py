@@ -80,6 +80,12 @@ def test_api_metrics_by_route_and_status(world: World):
         after, lookups, cache="test-cache", result="hit") == 1
     assert value(cached, lookups, cache="test-cache", result="miss") - value(
         after, lookups, cache="test-cache", result="miss") == 1
+    # The self-model cache of the read path: a second read of the same subject is a hit.
+    for _ in range(2):
+        assert world.get("triage_agent", f"/v1/subjects/{SUBJECT}/self-model").status_code == 200
+    served = scrape(world.url + "/metrics")
+    assert value(served, lookups, cache="self_model", result="hit") - value(
+        cached, lookups, cache="self_model", result="hit") >= 1
     # The subject id never becomes a label.
     assert not any(SUBJECT in str(labels) for _, labels in after)
 
