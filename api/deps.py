@@ -279,6 +279,11 @@ ContextFilter = Annotated[str | None, Query(description="Only this context.",
                                             max_length=MAX_NAME_LENGTH,
                                             json_schema_extra={"pattern": NAME_PATTERN}),
                           _valid("context", check_name)]
+SubjectPrefix = Annotated[str, Query(max_length=MAX_ID_LENGTH,
+                                     description="The subject id starts with it (empty: every "
+                                     "subject)."),
+                          _valid("prefix", lambda name, value: check_id(name, value) if value
+                                 else [])]
 AsOf = Annotated[datetime | None, Query(
     description="Answer as of this instant (ISO 8601 with timezone, e.g. 2026-01-05T12:00Z): "
     "the fold of the events up to it. Erasures always apply.")]

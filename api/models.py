@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
+
+from beliefstore.events.validation import check_id
 
 
 class ObservationIn(BaseModel):
@@ -368,6 +370,14 @@ class LoginLinkIn(BaseModel):
 
     subject_id: str | None = Field(None, max_length=256,
                                    description="Open this subject after login.")
+
+    @field_validator("subject_id")
+    @classmethod
+    def _storable(cls, value: str | None) -> str | None:
+        """The same rules as every subject id (no NUL or control characters, ...)."""
+        if value is not None and (problems := check_id("subject_id", value)):
+            raise ValueError(f"subject_id {problems[0].message}")
+        return value
 
 
 class LoginLinkOut(BaseModel):

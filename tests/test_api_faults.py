@@ -71,6 +71,19 @@ def test_bad_context_or_attribute_in_a_path_or_query_is_a_422_naming_it(api_url,
                       "query", "context")
 
 
+
+@pytest.mark.parametrize("bad", [b for b in BAD_IDS if len(b) <= 256],
+                         ids=[v for b, v in BAD_IDS.items() if len(b) <= 256])
+def test_bad_subject_prefix_or_console_subject_is_a_422_naming_it(api_url, auth, bad):
+    """The listing's ``prefix`` and a console link's ``subject_id`` (endpoints added with
+    the console) follow the same rules as every subject id."""
+    assert_422_naming(httpx.get(f"{api_url}/v1/subjects?prefix={bad}", headers=auth, timeout=10),
+                      "query", "prefix")
+    value = httpx.URL(f"http://x/?s={bad}").params["s"]  # the decoded text
+    response = httpx.post(f"{api_url}/console/login-links", headers=auth, timeout=10,
+                          json={"subject_id": value})
+    assert_422_naming(response, "body", "subject_id")
+
 def test_unstorable_text_in_a_post_body_is_a_422_naming_the_field(api_url, auth):
     for field, value in (("value", "a\u0000b"), ("evidence", "\u0000"), ("value", "\ud800"),
                          ("subject_id", "\ud83d"), ("source", "a\u0000")):

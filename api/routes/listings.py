@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException, Query
 
 from beliefstore.access.accesslog import AccessLogError, read_access_log
 from beliefstore.api import queries
-from beliefstore.api.deps import Caller, Conn, State, SubjectId, read_scope
+from beliefstore.api.deps import Caller, Conn, State, SubjectId, SubjectPrefix, read_scope
 from beliefstore.api.models import (
     AccessLogOut,
     AccessRecordOut,
@@ -29,8 +29,7 @@ router = APIRouter()
                                                "description": "The key may read no context."}})
 def find_subjects(
     caller: Caller, conn: Conn, state: State,
-    prefix: Annotated[str, Query(max_length=256, description="The subject id starts with it "
-                                 "(empty: every subject).")] = "",
+    prefix: SubjectPrefix = "",
     limit: Annotated[int, Query(ge=1, le=500, description="At most this many subjects.")] = 50,
     exact: Annotated[bool, Query(description="Only the subject whose id is prefix.")] = False,
 ) -> list[SubjectSummaryOut]:
