@@ -58,9 +58,10 @@ class ReadMethod:
         return self.run(events, at)
 
 
-def counting_observations(events: Iterable[Event]) -> dict[Key, list[ObservationRecorded]]:
-    """The fold's steps 1–3: per key, each source's latest live observation, sorted by
-    ``(occurred_at, event_id)``."""
+def live_observations(events: Iterable[Event]) -> list[ObservationRecorded]:
+    """The fold's steps 1–2: observations deduplicated by ``event_id``, without those
+    retracted by their own source or erased (an erasure of the subject at or after them),
+    in delivery order. Superseded ones are kept (step 3 is the caller's)."""
     seen: set[str] = set()
     observations: list[ObservationRecorded] = []
     retracted: dict[str, set[str]] = defaultdict(set)
@@ -75,12 +76,16 @@ def counting_observations(events: Iterable[Event]) -> dict[Key, list[Observation
             retracted[e.retracted_event_id].add(e.source)
         elif isinstance(e, SubjectErased):
             erased[e.subject_id] = max(erased.get(e.subject_id, e.occurred_at), e.occurred_at)
+    return [o for o in observations
+            if o.source not in retracted.get(o.event_id, ())
+            and not (o.subject_id in erased and o.occurred_at <= erased[o.subject_id])]
+
+
+def counting_observations(events: Iterable[Event]) -> dict[Key, list[ObservationRecorded]]:
+    """The fold's steps 1–3: per key, each source's latest live observation, sorted by
+    ``(occurred_at, event_id)``."""
     latest: dict[tuple[Key, str], ObservationRecorded] = {}
-    for o in observations:
-        if o.source in retracted.get(o.event_id, ()):
-            continue
-        if o.subject_id in erased and o.occurred_at <= erased[o.subject_id]:
-            continue
+    for o in live_observations(events):
         current = latest.get((o.key, o.source))
         if current is None or (o.occurred_at, o.event_id) > (current.occurred_at, current.event_id):
             latest[(o.key, o.source)] = o

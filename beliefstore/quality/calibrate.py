@@ -32,11 +32,9 @@ from pathlib import Path
 
 from beliefstore.events.model import (
     Event,
-    ObservationRecorded,
-    ObservationRetracted,
-    SubjectErased,
 )
 from beliefstore.projector.fold import logit, sigmoid
+from beliefstore.quality.baselines import live_observations
 from beliefstore.quality.world import Outcome
 
 DEFAULT_MIN_OUTCOMES = 50
@@ -147,20 +145,6 @@ def label(events: Iterable[Event], outcomes: Iterable[Outcome],
     erasure at or after it). Superseded observations count: they were the source's claim
     at their time.
     """
-    seen: set[str] = set()
-    observations: list[ObservationRecorded] = []
-    retracted: dict[str, set[str]] = defaultdict(set)
-    erased: dict[str, int] = {}
-    for e in events:
-        if e.event_id in seen:
-            continue
-        seen.add(e.event_id)
-        if isinstance(e, ObservationRecorded):
-            observations.append(e)
-        elif isinstance(e, ObservationRetracted):
-            retracted[e.retracted_event_id].add(e.source)
-        elif isinstance(e, SubjectErased):
-            erased[e.subject_id] = max(erased.get(e.subject_id, e.occurred_at), e.occurred_at)
     by_key: dict[tuple[str, str, str], list[Outcome]] = defaultdict(list)
     for o in outcomes:
         by_key[o.key].append(o)
@@ -170,11 +154,7 @@ def label(events: Iterable[Event], outcomes: Iterable[Outcome],
         times[k] = [o.known_at for o in v]
     window_ms = window_s * 1000.0
     out = []
-    for obs in sorted(observations, key=lambda o: (o.occurred_at, o.event_id)):
-        if obs.source in retracted.get(obs.event_id, ()):
-            continue
-        if obs.subject_id in erased and obs.occurred_at <= erased[obs.subject_id]:
-            continue
+    for obs in sorted(live_observations(events), key=lambda o: (o.occurred_at, o.event_id)):
         if obs.key not in by_key:
             continue
         i = bisect.bisect_left(times[obs.key], obs.occurred_at)
