@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import threading
+from typing import Any, Self
 
 import sqlalchemy as sa
 from alembic import command
@@ -89,3 +91,45 @@ def create_tables(conn: sa.Connection, schema: str, *tables: sa.Table) -> None:
     conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
     for table in tables:
         table.create(conn, checkfirst=True)
+
+
+class BaseSchemaStore:
+    """A store whose tables live in the projection catalog's base schema, outside the
+    projections' Alembic migrations (API keys, console sessions), created on first use.
+
+    Subclasses set their ``sa.Table`` objects in ``__init__`` and list them in
+    :meth:`tables`.
+
+    Args:
+        engine: an engine on the database (tables are schema-qualified).
+        base_schema: the catalog's base schema (``BELIEFSTORE_DB_SCHEMA``).
+
+    Raises:
+        ValueError: ``base_schema`` is not a lowercase identifier.
+    """
+
+    def __init__(self, engine: sa.Engine, base_schema: str = "public"):
+        self.engine = engine
+        self.base_schema = check_schema_name(base_schema)
+        self._ensured = False
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of_catalog(cls, catalog: Any) -> Self:
+        """The store next to a :class:`~beliefstore.projector.catalog.ProjectionCatalog`."""
+        return cls(catalog.engine(), catalog.base_schema)
+
+    def tables(self) -> tuple[sa.Table, ...]:
+        """The tables :meth:`ensure` creates."""
+        raise NotImplementedError
+
+    def ensure(self) -> None:
+        """Create the tables if needed (idempotent, safe from several processes)."""
+        if self._ensured:
+            return
+        with self._lock:
+            if self._ensured:
+                return
+            with self.engine.begin() as conn:
+                create_tables(conn, self.base_schema, *self.tables())
+            self._ensured = True

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
-from beliefstore.db import check_schema_name, create_tables
+from beliefstore.db import BaseSchemaStore
 
 LINK_TTL_S = 300
 """A login link expires this many seconds after it is made (5 minutes)."""
@@ -93,7 +92,7 @@ class Redeemed:
     subject_id: str | None
 
 
-class ConsoleSessions:
+class ConsoleSessions(BaseSchemaStore):
     """Makes and redeems login links; opens, resolves and ends console sessions.
 
     Args:
@@ -102,27 +101,11 @@ class ConsoleSessions:
     """
 
     def __init__(self, engine: sa.Engine, base_schema: str = "public"):
-        self.engine = engine
-        self.base_schema = check_schema_name(base_schema)
-        self.links, self.sessions = _tables(base_schema)
-        self._ensured = False
-        self._lock = threading.Lock()
+        super().__init__(engine, base_schema)
+        self.links, self.sessions = _tables(self.base_schema)
 
-    @classmethod
-    def of_catalog(cls, catalog) -> ConsoleSessions:
-        """The store next to a :class:`~beliefstore.projector.catalog.ProjectionCatalog`."""
-        return cls(catalog.engine(), catalog.base_schema)
-
-    def ensure(self) -> None:
-        """Create the tables if needed (idempotent, safe from several processes)."""
-        if self._ensured:
-            return
-        with self._lock:
-            if self._ensured:
-                return
-            with self.engine.begin() as conn:
-                create_tables(conn, self.base_schema, self.links, self.sessions)
-            self._ensured = True
+    def tables(self) -> tuple[sa.Table, ...]:
+        return (self.links, self.sessions)
 
     def create_link(self, key_id: str, subject_id: str | None = None,
                     ttl_s: float = LINK_TTL_S) -> LoginLink:

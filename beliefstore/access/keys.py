@@ -28,7 +28,6 @@ import hashlib
 import hmac
 import re
 import secrets
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -37,7 +36,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from beliefstore.access.scopes import KeyStoreError, Principal, check_agent, check_context, parse_scope
-from beliefstore.db import check_schema_name, create_tables
+from beliefstore.db import BaseSchemaStore
 
 KEY_PREFIX = "bsk"
 _KEY = re.compile(r"^bsk_(?P<key_id>[0-9a-f]{16})_(?P<secret>[0-9a-f]{48})$")
@@ -205,7 +204,7 @@ def _tables(base_schema: str) -> tuple[sa.Table, sa.Table]:
     return keys, restricted
 
 
-class KeyStore:
+class KeyStore(BaseSchemaStore):
     """Creates, lists, revokes and verifies API keys; marks contexts restricted.
 
     Args:
@@ -214,29 +213,13 @@ class KeyStore:
     """
 
     def __init__(self, engine: sa.Engine, base_schema: str = "public"):
-        self.engine = engine
-        self.base_schema = check_schema_name(base_schema)
-        self.keys, self.restricted_table = _tables(base_schema)
-        self._ensured = False
-        self._lock = threading.Lock()
+        super().__init__(engine, base_schema)
+        self.keys, self.restricted_table = _tables(self.base_schema)
         # key_id -> (stored hash, sha256 of a secret that verified against it)
         self._verified: dict[str, tuple[bytes, bytes]] = {}
 
-    @classmethod
-    def of_catalog(cls, catalog) -> KeyStore:
-        """The key store next to a :class:`~beliefstore.projector.catalog.ProjectionCatalog`."""
-        return cls(catalog.engine(), catalog.base_schema)
-
-    def ensure(self) -> None:
-        """Create the tables if needed (idempotent, safe from several processes)."""
-        if self._ensured:
-            return
-        with self._lock:
-            if self._ensured:
-                return
-            with self.engine.begin() as conn:
-                create_tables(conn, self.base_schema, self.keys, self.restricted_table)
-            self._ensured = True
+    def tables(self) -> tuple[sa.Table, ...]:
+        return (self.keys, self.restricted_table)
 
     # -- keys ------------------------------------------------------------------------------
 
