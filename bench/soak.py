@@ -10,10 +10,12 @@ off) on a fresh data directory:
 * ingest: `wrk` POSTs observations (client-chosen unique event ids, 500 subjects) on
   2 connections for the whole run, at most 2/s (:data:`POST_DELAY_MS`);
 * reads: `wrk` GETs self-models of those subjects on 2 connections, at most 10/s;
-* a checker: one POST per second with a known event id (its own subject per POST); at
-  the end every one that got 201 must appear in its belief's trace;
-* a watch: `GET /v1/subjects/{id}/watch` if the endpoint exists (skipped, with a note in
-  the results, if it answers 404);
+* a checker: one POST per second with a known event id (its own subject per POST, and
+  every fifth one to the watched subject); at the end every one that got 201 must appear
+  in its belief's trace;
+* a watch: `GET /v1/subjects/soak-watched/watch` held open for the whole run (server-sent
+  events, heartbeat every 5 s); a dropped stream is resumed with `Last-Event-ID` and
+  counted as an error; it must deliver at least one `belief` event;
 * one `beliefstore replay --switch` at the middle of the run;
 * RSS of every process `up` started (up itself, the broker, its S3 store, PostgreSQL: the
   postmaster and its backends summed) every 5 s.
@@ -58,6 +60,8 @@ SAMPLE_EVERY_S = 5.0
 POST_DELAY_MS = 1000
 GET_DELAY_MS = 200
 REPLAY_TIMEOUT_S = 900
+#: The subject the watch follows; the checker writes every fifth observation to it.
+WATCHED = "soak-watched"
 
 POST_LUA = """
 counter = 0
@@ -131,7 +135,8 @@ def processes(up: psutil.Process, home: Path) -> dict[str, list[psutil.Process]]
     for child in up.children(recursive=True):
         cmd = " ".join(child.cmdline())
         name = ("broker (tansu)" if "tansu" in child.name() else
-                "s3 store (localbucket)" if "localbucket" in cmd else child.name())
+                "s3 store (localbucket)" if "localbucket" in cmd or "s3server" in cmd else
+                "api (workers)" if " api" in cmd else child.name())
         groups.setdefault(name, []).append(child)
     pid_file = home / "postgres" / "postmaster.pid"
     if pid_file.exists():
@@ -150,6 +155,60 @@ def rss_mib(procs: list[psutil.Process]) -> float:
     return round(total / 2**20, 1)
 
 
+class Watcher(threading.Thread):
+    """Holds ``GET /v1/subjects/{id}/watch`` open; counts ``belief`` events and drops.
+
+    A stream that ends or fails before :attr:`stop` is set is a drop (an error); the
+    watcher then resumes with ``Last-Event-ID`` as a handoff agent would.
+    """
+
+    def __init__(self, url: str, headers: dict[str, str], subject: str,
+                 stop: threading.Event):
+        super().__init__(daemon=True)
+        self.url, self.headers, self.subject, self.stop = url, headers, subject, stop
+        self.events = 0
+        self.heartbeats = 0
+        self.errors: list[str] = []
+        self.last_id: str | None = None
+
+    def run(self) -> None:
+        timeout = httpx.Timeout(10, read=30)
+        with httpx.Client(base_url=self.url, headers=self.headers, timeout=timeout) as client:
+            while not self.stop.is_set():
+                headers = {"Last-Event-ID": self.last_id} if self.last_id else {}
+                try:
+                    with client.stream("GET", f"/v1/subjects/{self.subject}/watch",
+                                       params={"heartbeat_s": 5}, headers=headers) as r:
+                        if r.status_code == 404 and self.last_id is None and not self.events:
+                            self.stop.wait(1.0)  # the watched subject is not projected yet
+                            continue
+                        if r.status_code != 200:
+                            self.errors.append(f"watch {r.status_code}: {r.read()[:200]!r}")
+                            self.stop.wait(1.0)
+                            continue
+                        event = None
+                        for line in r.iter_lines():
+                            if self.stop.is_set():
+                                return
+                            if line.startswith(":"):
+                                self.heartbeats += 1
+                            elif line.startswith("event:"):
+                                event = line[6:].strip()
+                            elif line.startswith("id:"):
+                                self.last_id = line[3:].strip()
+                            elif line == "":
+                                if event == "belief":
+                                    self.events += 1
+                                event = None
+                except httpx.HTTPError as exc:
+                    if self.stop.is_set():
+                        return
+                    self.errors.append(f"watch dropped: {exc!r}")
+                    continue
+                if not self.stop.is_set():
+                    self.errors.append("watch stream ended by the server")
+
+
 class Checker(threading.Thread):
     """One POST a second with a known event id; remembers which got 201."""
 
@@ -161,12 +220,16 @@ class Checker(threading.Thread):
 
     def run(self) -> None:
         with httpx.Client(base_url=self.url, headers=self.headers, timeout=60) as client:
+            n = 0
             while not self.stop.wait(1.0):
+                n += 1
                 event_id, subject = str(uuid.uuid4()), f"check-{uuid.uuid4().hex[:10]}"
+                if n % 5 == 0:
+                    subject = WATCHED
                 try:
                     r = client.post("/v1/observations", json={
                         "event_id": event_id, "subject_id": subject, "context": "support",
-                        "attribute": "mood", "value": "checked", "confidence": 0.9,
+                        "attribute": "mood", "value": f"checked-{n}", "confidence": 0.9,
                         "source": "admin"})
                 except httpx.HTTPError as exc:
                     self.errors.append(f"POST: {exc!r}")
@@ -230,16 +293,16 @@ def main(argv: list[str] | None = None) -> int:
         headers = {"Authorization": f"Bearer {key}"}
         # seed the subjects the readers read
         with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
-            for i in range(500):
+            for i in range(501):
                 client.post("/v1/observations", json={
-                    "subject_id": f"soak-{i}", "context": "support", "attribute": "mood",
+                    "subject_id": f"soak-{i}" if i < 500 else WATCHED,
+                    "context": "support", "attribute": "mood",
                     "value": "seed", "confidence": 0.5, "source": "admin"}).raise_for_status()
-            watch = client.get("/v1/subjects/soak-1/watch", timeout=5)
-        watch_note = ("skipped: GET /v1/subjects/{id}/watch answered 404 (not built on this "
-                      "branch)" if watch.status_code == 404 else f"answered {watch.status_code}")
         stop = threading.Event()
         checker = Checker(url, headers, stop)
         checker.start()
+        watcher = Watcher(url, headers, WATCHED, stop)
+        watcher.start()
         posts = wrk(url, lua(POST_LUA, key, work, "post.lua"), seconds, work / "wrk-post.log")
         reads = wrk(url, lua(GET_LUA, key, work, "get.lua"), seconds, work / "wrk-get.log")
         t0 = time.monotonic()
@@ -277,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             replayer.join(REPLAY_TIMEOUT_S + 60)
         stop.set()
         checker.join(120)
+        watcher.join(60)
         invisible = checker.invisible()
         post_summary = wrk_summary(work / "wrk-post.log")
         get_summary = wrk_summary(work / "wrk-get.log")
@@ -292,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             "get_non_2xx": get_summary["status_errors"],
             "socket_errors_and_timeouts": socket_errors,
             "checker": len(checker.errors),
+            "watch": len(watcher.errors) + int(watcher.events == 0),
             "replay_failed": int(replay.get("exit_code", 1) != 0),
             # failures inside up that no client sees: access records lost, tracebacks
             "up_log_not_acknowledged": up_log.read_text().count("not acknowledged"),
@@ -299,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         result = {
             "seconds": seconds,
-            "watch": watch_note,
+            "watch": {"subject": WATCHED, "belief_events": watcher.events,
+                      "heartbeats": watcher.heartbeats, "errors": watcher.errors[:20]},
             "wrk_post": post_summary,
             "wrk_get": get_summary,
             "checker": {"acknowledged": len(checker.acked), "invisible": invisible,

@@ -84,10 +84,17 @@ def compare(left: dict[Key, BeliefRow], right: dict[Key, BeliefRow]) -> list[Dif
 
 
 def read_log(settings: Settings, serde: AvroSerde | None = None,
-             timeout_s: float = 30.0) -> tuple[list[Event], int]:
-    """Every valid event on the topic from offset 0 to the high watermark (as of the
-    first fetch), and the number of poison messages skipped (sealed observations of
-    erased subjects are skipped silently, as the projector does)."""
+             timeout_s: float = 30.0,
+             until: dict[int, int] | None = None) -> tuple[list[Event], int]:
+    """Every valid event on the topic from offset 0 to an end offset, and the number of
+    poison messages skipped (sealed observations of erased subjects are skipped silently,
+    as the projector does).
+
+    ``until`` maps partition → end offset (exclusive), e.g. a projection's stored
+    offsets, so the fold covers exactly the events that projection applied even while
+    agents keep writing; a partition it does not name is read to its high watermark as
+    of the first fetch (as is every partition when ``until`` is ``None``).
+    """
     serde = serde or AvroSerde.for_settings(settings)
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
                              group_id=None, enable_auto_commit=False,
@@ -101,7 +108,8 @@ def read_log(settings: Settings, serde: AvroSerde | None = None,
             consumer.seek(tp, 0)
         events: list[Event] = []
         poison = 0
-        ends: dict[TopicPartition, int] = {}
+        ends: dict[TopicPartition, int] = {
+            tp: until[tp.partition] for tp in tps if until and tp.partition in until}
         deadline = time.monotonic() + timeout_s
         while True:
             polled = consumer.poll(timeout_ms=200)
@@ -199,7 +207,9 @@ def replay(
     rebuilt = read_beliefs(engine)
     report.vs_live = compare(rebuilt, read_beliefs(catalog.engine(live.schema)))
     if check_fold:
-        events, _ = read_log(settings, serde)
+        # the fold covers the same offsets as the rebuild: agents may write meanwhile
+        events, _ = read_log(settings, serde,
+                             until=worker.recorder.stored_offsets(settings.topic))
         fold_settings: FoldSettings = settings.fold_settings
         report.vs_fold = compare(rebuilt, {b.key: BeliefRow.of(b) for b in fold(events, fold_settings)})
     if switch and not report.vs_fold:

@@ -19,7 +19,7 @@ from beliefstore.events.serde import AvroSerde, SchemaRegistry, encode_record
 from beliefstore.events.workload import generate
 from beliefstore.projector.catalog import CatalogError
 from beliefstore.projector.fold import FoldSettings, fold
-from beliefstore.projector.replay import BeliefRow, compare, read_beliefs, replay
+from beliefstore.projector.replay import BeliefRow, compare, read_beliefs, read_log, replay
 from beliefstore.projector.store import LoggedEvent, load_subject_events
 from beliefstore.projector.timeline import beliefs_as_of, history, visible_at
 from beliefstore.projector.worker import ProjectorWorker
@@ -114,6 +114,42 @@ def test_replay_reports_differences_with_the_live_projection(settings, catalog):
     [diff] = report.vs_live
     assert diff.left is not None and diff.right is not None
     assert diff.left.value == case["expected"][0]["value"] != diff.right.value
+
+
+def test_replay_fold_check_covers_what_the_rebuild_applied_while_agents_write(settings,
+                                                                            catalog):
+    """Under live traffic the log grows between the rebuild's end and the fold check; the
+    check folds exactly the offsets the rebuild applied, so a correct rebuild switches
+    (before, it was compared with a fold of later events and refused: found by the soak)."""
+    events = generate(400, seed=5, subjects=40)
+    with BeliefProducer.from_settings(settings) as producer:
+        producer.send_many(events)
+    stop = threading.Event()
+    late: list = []
+
+    def agent() -> None:
+        with BeliefProducer.from_settings(settings) as producer:
+            i = 0
+            while not stop.is_set():
+                late.append(producer.observe(f"s-{i % 40}", "support", "mood", f"late-{i}",
+                                             0.99, source="triage_agent"))
+                i += 1
+                stop.wait(0.02)
+
+    writer = threading.Thread(target=agent, daemon=True)
+    writer.start()
+    try:
+        report = replay(settings, catalog, "under_load", switch=True)
+    finally:
+        stop.set()
+        writer.join(30)
+    assert late, "the agent wrote nothing during the replay"
+    assert report.vs_fold == [] and report.switched
+    assert catalog.active().name == "under_load"
+    # read_log(until=...) stops at the given offsets, whatever came after
+    everything, _ = read_log(settings)
+    applied, _ = read_log(settings, until={p: 0 for p in range(8)})
+    assert applied == [] and len(everything) == len(events) + len(late)
 
 
 def logged_of(catalog, subject: str) -> list[LoggedEvent]:
