@@ -44,7 +44,9 @@ same arguments as ``localbucket``). Three things differ from ``python -m localbu
   localbucket does (the same bytes: ``tests/test_services.py`` compares both listings
   over one folder, and fails if localbucket changes); malformed listings and ListObjects
   (v1) are left to localbucket. The index assumes this server is the only writer of its
-  folder while it runs (true for the embedded broker).
+  folder while it runs (true for the embedded broker). ``BELIEFSTORE_S3_LISTING=walk``
+  in the server's environment turns the index off (localbucket's own listing), for
+  measuring the difference (``bench/durable_consume.py``).
 
 The localbucket version is pinned (:data:`LOCALBUCKET_VERSION`, and in pyproject.toml);
 ``tests/test_services.py`` fails if either assumption above stops holding.
@@ -227,6 +229,9 @@ class BucketIndex:
         self._built = True
 
 
+#: ListObjectsV2 from the index (else localbucket's walk): BELIEFSTORE_S3_LISTING != "walk"
+_USE_INDEX = os.environ.get("BELIEFSTORE_S3_LISTING", "index") != "walk"
+
 _INDEXES: dict[Path, BucketIndex] = {}
 _INDEXES_LOCK = threading.Lock()
 
@@ -275,7 +280,7 @@ def _handler_class() -> type:
             super().send_response(code, message)
 
         def do_GET(self) -> None:
-            if not self._list_from_index():
+            if not _USE_INDEX or not self._list_from_index():
                 super().do_GET()
 
         def do_POST(self) -> None:
