@@ -213,7 +213,12 @@ def run(ctx: common.Context, *, agents: int, seconds: int, probe_ms: int,
     try:
         with _up(home, port, partitions) as (proc, log):
             common.wait_http(f"{url}/healthz", proc, log, timeout=120)
-            state = json.loads((home / ".beliefstore" / "services.json").read_text())
+            state_file = home / ".beliefstore" / "services.json"
+            for _ in range(600):  # `up` writes it just after its API answers
+                if state_file.exists() and "BELIEFSTORE_API_KEY" in log.read_text():
+                    break
+                time.sleep(0.05)
+            state = json.loads(state_file.read_text())
             m = re.search(r"BELIEFSTORE_API_KEY=(\S+)", log.read_text())
             if m is None:
                 raise RuntimeError(f"up printed no admin key:\n{log.read_text()[-2000:]}")

@@ -47,6 +47,21 @@ same arguments as ``localbucket``). Three things differ from ``python -m localbu
   folder while it runs (true for the embedded broker). ``BELIEFSTORE_S3_LISTING=walk``
   in the server's environment turns the index off (localbucket's own listing), for
   measuring the difference (``bench/durable_consume.py``).
+* **No record batch listed past one still being written.** Tansu 0.6.0 produces in three
+  steps: the producer's sequence (``meta.json``), then the partition's high watermark
+  (``watermark.json``: ``high`` moves from H to H+n, which allocates offsets H..H+n-1),
+  then the record batch object ``records/<H>.batch``. With several producers on one
+  partition (``up`` runs one API process per core, each with its own producer) a later
+  batch can be written before an earlier one; a fetch in between lists the later batch
+  but not the earlier one, returns it, and the consumer's position moves past the
+  earlier batch, which it then never reads. Measured here: four producers on one
+  partition for 20 s, and a consumer tailing the partition missed 5 acknowledged records
+  that a later read from offset 0 found. So the index notes each allocation (a
+  ``watermark.json`` PUT that raises ``high``) until its batch is written, and a listing
+  of that partition's ``records/`` leaves out the batches after the oldest allocation
+  still unwritten (for at most :data:`BARRIER_TIMEOUT_S`, in case its producer died): a
+  fetch then returns what precedes the gap and the next fetch the rest. The objects
+  themselves are untouched; once no write is in flight, listings are localbucket's.
 
 The localbucket version is pinned (:data:`LOCALBUCKET_VERSION`, and in pyproject.toml);
 ``tests/test_services.py`` fails if either assumption above stops holding.
@@ -55,10 +70,12 @@ The localbucket version is pinned (:data:`LOCALBUCKET_VERSION`, and in pyproject
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import re
 import threading
+import time
 import uuid
 import zlib
 from collections.abc import Callable
@@ -69,7 +86,7 @@ from xml.sax.saxutils import escape
 
 from sortedcontainers import SortedList
 
-__all__ = ["LOCALBUCKET_VERSION", "BucketIndex", "configure", "main"]
+__all__ = ["BARRIER_TIMEOUT_S", "LOCALBUCKET_VERSION", "BucketIndex", "configure", "main"]
 
 #: The localbucket release this module was written and measured against.
 LOCALBUCKET_VERSION = "1.2.1"
@@ -119,6 +136,15 @@ class BucketIndex:
         self._keys: SortedList = SortedList()
         #: key bytes -> cached (Contents fragment, fragment after <Key>) or None
         self._fragments: dict[bytes, tuple[str, str] | None] = {}
+        #: a partition's records/ prefix -> {allocated offset without its batch: when}
+        self._pending: dict[str, dict[int, float]] = {}
+
+    def allocate(self, records_prefix: str, offset: int) -> None:
+        """Record that offsets from ``offset`` were allocated in the partition whose
+        batches are under ``records_prefix`` (its ``watermark.json`` raised ``high``
+        from ``offset``); its batch ``<offset>.batch`` is not written yet."""
+        with self._lock:
+            self._pending.setdefault(records_prefix, {})[offset] = time.monotonic()
 
     def add(self, key: str) -> None:
         """Record that ``key`` was (re)written: listed from now on, fragment recomputed."""
@@ -128,6 +154,12 @@ class BucketIndex:
             if raw not in self._fragments:
                 self._keys.add(raw)
             self._fragments[raw] = None
+            if self._pending and (batch := _BATCH_KEY.fullmatch(key)):
+                pending = self._pending.get(batch[1])
+                if pending is not None:
+                    pending.pop(int(batch[2]), None)
+                    if not pending:
+                        del self._pending[batch[1]]
 
     def discard(self, key: str) -> None:
         """Record that ``key`` was deleted (no error if it was not there)."""
@@ -161,6 +193,7 @@ class BucketIndex:
         raw_prefix, raw_marker = prefix.encode(), marker.encode()
         with self._lock:
             self._build()
+            barriers = self._barriers()
             for raw in self._keys.irange(minimum=max(raw_prefix, raw_marker)):
                 if not raw.startswith(raw_prefix):
                     break  # sorted by bytes: the keys under the prefix are contiguous
@@ -168,6 +201,8 @@ class BucketIndex:
                                    or (marker_is_prefix and raw.startswith(raw_marker))):
                     continue
                 key = raw.decode()
+                if barriers and _behind_barrier(key, barriers):
+                    continue
                 common = ""
                 if delimiter:
                     index = key.find(delimiter, len(prefix))
@@ -189,6 +224,22 @@ class BucketIndex:
                                 else "<Contents>" + _element("Key", encode(key)) + cached[1])
                 last_entry = "K:" + key
         return contents, common_prefixes, truncated, last_entry
+
+    def _barriers(self) -> list[tuple[str, int]]:
+        """(records/ prefix, oldest allocated offset still unwritten) of each partition,
+        forgetting allocations older than BARRIER_TIMEOUT_S (caller holds the lock)."""
+        if not self._pending:
+            return []
+        expired = time.monotonic() - BARRIER_TIMEOUT_S
+        barriers = []
+        for records_prefix, pending in list(self._pending.items()):
+            for offset in [o for o, when in pending.items() if when < expired]:
+                del pending[offset]
+            if pending:
+                barriers.append((records_prefix, min(pending)))
+            else:
+                del self._pending[records_prefix]
+        return barriers
 
     def _fragment(self, raw: bytes, key: str) -> tuple[str, str] | None:
         import localbucket
@@ -229,8 +280,34 @@ class BucketIndex:
         self._built = True
 
 
+#: How long a listing may leave out the record batches after an allocated offset whose
+#: batch is not written yet, seconds (a produce writes it within milliseconds; longer
+#: means its producer or the broker died, and the gap is permanent).
+BARRIER_TIMEOUT_S = 10.0
+
+_BATCH_KEY = re.compile(r"(.*/partitions/[^/]+/records/)([0-9]{20})\.batch")
+_WATERMARK_KEY = re.compile(r"(.*/partitions/[^/]+/)watermark\.json")
+
 #: ListObjectsV2 from the index (else localbucket's walk): BELIEFSTORE_S3_LISTING != "walk"
 _USE_INDEX = os.environ.get("BELIEFSTORE_S3_LISTING", "index") != "walk"
+
+def _behind_barrier(key: str, barriers: list[tuple[str, int]]) -> bool:
+    """Whether ``key`` is a record batch after an allocated offset still unwritten."""
+    for records_prefix, offset in barriers:
+        if key.startswith(records_prefix):
+            digits = key[len(records_prefix):len(records_prefix) + 20]
+            return digits.isdigit() and int(digits) > offset
+    return False
+
+
+def _high(path: Path) -> int:
+    """The ``high`` of a Tansu ``watermark.json`` (0 if absent or unreadable)."""
+    try:
+        high = json.loads(path.read_bytes()).get("high")
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return high if isinstance(high, int) else 0
+
 
 _INDEXES: dict[Path, BucketIndex] = {}
 _INDEXES_LOCK = threading.Lock()
@@ -259,9 +336,11 @@ def _handler_class() -> type:
 
         #: the index change the current request makes if it succeeds: (op, bucket, key)
         _change: tuple[str, str, str] | None = None
+        #: a watermark.json PUT: (records/ prefix, high before it), else None
+        _watermark: tuple[str, int] | None = None
 
         def handle_one_request(self) -> None:
-            self._change = None
+            self._change = self._watermark = None
             super().handle_one_request()
 
         def send_response(self, code: int, message: str | None = None) -> None:
@@ -273,6 +352,10 @@ def _handler_class() -> type:
                 folder = Path(self.data_root, bucket)
                 if op == "add":
                     _index(folder).add(key)
+                    if self._watermark is not None:  # written, under its key's stripe
+                        records_prefix, before = self._watermark
+                        if _high(folder.joinpath(*key.split("/"))) > before:
+                            _index(folder).allocate(records_prefix, before)
                 elif op == "discard":
                     _index(folder).discard(key)
                 else:  # a deleted bucket: a new one of that name starts empty
@@ -306,6 +389,8 @@ def _handler_class() -> type:
                 super().do_PUT()
                 return
             with _STRIPES[zlib.crc32(str(target).encode()) % len(_STRIPES)]:
+                if watermark := _WATERMARK_KEY.fullmatch(key):
+                    self._watermark = (watermark[1] + "records/", _high(target))
                 if_match = self.headers.get("If-Match")
                 if if_match is not None:
                     current = localbucket.object_etag(target) if target.is_file() else None
