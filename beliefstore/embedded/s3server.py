@@ -235,6 +235,9 @@ class BucketIndex:
         for records_prefix, pending in list(self._pending.items()):
             for offset in [o for o, when in pending.items() if when < expired]:
                 del pending[offset]
+                logging.getLogger("localbucket").warning(
+                    "offset %d of %s was allocated %.0f s ago and has no record batch: "
+                    "listing the batches after it", offset, records_prefix, BARRIER_TIMEOUT_S)
             if pending:
                 barriers.append((records_prefix, min(pending)))
             else:
