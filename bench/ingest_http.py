@@ -74,7 +74,9 @@ def _up(home: Path, port: int, partitions: int | None) -> Any:
     """``beliefstore up`` in ``home``; yields (process, log path); stopped with SIGINT."""
     log = home / "up.log"
     with open(log, "ab") as out:
-        proc = subprocess.Popen([*common.beliefstore_command(), "up"],
+        # BENCH_UP_ARGS: more arguments for `up` (e.g. "--api-workers 1")
+        up_args = os.environ.get("BENCH_UP_ARGS", "").split()
+        proc = subprocess.Popen([*common.beliefstore_command(), "up", *up_args],
                                 env=_env(home, port, partitions), cwd=home,
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     try:
