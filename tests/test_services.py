@@ -595,6 +595,13 @@ def test_tailing_consumer_misses_nothing_with_concurrent_producers(tmp_path: Pat
         done.set()
         tailer.join()
         assert len(acked) > 100
+        # the barrier relies on Tansu 0.6.0's layout of a partition's objects
+        from beliefstore.embedded import s3server
+
+        keys = [f.relative_to(tmp_path / "kafka").as_posix()
+                for f in (tmp_path / "kafka").rglob("*") if f.is_file()]
+        assert any(s3server._WATERMARK_KEY.fullmatch(k) and "/gap/" in k for k in keys), keys
+        assert sum(bool(s3server._BATCH_KEY.fullmatch(k)) for k in keys) > 20, keys[:20]
         missed = sorted(acked - seen)
         assert not missed, f"the tailing consumer skipped acknowledged offsets {missed[:10]}"
 

@@ -2,7 +2,10 @@
 public interface.
 
 Run as ``python -m beliefstore.embedded.s3server [--host H] [--port P] DATA_ROOT`` (the
-same arguments as ``localbucket``). Three things differ from ``python -m localbucket``:
+same arguments as ``localbucket``). Five things differ from ``python -m localbucket``, all
+made through public interfaces (``http.server``'s ``handle_one_request``,
+``send_response`` and ``do_*`` methods, and localbucket's public functions and constants;
+none of its underscored methods is overridden):
 
 * **TCP_NODELAY on every connection.** localbucket's handler is a
   :class:`http.server.BaseHTTPRequestHandler`, which writes a response's headers and its
@@ -64,7 +67,8 @@ same arguments as ``localbucket``). Three things differ from ``python -m localbu
   themselves are untouched; once no write is in flight, listings are localbucket's.
 
 The localbucket version is pinned (:data:`LOCALBUCKET_VERSION`, and in pyproject.toml);
-``tests/test_services.py`` fails if either assumption above stops holding.
+``tests/test_services.py`` fails if an assumption above stops holding (localbucket's
+listing bytes, or Tansu's object layout and produce order).
 """
 
 from __future__ import annotations
