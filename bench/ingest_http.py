@@ -74,7 +74,9 @@ def _up(home: Path, port: int, partitions: int | None) -> Any:
     """``beliefstore up`` in ``home``; yields (process, log path); stopped with SIGINT."""
     log = home / "up.log"
     with open(log, "ab") as out:
-        proc = subprocess.Popen([*common.beliefstore_command(), "up"],
+        # BENCH_UP_ARGS: more arguments for `up` (e.g. "--api-workers 1")
+        up_args = os.environ.get("BENCH_UP_ARGS", "").split()
+        proc = subprocess.Popen([*common.beliefstore_command(), "up", *up_args],
                                 env=_env(home, port, partitions), cwd=home,
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -213,7 +215,12 @@ def run(ctx: common.Context, *, agents: int, seconds: int, probe_ms: int,
     try:
         with _up(home, port, partitions) as (proc, log):
             common.wait_http(f"{url}/healthz", proc, log, timeout=120)
-            state = json.loads((home / ".beliefstore" / "services.json").read_text())
+            state_file = home / ".beliefstore" / "services.json"
+            for _ in range(600):  # `up` writes it just after its API answers
+                if state_file.exists() and "BELIEFSTORE_API_KEY" in log.read_text():
+                    break
+                time.sleep(0.05)
+            state = json.loads(state_file.read_text())
             m = re.search(r"BELIEFSTORE_API_KEY=(\S+)", log.read_text())
             if m is None:
                 raise RuntimeError(f"up printed no admin key:\n{log.read_text()[-2000:]}")

@@ -31,6 +31,7 @@ BENCHMARKS = [
     "read_latency",
     "freshness",
     "ingest_http",
+    "durable_consume",
     "projector_throughput",
     "raw_upsert_limit",
     "replay",

@@ -2,7 +2,10 @@
 public interface.
 
 Run as ``python -m beliefstore.embedded.s3server [--host H] [--port P] DATA_ROOT`` (the
-same arguments as ``localbucket``). Three things differ from ``python -m localbucket``:
+same arguments as ``localbucket``). Five things differ from ``python -m localbucket``, all
+made through public interfaces (``http.server``'s ``handle_one_request``,
+``send_response`` and ``do_*`` methods, and localbucket's public functions and constants;
+none of its underscored methods is overridden):
 
 * **TCP_NODELAY on every connection.** localbucket's handler is a
   :class:`http.server.BaseHTTPRequestHandler`, which writes a response's headers and its
@@ -30,22 +33,64 @@ same arguments as ``localbucket``). Three things differ from ``python -m localbu
   acknowledged record: ``tests/test_services.py``.)
 * **An access log of errors only**: successful S3 requests are not logged, so a
   long-running durable broker does not grow an unbounded log.
+* **ListObjectsV2 from an in-memory index** (:class:`BucketIndex`). localbucket 1.2.1
+  answers every listing by walking and sorting the whole bucket (``os.walk`` over every
+  topic, then a prefix filter), and Tansu 0.6.0 lists all the objects of a partition on
+  every fetch, so a fetch got slower as *any* topic grew (the access log's included).
+  Here each bucket's keys are kept in a sorted list (``sortedcontainers``), built from
+  the folder on first use (the server's start) and updated by every PutObject,
+  CopyObject, CompleteMultipartUpload and DeleteObject that goes through this handler
+  (before the response is sent, so a client that got its 200 sees its key listed); a
+  page is a range of that list, scoped to the prefix, and each key's ``<Contents>``
+  fragment is computed once and reused, so a page is a join. Prefix, delimiter,
+  start-after, continuation-token, max-keys and encoding-type are honoured exactly as
+  localbucket does (the same bytes: ``tests/test_services.py`` compares both listings
+  over one folder, and fails if localbucket changes); malformed listings and ListObjects
+  (v1) are left to localbucket. The index assumes this server is the only writer of its
+  folder while it runs (true for the embedded broker). ``BELIEFSTORE_S3_LISTING=walk``
+  in the server's environment turns the index off (localbucket's own listing), for
+  measuring the difference (``bench/durable_consume.py``).
+* **No record batch listed past one still being written.** Tansu 0.6.0 produces in three
+  steps: the producer's sequence (``meta.json``), then the partition's high watermark
+  (``watermark.json``: ``high`` moves from H to H+n, which allocates offsets H..H+n-1),
+  then the record batch object ``records/<H>.batch``. With several producers on one
+  partition (``up`` runs one API process per core, each with its own producer) a later
+  batch can be written before an earlier one; a fetch in between lists the later batch
+  but not the earlier one, returns it, and the consumer's position moves past the
+  earlier batch, which it then never reads. Measured here: four producers on one
+  partition for 20 s, and a consumer tailing the partition missed 5 acknowledged records
+  that a later read from offset 0 found. So the index notes each allocation (a
+  ``watermark.json`` PUT that raises ``high``) until its batch is written, and a listing
+  of that partition's ``records/`` leaves out the batches after the oldest allocation
+  still unwritten (for at most :data:`BARRIER_TIMEOUT_S`, in case its producer died): a
+  fetch then returns what precedes the gap and the next fetch the rest. The objects
+  themselves are untouched; once no write is in flight, listings are localbucket's.
 
 The localbucket version is pinned (:data:`LOCALBUCKET_VERSION`, and in pyproject.toml);
-``tests/test_services.py`` fails if either assumption above stops holding.
+``tests/test_services.py`` fails if an assumption above stops holding (localbucket's
+listing bytes, or Tansu's object layout and produce order).
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import os
 import re
 import threading
+import time
+import uuid
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+from xml.sax.saxutils import escape
 
-__all__ = ["LOCALBUCKET_VERSION", "configure", "main"]
+from sortedcontainers import SortedList
+
+__all__ = ["BARRIER_TIMEOUT_S", "LOCALBUCKET_VERSION", "BucketIndex", "configure", "main"]
 
 #: The localbucket release this module was written and measured against.
 LOCALBUCKET_VERSION = "1.2.1"
@@ -63,19 +108,296 @@ class _ErrorsOnly(logging.Filter):
 #: Lock stripes for conditional writes: a PUT holds the stripe of its key.
 _STRIPES = [threading.Lock() for _ in range(64)]
 
+#: localbucket's query parameters of ListObjectsV2 (and those it ignores on any request).
+_V2_QUERY = frozenset({"list-type", "prefix", "delimiter", "max-keys", "start-after",
+                       "continuation-token", "encoding-type"})
+
+
+def _element(tag: str, text: str) -> str:
+    """One XML element as ElementTree writes it: ``<T>text</T>``, or ``<T />`` if empty."""
+    return f"<{tag}>{escape(text)}</{tag}>" if text else f"<{tag} />"
+
+
+class BucketIndex:
+    """The object keys of one bucket folder in localbucket's order, for ListObjectsV2.
+
+    Keys are ``/``-separated paths relative to the folder, kept sorted by their UTF-8
+    bytes (localbucket's order) in a :class:`sortedcontainers.SortedList`; each key's
+    ``<Contents>`` fragment (Key, LastModified, ETag, Size, StorageClass, as localbucket
+    writes them) is computed on its first listing and reused until the key is written or
+    deleted again. Built by walking the folder on first use, skipping localbucket's
+    temporary files. Thread-safe (one lock). Memory: about 100 bytes per key plus about
+    250 bytes per listed key.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        """Args:
+            folder: the bucket's folder (walked on first use, not here).
+        """
+        self.folder = folder
+        self._lock = threading.Lock()
+        self._built = False
+        self._keys: SortedList = SortedList()
+        #: key bytes -> cached (Contents fragment, fragment after <Key>) or None
+        self._fragments: dict[bytes, tuple[str, str] | None] = {}
+        #: a partition's records/ prefix -> {allocated offset without its batch: when}
+        self._pending: dict[str, dict[int, float]] = {}
+
+    def allocate(self, records_prefix: str, offset: int) -> None:
+        """Record that offsets from ``offset`` were allocated in the partition whose
+        batches are under ``records_prefix`` (its ``watermark.json`` raised ``high``
+        from ``offset``); its batch ``<offset>.batch`` is not written yet."""
+        with self._lock:
+            self._pending.setdefault(records_prefix, {})[offset] = time.monotonic()
+
+    def add(self, key: str) -> None:
+        """Record that ``key`` was (re)written: listed from now on, fragment recomputed."""
+        with self._lock:
+            self._build()
+            raw = key.encode()
+            if raw not in self._fragments:
+                self._keys.add(raw)
+            self._fragments[raw] = None
+            if self._pending and (batch := _BATCH_KEY.fullmatch(key)):
+                pending = self._pending.get(batch[1])
+                if pending is not None:
+                    pending.pop(int(batch[2]), None)
+                    if not pending:
+                        del self._pending[batch[1]]
+
+    def discard(self, key: str) -> None:
+        """Record that ``key`` was deleted (no error if it was not there)."""
+        with self._lock:
+            self._build()
+            raw = key.encode()
+            if self._fragments.pop(raw, False) is not False:
+                self._keys.remove(raw)
+
+    def page(self, prefix: str, delimiter: str, marker: str, marker_is_prefix: bool,
+             max_keys: int, encode: Callable[[str], str] | None = None,
+             ) -> tuple[list[str], list[str], bool, str]:
+        """One page of a listing, exactly as localbucket's ``S3Handler._list_entries``
+        selects it (1.2.1): keys under ``prefix`` after ``marker`` (by UTF-8 bytes; with
+        ``marker_is_prefix``, also skipping keys under ``marker``), keys that hold
+        ``delimiter`` after the prefix rolled up into common prefixes, at most
+        ``max_keys`` entries.
+
+        Args:
+            encode: applied to each listed key (``encoding-type=url``); ``None``: as is.
+
+        Returns:
+            (the ``<Contents>`` XML fragments of the listed keys, the common prefixes,
+            whether the page is truncated, the last entry as ``K:key`` / ``P:prefix``,
+            localbucket's continuation-token payload).
+        """
+        contents: list[str] = []
+        common_prefixes: list[str] = []
+        last_entry = ""
+        truncated = False
+        raw_prefix, raw_marker = prefix.encode(), marker.encode()
+        with self._lock:
+            self._build()
+            barriers = self._barriers()
+            for raw in self._keys.irange(minimum=max(raw_prefix, raw_marker)):
+                if not raw.startswith(raw_prefix):
+                    break  # sorted by bytes: the keys under the prefix are contiguous
+                if raw_marker and (raw <= raw_marker
+                                   or (marker_is_prefix and raw.startswith(raw_marker))):
+                    continue
+                key = raw.decode()
+                if barriers and _behind_barrier(key, barriers):
+                    continue
+                common = ""
+                if delimiter:
+                    index = key.find(delimiter, len(prefix))
+                    if index >= 0:
+                        common = key[: index + len(delimiter)]
+                if common and common_prefixes and common_prefixes[-1] == common:
+                    continue
+                if len(contents) + len(common_prefixes) >= max_keys:
+                    truncated = max_keys > 0
+                    break
+                if common:
+                    common_prefixes.append(common)
+                    last_entry = "P:" + common
+                    continue
+                cached = self._fragments.get(raw) or self._fragment(raw, key)
+                if cached is None:
+                    continue  # the file vanished behind our back: not listed
+                contents.append(cached[0] if encode is None
+                                else "<Contents>" + _element("Key", encode(key)) + cached[1])
+                last_entry = "K:" + key
+        return contents, common_prefixes, truncated, last_entry
+
+    def _barriers(self) -> list[tuple[str, int]]:
+        """(records/ prefix, oldest allocated offset still unwritten) of each partition,
+        forgetting allocations older than BARRIER_TIMEOUT_S (caller holds the lock)."""
+        if not self._pending:
+            return []
+        expired = time.monotonic() - BARRIER_TIMEOUT_S
+        barriers = []
+        for records_prefix, pending in list(self._pending.items()):
+            for offset in [o for o, when in pending.items() if when < expired]:
+                del pending[offset]
+                logging.getLogger("localbucket").warning(
+                    "offset %d of %s was allocated %.0f s ago and has no record batch: "
+                    "listing the batches after it", offset, records_prefix, BARRIER_TIMEOUT_S)
+            if pending:
+                barriers.append((records_prefix, min(pending)))
+            else:
+                del self._pending[records_prefix]
+        return barriers
+
+    def _fragment(self, raw: bytes, key: str) -> tuple[str, str] | None:
+        import localbucket
+
+        path = self.folder.joinpath(*key.split("/"))
+        try:
+            stat = path.stat()
+            etag = localbucket.object_etag(path)
+        except FileNotFoundError:
+            self._fragments.pop(raw, None)
+            self._keys.discard(raw)
+            return None
+        tail = (f"<LastModified>{localbucket.iso_timestamp(stat.st_mtime)}</LastModified>"
+                f'<ETag>"{etag}"</ETag><Size>{stat.st_size}</Size>'
+                "<StorageClass>STANDARD</StorageClass></Contents>")
+        cached = ("<Contents>" + _element("Key", key) + tail, tail)
+        self._fragments[raw] = cached
+        return cached
+
+    def _build(self) -> None:
+        """Walk the folder once (caller holds the lock)."""
+        if self._built:
+            return
+        import localbucket
+
+        keys = []
+        for directory, _, files in os.walk(self.folder):
+            for name in files:
+                if name.startswith(localbucket.TEMP_PREFIX):
+                    continue
+                key = Path(directory, name).relative_to(self.folder).as_posix()
+                try:
+                    keys.append(key.encode())
+                except UnicodeEncodeError:  # not UTF-8 on disk: localbucket fails on it too
+                    continue
+        self._keys = SortedList(keys)
+        self._fragments = dict.fromkeys(keys)
+        self._built = True
+
+
+#: How long a listing may leave out the record batches after an allocated offset whose
+#: batch is not written yet, seconds (a produce writes it within milliseconds; longer
+#: means its producer or the broker died, and the gap is permanent).
+BARRIER_TIMEOUT_S = 10.0
+
+_BATCH_KEY = re.compile(r"(.*/partitions/[^/]+/records/)([0-9]{20})\.batch")
+_WATERMARK_KEY = re.compile(r"(.*/partitions/[^/]+/)watermark\.json")
+
+#: ListObjectsV2 from the index (else localbucket's walk): BELIEFSTORE_S3_LISTING != "walk"
+_USE_INDEX = os.environ.get("BELIEFSTORE_S3_LISTING", "index") != "walk"
+
+def _behind_barrier(key: str, barriers: list[tuple[str, int]]) -> bool:
+    """Whether ``key`` is a record batch after an allocated offset still unwritten."""
+    for records_prefix, offset in barriers:
+        if key.startswith(records_prefix):
+            digits = key[len(records_prefix):len(records_prefix) + 20]
+            return digits.isdigit() and int(digits) > offset
+    return False
+
+
+def _high(path: Path) -> int:
+    """The ``high`` of a Tansu ``watermark.json`` (0 if absent or unreadable)."""
+    try:
+        high = json.loads(path.read_bytes()).get("high")
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return high if isinstance(high, int) else 0
+
+
+_INDEXES: dict[Path, BucketIndex] = {}
+_INDEXES_LOCK = threading.Lock()
+
+
+def _index(folder: Path) -> BucketIndex:
+    """The :class:`BucketIndex` of a bucket folder (one per folder and process)."""
+    with _INDEXES_LOCK:
+        index = _INDEXES.get(folder)
+        if index is None:
+            index = _INDEXES[folder] = BucketIndex(folder)
+        return index
+
+
+def _forget_index(folder: Path) -> None:
+    with _INDEXES_LOCK:
+        _INDEXES.pop(folder, None)
+
 
 def _handler_class() -> type:
     import localbucket
 
     class ConditionalS3Handler(localbucket.S3Handler):  # type: ignore[misc, name-defined]
-        """localbucket's handler, plus ``If-Match`` on PutObject (see the module doc)."""
+        """localbucket's handler, plus ``If-Match`` on PutObject and ListObjectsV2 from
+        a :class:`BucketIndex` (see the module doc)."""
+
+        #: the index change the current request makes if it succeeds: (op, bucket, key)
+        _change: tuple[str, str, str] | None = None
+        #: a watermark.json PUT: (records/ prefix, high before it), else None
+        _watermark: tuple[str, int] | None = None
+
+        def handle_one_request(self) -> None:
+            self._change = self._watermark = None
+            super().handle_one_request()
+
+        def send_response(self, code: int, message: str | None = None) -> None:
+            # The response starts: a successful write is in the folder now, so the index
+            # learns it before the client can see the answer.
+            change, self._change = self._change, None
+            if change is not None and 200 <= code < 300:
+                op, bucket, key = change
+                folder = Path(self.data_root, bucket)
+                if op == "add":
+                    _index(folder).add(key)
+                    if self._watermark is not None:  # written, under its key's stripe
+                        records_prefix, before = self._watermark
+                        if _high(folder.joinpath(*key.split("/"))) > before:
+                            _index(folder).allocate(records_prefix, before)
+                elif op == "discard":
+                    _index(folder).discard(key)
+                else:  # a deleted bucket: a new one of that name starts empty
+                    _forget_index(folder)
+            super().send_response(code, message)
+
+        def do_GET(self) -> None:
+            if not _USE_INDEX or not self._list_from_index():
+                super().do_GET()
+
+        def do_POST(self) -> None:
+            bucket, key, query = self._split()
+            if bucket and key and "uploadId" in query:  # CompleteMultipartUpload
+                self._change = ("add", bucket, key)
+            super().do_POST()
+
+        def do_DELETE(self) -> None:
+            bucket, key, query = self._split()
+            if bucket and key and not query:  # DeleteObject
+                self._change = ("discard", bucket, key)
+            elif bucket and not key and not query:  # DeleteBucket
+                self._change = ("forget", bucket, "")
+            super().do_DELETE()
 
         def do_PUT(self) -> None:
+            bucket, key, query = self._split()
+            if bucket and key and not query:  # PutObject or CopyObject
+                self._change = ("add", bucket, key)
             target = self._target()
             if target is None:  # not an object PUT we can check: localbucket decides
                 super().do_PUT()
                 return
             with _STRIPES[zlib.crc32(str(target).encode()) % len(_STRIPES)]:
+                if watermark := _WATERMARK_KEY.fullmatch(key):
+                    self._watermark = (watermark[1] + "records/", _high(target))
                 if_match = self.headers.get("If-Match")
                 if if_match is not None:
                     current = localbucket.object_etag(target) if target.is_file() else None
@@ -83,6 +405,86 @@ def _handler_class() -> type:
                         self._precondition_failed()
                         return
                 super().do_PUT()
+
+        def _split(self) -> tuple[str, str, dict[str, str]]:
+            """(bucket, key, query) of the request, parsed as localbucket parses them."""
+            parts = urlsplit(self.path)
+            bucket, _, key = unquote(parts.path).lstrip("/").partition("/")
+            parsed = parse_qs(parts.query, keep_blank_values=True)
+            return bucket, key, {name: values[0] for name, values in parsed.items()}
+
+        def _list_from_index(self) -> bool:
+            """Answer a well-formed ListObjectsV2 from the bucket's index; ``False``
+            (nothing sent) for anything else, which localbucket then answers (errors
+            included)."""
+            bucket, key, query = self._split()
+            if (not bucket or key or query.get("list-type") != "2"
+                    or set(query) - localbucket.ALWAYS_ALLOWED_QUERY - _V2_QUERY):
+                return False
+            folder = Path(self.data_root, bucket)
+            if not localbucket.BUCKET_NAME_RE.match(bucket) or not folder.is_dir():
+                return False
+            try:
+                max_keys = min(int(query.get("max-keys", localbucket.MAX_KEYS_LIMIT)),
+                               localbucket.MAX_KEYS_LIMIT)
+            except ValueError:
+                return False
+            if max_keys < 0:
+                return False
+            prefix = query.get("prefix", "")
+            delimiter = query.get("delimiter", "")
+            start_after = query.get("start-after", "")
+            token = query.get("continuation-token")
+            marker, marker_is_prefix = start_after, False
+            if token is not None:
+                try:
+                    decoded = base64.urlsafe_b64decode(token.encode()).decode()
+                except ValueError:
+                    return False
+                if decoded[:2] not in ("K:", "P:"):
+                    return False
+                marker, marker_is_prefix = decoded[2:], decoded.startswith("P:")
+            url = query.get("encoding-type") == "url"
+            encode: Callable[[str], str] = ((lambda text: quote(text, safe="/")) if url
+                                            else (lambda text: text))
+            contents, common_prefixes, truncated, last_entry = _index(folder).page(
+                prefix, delimiter, marker, marker_is_prefix, max_keys,
+                encode if url else None)
+            head = [_element("Name", bucket), _element("Prefix", encode(prefix))]
+            if delimiter:
+                head.append(_element("Delimiter", encode(delimiter)))
+            head.append(_element("MaxKeys", str(max_keys)))
+            head.append(_element("KeyCount", str(len(contents) + len(common_prefixes))))
+            head.append(_element("IsTruncated", "true" if truncated else "false"))
+            if token is not None:
+                head.append(_element("ContinuationToken", token))
+            if truncated:
+                head.append(_element("NextContinuationToken",
+                                     base64.urlsafe_b64encode(last_entry.encode()).decode()))
+            if start_after:
+                head.append(_element("StartAfter", encode(start_after)))
+            if url:
+                head.append(_element("EncodingType", "url"))
+            tail = ["<CommonPrefixes>" + _element("Prefix", encode(common)) + "</CommonPrefixes>"
+                    for common in common_prefixes]
+            body = "".join([
+                "<?xml version='1.0' encoding='UTF-8'?>\n",
+                f'<ListBucketResult xmlns="{localbucket.S3_NAMESPACE}">',
+                *head, *contents, *tail, "</ListBucketResult>"]).encode()
+            # the headers localbucket's S3Handler._send_headers writes
+            self.send_response(200)
+            self.send_header("x-amz-request-id", uuid.uuid4().hex.upper()[:16])
+            self.send_header("Content-Length", str(len(body)))
+            origin = self.headers.get("Origin")
+            if origin:
+                self.send_header("Access-Control-Allow-Origin", origin)
+                self.send_header("Access-Control-Expose-Headers",
+                                 localbucket.CORS_EXPOSE_HEADERS)
+                self.send_header("Vary", "Origin")
+            self.send_header("Content-Type", "application/xml")
+            self.end_headers()
+            self.wfile.write(body)
+            return True
 
         def _target(self) -> Path | None:
             """The file of a path-style ``PUT /bucket/key`` (no query), else ``None``."""
@@ -113,7 +515,8 @@ def _handler_class() -> type:
 
 def configure() -> Any:
     """Switch Nagle's algorithm off for localbucket's connections and return the handler
-    class that also honours ``If-Match`` on PutObject.
+    class that also honours ``If-Match`` on PutObject and answers ListObjectsV2 from a
+    :class:`BucketIndex` per bucket.
 
     Returns:
         a subclass of ``localbucket.S3Handler`` (a
@@ -136,6 +539,8 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     from http.server import ThreadingHTTPServer
 
+    import localbucket
+
     parser = argparse.ArgumentParser(prog="beliefstore-s3", description=main.__doc__)
     parser.add_argument("data_root", type=Path)
     parser.add_argument("--host", default="127.0.0.1")
@@ -149,6 +554,8 @@ def main(argv: list[str] | None = None) -> None:
     data_root.mkdir(parents=True, exist_ok=True)
     handler_class = configure()
     handler_class.data_root = data_root
+    for folder in localbucket.bucket_dirs(data_root):  # walk each bucket once, now
+        _index(folder).page("", "", "", False, 0)
     server = ThreadingHTTPServer((args.host, args.port), handler_class)
     logging.getLogger("localbucket").info("serving %s on http://%s:%d", data_root, args.host,
                                           args.port)
