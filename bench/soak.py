@@ -22,9 +22,10 @@ off) on a fresh data directory:
 
 Figures (each a ratio to its limit): RSS last/first ≤ 1.2 per process group (first = the
 sample after 60 s of warm-up; for PostgreSQL, whose processes share one buffer pool, the
-summed PSS is judged and the summed RSS reported beside it), errors = 0 (non-2xx answers but the reads' 404 of a subject not yet
-projected, socket errors, timeouts, a failed replay, access records `up` logged as not
-acknowledged, tracebacks in its log), every 201 visible. Results go to
+summed PSS is judged and the summed RSS reported beside it), errors = 0 (non-2xx answers
+but the reads' 404 of a subject not yet projected, socket errors, timeouts, a failed
+replay, access records `up` logged as not acknowledged, tracebacks in its log), every
+201 visible. Results go to
 `bench/results/soak-<date>.json`.
 """
 

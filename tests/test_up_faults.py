@@ -8,6 +8,7 @@ Each test runs its own `up` on its own data directory (durable embedded services
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from kafka import KafkaConsumer
 
 from beliefstore.embedded import free_port
 
@@ -114,6 +116,18 @@ def test_up_stops_everything_on_sigterm_and_sigint(tmp_path, sig):
         started = up.processes()
         names = {p.name() for p in started}
         assert "postgres" in names and any("tansu" in n for n in names), names
+        if sig == signal.SIGTERM:
+            # on its durable broker `up` creates every topic with one partition, the
+            # access log's included (the API processes would make it with the default)
+            state = json.loads((up.home / "services.json").read_text())
+            consumer = KafkaConsumer(bootstrap_servers=state["kafka_bootstrap_servers"])
+            try:
+                assert {t: consumer.partitions_for_topic(t) for t in (
+                    "beliefstore.events", "beliefstore.events.dlq", "beliefstore.access")} == {
+                    "beliefstore.events": {0}, "beliefstore.events.dlq": {0},
+                    "beliefstore.access": {0}}
+            finally:
+                consumer.close()
     finally:
         code = up.stop(sig)
     assert code == 0, up.text()

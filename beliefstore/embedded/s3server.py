@@ -123,11 +123,12 @@ class BucketIndex:
 
     Keys are ``/``-separated paths relative to the folder, kept sorted by their UTF-8
     bytes (localbucket's order) in a :class:`sortedcontainers.SortedList`; each key's
-    ``<Contents>`` fragment (Key, LastModified, ETag, Size, StorageClass, as localbucket
-    writes them) is computed on its first listing and reused until the key is written or
-    deleted again. Built by walking the folder on first use, skipping localbucket's
-    temporary files. Thread-safe (one lock). Memory: about 100 bytes per key plus about
-    250 bytes per listed key.
+    ``<Contents>`` fragment after its ``<Key>`` (LastModified, ETag, Size, StorageClass, as
+    localbucket writes them) is computed on its first listing and reused until the key is
+    written or deleted again; the ``<Key>`` element is built per page (it is most of the
+    fragment, and the log's keys are what grows). Built by walking the folder on first
+    use, skipping localbucket's temporary files. Thread-safe (one lock). Memory: about
+    300 bytes per key plus about 250 bytes per listed key.
     """
 
     def __init__(self, folder: Path) -> None:
@@ -138,8 +139,8 @@ class BucketIndex:
         self._lock = threading.Lock()
         self._built = False
         self._keys: SortedList = SortedList()
-        #: key bytes -> cached (Contents fragment, fragment after <Key>) or None
-        self._fragments: dict[bytes, tuple[str, str] | None] = {}
+        #: key bytes -> cached fragment after <Key> (through </Contents>) or None
+        self._fragments: dict[bytes, str | None] = {}
         #: a partition's records/ prefix -> {allocated offset without its batch: when}
         self._pending: dict[str, dict[int, float]] = {}
 
@@ -221,11 +222,11 @@ class BucketIndex:
                     common_prefixes.append(common)
                     last_entry = "P:" + common
                     continue
-                cached = self._fragments.get(raw) or self._fragment(raw, key)
-                if cached is None:
+                tail = self._fragments.get(raw) or self._fragment(raw, key)
+                if tail is None:
                     continue  # the file vanished behind our back: not listed
-                contents.append(cached[0] if encode is None
-                                else "<Contents>" + _element("Key", encode(key)) + cached[1])
+                contents.append("<Contents>" + _element(
+                    "Key", key if encode is None else encode(key)) + tail)
                 last_entry = "K:" + key
         return contents, common_prefixes, truncated, last_entry
 
@@ -248,7 +249,7 @@ class BucketIndex:
                 del self._pending[records_prefix]
         return barriers
 
-    def _fragment(self, raw: bytes, key: str) -> tuple[str, str] | None:
+    def _fragment(self, raw: bytes, key: str) -> str | None:
         import localbucket
 
         path = self.folder.joinpath(*key.split("/"))
@@ -262,9 +263,8 @@ class BucketIndex:
         tail = (f"<LastModified>{localbucket.iso_timestamp(stat.st_mtime)}</LastModified>"
                 f'<ETag>"{etag}"</ETag><Size>{stat.st_size}</Size>'
                 "<StorageClass>STANDARD</StorageClass></Contents>")
-        cached = ("<Contents>" + _element("Key", key) + tail, tail)
-        self._fragments[raw] = cached
-        return cached
+        self._fragments[raw] = tail
+        return tail
 
     def _build(self) -> None:
         """Walk the folder once (caller holds the lock)."""

@@ -74,8 +74,8 @@ def start_missing_services(
 
 
 def prepare(settings: Settings) -> ProjectionCatalog:
-    """Apply migrations, register the default projection and create the topics; return
-    the projection catalog.
+    """Apply migrations, register the default projection and create the topics (events,
+    dead letters, access log); return the projection catalog.
 
     Raises:
         kafka.errors.KafkaError, sqlalchemy.exc.SQLAlchemyError: a service is unreachable.
@@ -85,7 +85,9 @@ def prepare(settings: Settings) -> ProjectionCatalog:
     catalog.ensure()
     ensure_topics(
         settings.kafka_bootstrap_servers,
-        {settings.topic: settings.partitions, settings.dlq_topic: settings.partitions},
+        # the access log's topic too, so the API processes find it with these partitions
+        {settings.topic: settings.partitions, settings.dlq_topic: settings.partitions,
+         settings.access_topic: settings.partitions},
         replication_factor=settings.replication_factor,
         client_config=settings.kafka_client_config(),
     )
