@@ -27,6 +27,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import OffsetOutOfRangeError
 
 from beliefstore.errors import LogResetError, PoisonEvent
+from beliefstore.events.model import ObservationRecorded
 from beliefstore.events.sealing import EventShredded
 from beliefstore.events.serde import AvroSerde, DecodedEvent
 from beliefstore.events.topics import ensure_topics
@@ -347,8 +348,13 @@ class ProjectorWorker:
         try:
             if isinstance(parsed, PoisonEvent):
                 raise parsed
-            decoded = (self.serde.decode(record.value) if parsed is None
-                       else self.serde.open_decoded(parsed))
+            if parsed is None:
+                decoded = self.serde.decode(record.value)
+            elif parsed.record.get("sealed") is not None and isinstance(
+                    parsed.event, ObservationRecorded):
+                decoded = self.serde.open_decoded(parsed)
+            else:
+                decoded = parsed  # decode() validated it already: only sealed ones wait
         except PoisonEvent as exc:
             return exc
         except EventShredded:
