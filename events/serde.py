@@ -13,6 +13,7 @@ neither breaks old events nor old readers that know the new writer schema).
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -198,6 +199,12 @@ class DecodedEvent:
     record: dict[str, Any]
 
 
+@functools.cache
+def _known_fields(cls: type) -> frozenset[str]:
+    """The field names of an event class (cached: ``dataclasses.fields`` is slow)."""
+    return frozenset(f.name for f in fields(cls))
+
+
 def _to_millis(value: Any) -> Any:
     return to_millis(value) if isinstance(value, datetime) else value
 
@@ -274,7 +281,10 @@ class AvroSerde:
         reader = self.registry.current(writer.name)
         buffer = io.BytesIO(data[HEADER_LENGTH:])
         try:
-            record = fastavro.schemaless_reader(buffer, writer.parsed, reader.parsed)
+            # Same schema: no resolution step (fastavro resolves whenever a reader is given).
+            record = fastavro.schemaless_reader(
+                buffer, writer.parsed,
+                None if reader.fingerprint == writer.fingerprint else reader.parsed)
         except (EOFError, ValueError, IndexError, UnicodeDecodeError, OverflowError) as exc:
             raise PoisonEvent(
                 "truncated", f"Avro body does not match {writer.name} v{writer.version}: "
@@ -293,7 +303,7 @@ class AvroSerde:
         if not isinstance(record, dict):
             raise PoisonEvent("truncated", f"{writer.name} body is not a record")
         cls = _CLASSES[writer.name]
-        known = {f.name for f in fields(cls)}
+        known = _known_fields(cls)
         kwargs = {k: _to_millis(v) for k, v in record.items() if k in known}
         for k in ("event_id", "retracted_event_id"):
             if k in kwargs:

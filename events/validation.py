@@ -38,6 +38,8 @@ MAX_TIMESTAMP_MS = 253402300799999
 """9999-12-31T23:59:59.999Z: the largest occurred_at accepted, epoch milliseconds."""
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]+$")
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+"""What ``str(uuid.UUID(v)) == v`` accepts: the canonical lowercase form."""
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # What PostgreSQL text (and UTF-8) cannot hold: NUL, and lone UTF-16 surrogates (a JSON
 # "\ud800" decodes to one).
@@ -72,6 +74,8 @@ def _check_uuid(errors: list[FieldError], name: str, value: Any) -> None:
     if not isinstance(value, str):
         errors.append(FieldError(name, f"must be a UUID string, got {type(value).__name__}"))
         return
+    if _CANONICAL_UUID.fullmatch(value):
+        return  # the common case, without building a uuid.UUID
     try:
         parsed = uuid.UUID(value)
     except ValueError:
