@@ -13,7 +13,6 @@ neither breaks old events nor old readers that know the new writer schema).
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import os
@@ -199,10 +198,15 @@ class DecodedEvent:
     record: dict[str, Any]
 
 
-@functools.cache
+_KNOWN: dict[type, frozenset[str]] = {}
+
+
 def _known_fields(cls: type) -> frozenset[str]:
     """The field names of an event class (cached: ``dataclasses.fields`` is slow)."""
-    return frozenset(f.name for f in fields(cls))
+    known = _KNOWN.get(cls)
+    if known is None:
+        known = _KNOWN[cls] = frozenset(f.name for f in fields(cls))
+    return known
 
 
 def _to_millis(value: Any) -> Any:
