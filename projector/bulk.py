@@ -12,6 +12,7 @@ once per connection (:func:`ensure_staging`) and emptied by every commit or roll
   ``observations``;
 * ``beliefstore_stage_stale``: ``(subject_id, context, attribute, source)`` pairs whose
   counting observation a retraction or erasure may have removed;
+* ``beliefstore_stage_marks``: a bulk rebuild's retraction and erasure marks;
 * ``beliefstore_stage_beliefs``: the refolded beliefs of the touched keys (``value`` NULL:
   the belief is gone) with the Kafka partition and offset of the batch's events about
   the subject, for ``belief_changes``.
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 STAGE_OBS = "beliefstore_stage_obs"
 STAGE_STALE = "beliefstore_stage_stale"
 STAGE_BELIEFS = "beliefstore_stage_beliefs"
+STAGE_MARKS = "beliefstore_stage_marks"
 
 KAFKA_COLUMNS = ("kafka_topic", "kafka_partition", "kafka_offset", "recorded_at",
                  "writer_fingerprint")
@@ -64,6 +66,8 @@ _STAGING_DDL = (
     "attribute text, value text, confidence float8, score float8, alternatives jsonb, "
     "support jsonb, sources jsonb, source_count integer, last_observed_at timestamptz, "
     "kafka_partition integer, kafka_offset bigint) ON COMMIT DELETE ROWS",
+    f"CREATE TEMP TABLE IF NOT EXISTS {STAGE_MARKS} (event_id uuid, retracted_by uuid, "
+    "erased_by uuid) ON COMMIT DELETE ROWS",
 )
 
 
@@ -242,6 +246,16 @@ ON CONFLICT (projection, topic, partition) DO UPDATE SET
   updated_at = now()
 """
 
+APPLY_MARKS = f"""
+UPDATE observations o SET retracted_by = m.retracted_by, erased_by = m.erased_by,
+  value = CASE WHEN m.erased_by IS NULL THEN o.value END,
+  evidence = CASE WHEN m.erased_by IS NULL THEN o.evidence END,
+  metadata = CASE WHEN m.erased_by IS NULL THEN o.metadata END
+FROM {STAGE_MARKS} m WHERE o.event_id = m.event_id
+"""
+"""A bulk rebuild's retraction and erasure marks (computed in memory) onto the rows it
+COPYed (an erased observation's value, evidence and metadata wiped)."""
+
 STAGE_BELIEF_COLUMNS = (*BELIEF_COLUMNS, "kafka_partition", "kafka_offset")
 
 
@@ -261,10 +275,11 @@ def staged_belief_rows(keys: Iterable[Key], folded: dict[Key, Belief],
 
 
 __all__ = [
-    "ADVANCE_SOURCES", "BELIEF_COLUMNS", "DELETE_GONE_BELIEFS", "ERASURE_COLUMNS",
+    "ADVANCE_SOURCES", "APPLY_MARKS", "BELIEF_COLUMNS", "DELETE_GONE_BELIEFS", "ERASURE_COLUMNS",
     "INSERT_OBSERVATIONS", "MARK_ERASED", "MARK_RETRACTED", "OBS_COLUMNS", "REFRESH_STALE",
     "RETRACTION_COLUMNS", "SOURCE_COLUMNS", "STAGE_BELIEFS", "STAGE_BELIEF_COLUMNS",
-    "STAGE_OBS", "STAGE_STALE", "TOUCHED_SOURCES", "UPSERT_BELIEFS", "UPSERT_OFFSETS",
+    "STAGE_MARKS", "STAGE_OBS", "STAGE_STALE", "TOUCHED_SOURCES", "UPSERT_BELIEFS",
+    "UPSERT_OFFSETS",
     "belief_row", "copy_rows", "ensure_staging", "erasure_row", "observation_row",
     "retraction_row", "staged_belief_rows",
 ]

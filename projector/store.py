@@ -14,8 +14,9 @@ This module touches PostgreSQL only; :mod:`beliefstore.projector.worker` brings 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
@@ -226,9 +227,7 @@ class ProjectionRecorder:
         """
         with self.engine.connect() as conn:
             raw = _driver(conn)
-            if not conn.connection.info.get(_STAGED):
-                bulk.ensure_staging(raw)
-                conn.connection.info[_STAGED] = True
+            self._ensure_staging(conn)
             with conn.begin():
                 if fence is not None and progress:
                     self._check_fence(conn, topic, {p: fence.get(p, -1) for p in progress})
@@ -313,78 +312,52 @@ class ProjectionRecorder:
                     context=c, attribute=a, value=value, confidence=confidence))
         return sorted(keys), {b.key: b for b in fold(events, self.fold_settings)}
 
-    def load_fresh(
-        self,
-        topic: str,
-        logged: Sequence[LoggedEvent],
-        progress: dict[int, PartitionProgress],
-        fence: dict[int, int] | None = None,
-    ) -> int:
-        """Bulk rebuild: load every event of the log into this **empty** projection in one
-        transaction; return the number of beliefs.
+    @contextmanager
+    def fresh_load(self, topic: str, fence: dict[int, int] | None = None
+                   ) -> Iterator[FreshLoad]:
+        """Bulk rebuild of this **empty** projection, in one transaction.
 
-        ``logged`` holds the valid events of every partition from offset 0 to
-        ``progress``'s next offsets, in log order per partition (duplicates allowed: the
-        first delivery of an ``event_id`` is stored, as :meth:`apply` would). Since the
-        projection starts empty, the retraction and erasure marks, each (belief, source)'s
-        counting observation and the beliefs are computed in memory (the beliefs with the
-        pure :func:`~beliefstore.projector.fold.fold` of those counting observations, as
-        :meth:`apply` does per batch), and every table is filled with ``COPY``; the
-        offsets are stored in the same transaction. ``belief_changes`` gets one row per
-        belief (the belief as rebuilt) and one NOTIFY is sent.
+        Yields a :class:`FreshLoad`: :meth:`FreshLoad.add` the log's events as they are
+        read (their observation rows stream into ``observations`` through one ``COPY``
+        while the caller reads on), then :meth:`FreshLoad.finish` with every partition's
+        progress; the transaction commits when the block ends, and rolls back (leaving
+        the projection empty) if it raises. ``fence`` is checked first, as in
+        :meth:`apply`, and the offset rows stay locked until the end.
 
         Raises:
             ValueError: the projection already holds events (use :meth:`apply`).
             FencedError: as :meth:`apply`.
         """
-        rows = fresh_rows(logged)
         with self.engine.connect() as conn:
-            raw = _driver(conn)
+            self._ensure_staging(conn)
             with conn.begin():
-                if fence is not None and progress:
-                    self._check_fence(conn, topic, {p: fence.get(p, -1) for p in progress})
-                if conn.execute(sa.select(sa.exists().select_from(observations))).scalar() or \
-                        conn.execute(sa.select(sa.exists().select_from(erasures))).scalar():
-                    raise ValueError("the projection is not empty: a bulk rebuild needs a "
-                                     "fresh projection (replay into a new name)")
-                if rows.erasures and self.keyring is not None:
-                    for x in rows.erasures:
-                        self.keyring.destroy(x[1], to_millis(x[3]), now_millis(), conn)
-                folded = fold(rows.counting, self.fold_settings)
-                with raw.cursor() as cur:
-                    bulk.copy_rows(cur, "observations", (*bulk.OBS_COLUMNS, "retracted_by",
-                                                         "erased_by"), rows.observations)
-                    bulk.copy_rows(cur, "retractions", bulk.RETRACTION_COLUMNS,
-                                   rows.retractions)
-                    bulk.copy_rows(cur, "erasures", bulk.ERASURE_COLUMNS, rows.erasures)
-                    bulk.copy_rows(cur, "belief_sources", bulk.SOURCE_COLUMNS, (
-                        (o.subject_id, o.context, o.attribute, o.source, o.event_id,
-                         from_millis(o.occurred_at), o.value, o.confidence)
-                        for o in rows.counting))
-                    bulk.copy_rows(cur, "beliefs", bulk.BELIEF_COLUMNS,
-                                   (bulk.belief_row(b) for b in folded))
-                    where = subject_positions(logged)
-                    bulk.copy_rows(cur, "belief_changes", _CHANGE_COLUMNS, (
-                        (b.subject_id, b.context, b.attribute, b.value, b.confidence,
-                         json.dumps(b.alternatives), json.dumps(list(b.sources)),
-                         *where.get(b.subject_id, (None, None)))
-                        for b in folded))
-                    if folded:
-                        cur.execute("SELECT max(id), current_schema() FROM belief_changes")
-                        max_id, schema = cur.fetchone()  # type: ignore[misc]
-                        notify(cur, schema, max_id or 0, (b.subject_id for b in folded))
-                    if progress:
-                        cur.executemany(bulk.UPSERT_OFFSETS, [
-                            (self.projection, topic, partition, p.next_offset,
-                             p.high_watermark)
-                            for partition, p in sorted(progress.items())
-                        ])
+                yield from self._fresh_load(conn, topic, fence)
+        with self.engine.connect() as conn:
             # Fresh statistics for the planner (autovacuum would take a while).
             for table in ("observations", "retractions", "erasures", "belief_sources",
                           "beliefs"):
                 conn.execute(sa.text(f"ANALYZE {table}"))
             conn.commit()
-        return len(folded)
+
+    def _fresh_load(self, conn: sa.Connection, topic: str,
+                    fence: dict[int, int] | None) -> Iterator[FreshLoad]:
+        if fence is not None:
+            self._check_fence(conn, topic, dict(fence))
+        if conn.execute(sa.select(sa.exists().select_from(observations))).scalar() or \
+                conn.execute(sa.select(sa.exists().select_from(erasures))).scalar():
+            raise ValueError("the projection is not empty: a bulk rebuild needs a "
+                             "fresh projection (replay into a new name)")
+        load = FreshLoad(self, conn, topic)
+        try:
+            yield load
+        finally:
+            load.close()
+
+    @staticmethod
+    def _ensure_staging(conn: sa.Connection) -> None:
+        if not conn.connection.info.get(_STAGED):
+            bulk.ensure_staging(_driver(conn))
+            conn.connection.info[_STAGED] = True
 
     def _check_fence(self, conn: sa.Connection, topic: str, epochs: dict[int, int]) -> None:
         # Lock the offset rows first: a concurrent claim waits for this transaction.
@@ -451,66 +424,111 @@ _CHANGE_COLUMNS = ("subject_id", "context", "attribute", "value", "confidence", 
                    "sources", "kafka_partition", "kafka_offset")
 
 
-@dataclass
-class FreshRows:
-    """What a fresh projection holds after a log, as ``COPY`` rows (see :func:`fresh_rows`).
+class FreshLoad:
+    """One bulk rebuild in progress (from :meth:`ProjectionRecorder.fresh_load`).
 
-    Attributes:
-        observations: :data:`~beliefstore.projector.bulk.OBS_COLUMNS` + ``retracted_by``,
-            ``erased_by`` tuples (value, evidence and metadata NULL once erased).
-        retractions: :data:`~beliefstore.projector.bulk.RETRACTION_COLUMNS` tuples.
-        erasures: :data:`~beliefstore.projector.bulk.ERASURE_COLUMNS` tuples.
-        counting: per (belief, source) its latest counting observation, by
-            ``(occurred_at, event_id)`` (the ``belief_sources`` rows).
+    Observation rows stream into ``observations`` through one ``COPY`` as they are
+    added, without marks; retractions, erasures and the observations themselves are
+    kept in memory until :meth:`finish`, which sets the marks with the rules of
+    :meth:`ProjectionRecorder.apply` (an observation is retracted by the first
+    own-source retraction of it in log order, and erased by the first erasure in log
+    order of its subject that occurred at or after it; the first delivery of an
+    ``event_id`` is the one stored), then ``COPY``s the other tables.
     """
 
-    observations: list[tuple] = field(default_factory=list)
-    retractions: list[tuple] = field(default_factory=list)
-    erasures: list[tuple] = field(default_factory=list)
-    counting: list[ObservationRecorded] = field(default_factory=list)
+    def __init__(self, recorder: ProjectionRecorder, conn: sa.Connection, topic: str):
+        self.recorder = recorder
+        self.conn = conn
+        self.topic = topic
+        self._raw = _driver(conn)
+        self._cursor = self._raw.cursor()
+        self._copy = self._cursor.copy(
+            f"COPY observations ({', '.join(bulk.OBS_COLUMNS)}) FROM STDIN")
+        self._writer = self._copy.__enter__()
+        self._seen: set[str] = set()
+        self._observed: list[ObservationRecorded] = []
+        self._own: dict[tuple[str, str], str] = {}  # (retracted id, source) → retraction
+        self._erased: dict[str, list[SubjectErased]] = {}
+        self._retraction_rows: list[tuple] = []
+        self._erasure_rows: list[tuple] = []
+        self._where: dict[str, tuple[int, int]] = {}
+        self._open = True
 
+    def add(self, logged: Iterable[LoggedEvent]) -> None:
+        """Add events in log order (per partition); duplicates of an ``event_id`` skipped."""
+        write = self._writer.write_row
+        for item in logged:
+            e, p = item.event, item.position
+            seen = self._where.get(e.subject_id)
+            if seen is None or p.offset > seen[1]:
+                self._where[e.subject_id] = (p.partition, p.offset)
+            if e.event_id in self._seen:
+                continue
+            self._seen.add(e.event_id)
+            if isinstance(e, ObservationRecorded):
+                write(bulk.observation_row(e, p))
+                self._observed.append(e)
+            elif isinstance(e, ObservationRetracted):
+                self._own.setdefault((e.retracted_event_id, e.source), e.event_id)
+                self._retraction_rows.append(bulk.retraction_row(e, p))
+            elif isinstance(e, SubjectErased):
+                self._erased.setdefault(e.subject_id, []).append(e)
+                self._erasure_rows.append(bulk.erasure_row(e, p))
 
-def fresh_rows(logged: Sequence[LoggedEvent]) -> FreshRows:
-    """The rows of every table of a projection that applied ``logged`` from empty.
-
-    The marks follow :meth:`ProjectionRecorder.apply`: an observation is retracted by the
-    first own-source retraction of it in log order, and erased by the first erasure (in
-    log order) of its subject that occurred at or after it; the first delivery of each
-    ``event_id`` is the one stored.
-    """
-    seen: set[str] = set()
-    observed: list[LoggedEvent] = []
-    own: dict[tuple[str, str], str] = {}  # (retracted event id, source) → retraction id
-    erased: dict[str, list[SubjectErased]] = {}
-    out = FreshRows()
-    for item in logged:
-        e = item.event
-        if e.event_id in seen:
-            continue
-        seen.add(e.event_id)
-        if isinstance(e, ObservationRecorded):
-            observed.append(item)
-        elif isinstance(e, ObservationRetracted):
-            own.setdefault((e.retracted_event_id, e.source), e.event_id)
-            out.retractions.append(bulk.retraction_row(e, item.position))
-        elif isinstance(e, SubjectErased):
-            erased.setdefault(e.subject_id, []).append(e)
-            out.erasures.append(bulk.erasure_row(e, item.position))
-    latest: dict[tuple[str, str, str, str], ObservationRecorded] = {}
-    for item in observed:
-        o = item.event
-        assert isinstance(o, ObservationRecorded)
-        row = bulk.observation_row(o, item.position)
-        retracted_by = own.get((o.event_id, o.source))
-        erasure = next((x.event_id for x in erased.get(o.subject_id, ())
-                        if o.occurred_at <= x.occurred_at), None)
-        if erasure is not None:
-            row = (*row[:4], None, *row[5:8], None, None, *row[10:])
-        out.observations.append((*row, retracted_by, erasure))
-        if retracted_by is None and erasure is None:
+    def finish(self, progress: dict[int, PartitionProgress]) -> int:
+        """End the load: marks, ``belief_sources``, beliefs, one ``belief_changes`` row per
+        belief, one NOTIFY, and every partition's offsets. Returns the number of beliefs."""
+        self._copy.__exit__(None, None, None)
+        self._open = False
+        recorder, cur = self.recorder, self._cursor
+        if self._erasure_rows and recorder.keyring is not None:
+            for x in self._erasure_rows:
+                recorder.keyring.destroy(x[1], to_millis(x[3]), now_millis(), self.conn)
+        marks: list[tuple[str, str | None, str | None]] = []
+        latest: dict[tuple[str, str, str, str], ObservationRecorded] = {}
+        for o in self._observed:
+            retracted_by = self._own.get((o.event_id, o.source))
+            erased_by = next((x.event_id for x in self._erased.get(o.subject_id, ())
+                              if o.occurred_at <= x.occurred_at), None)
+            if retracted_by is not None or erased_by is not None:
+                marks.append((o.event_id, retracted_by, erased_by))
+                continue
             pair = (o.subject_id, o.context, o.attribute, o.source)
             held = latest.get(pair)
             if held is None or (held.occurred_at, held.event_id) < (o.occurred_at, o.event_id):
                 latest[pair] = o
-    out.counting = list(latest.values())
-    return out
+        counting = list(latest.values())
+        folded = fold(counting, recorder.fold_settings)
+        bulk.copy_rows(cur, "retractions", bulk.RETRACTION_COLUMNS, self._retraction_rows)
+        bulk.copy_rows(cur, "erasures", bulk.ERASURE_COLUMNS, self._erasure_rows)
+        if marks:
+            bulk.copy_rows(cur, bulk.STAGE_MARKS, ("event_id", "retracted_by", "erased_by"),
+                           marks)
+            cur.execute(bulk.APPLY_MARKS)
+        bulk.copy_rows(cur, "belief_sources", bulk.SOURCE_COLUMNS, (
+            (o.subject_id, o.context, o.attribute, o.source, o.event_id,
+             from_millis(o.occurred_at), o.value, o.confidence) for o in counting))
+        bulk.copy_rows(cur, "beliefs", bulk.BELIEF_COLUMNS, map(bulk.belief_row, folded))
+        bulk.copy_rows(cur, "belief_changes", _CHANGE_COLUMNS, (
+            (b.subject_id, b.context, b.attribute, b.value, b.confidence,
+             json.dumps(b.alternatives), json.dumps(list(b.sources)),
+             *self._where.get(b.subject_id, (None, None)))
+            for b in folded))
+        if folded:
+            cur.execute("SELECT max(id), current_schema() FROM belief_changes")
+            max_id, schema = cur.fetchone()  # type: ignore[misc]
+            notify(cur, schema, max_id or 0, (b.subject_id for b in folded))
+        if progress:
+            cur.executemany(bulk.UPSERT_OFFSETS, [
+                (recorder.projection, self.topic, partition, p.next_offset, p.high_watermark)
+                for partition, p in sorted(progress.items())
+            ])
+        return len(folded)
+
+    def close(self) -> None:
+        """Abandon an unfinished ``COPY`` (the transaction then rolls back) and the cursor."""
+        if self._open:
+            self._open = False
+            with suppress(Exception):
+                self._copy.__exit__(RuntimeError, RuntimeError("rebuild abandoned"), None)
+        self._cursor.close()

@@ -314,8 +314,8 @@ class ProjectorWorker:
         """The bulk path of a replay into a fresh projection: read every owned partition
         from its stored offset (0: the projection must be empty) to its high watermark in
         large polls (``max_records`` messages each), decode them (poison to the
-        dead-letter topic, as :meth:`process_batch`), then load everything in one
-        transaction with the offsets (:meth:`ProjectionRecorder.load_fresh`).
+        dead-letter topic, as :meth:`process_batch`) and stream them into one
+        transaction that ends with the offsets (:meth:`ProjectionRecorder.fresh_load`).
 
         ``on_progress(stats, total)`` is called after every poll (``total``: messages to
         read, ``None`` until every high watermark is known). Without a crash the result
@@ -332,44 +332,45 @@ class ProjectorWorker:
             self.start()
         assert self._consumer is not None
         started = {tp: self._consumer.position(tp) for tp in self._consumer.assignment()}
-        logged: list[LoggedEvent] = []
         progress: dict[int, PartitionProgress] = {}
-        while True:
-            try:
-                polled = self._consumer.poll(timeout_ms=self.settings.poll_timeout_ms,
-                                             max_records=max_records)
-            except OffsetOutOfRangeError as exc:
-                raise self._log_reset(str(exc)) from exc
-            if polled:
-                opened = self._decode_all(polled)
-                poison: list[tuple[ConsumerRecord, PoisonEvent]] = []
-                for tp, records in polled.items():
-                    for record in records:
-                        item = opened[id(record)]
-                        if item is None:
-                            self.stats.shredded += 1
-                        elif isinstance(item, PoisonEvent):
-                            poison.append((record, item))
-                        else:
-                            logged.append(item)
-                            self.stats.events += 1
-                    progress[tp.partition] = PartitionProgress(
-                        next_offset=records[-1].offset + 1,
-                        high_watermark=self._consumer.highwater(tp))
-                if poison:
-                    self._dead_letter(poison)
-                    self.stats.poison += len(poison)
-            lag = self.lag()
-            if on_progress is not None:
-                done = self.stats.events + self.stats.poison + self.stats.shredded
-                on_progress(self.stats, None if lag is None else done + lag)
-            if not polled and lag == 0:
-                break
-        for tp, position in started.items():
-            progress.setdefault(tp.partition, PartitionProgress(
-                next_offset=position, high_watermark=self._consumer.highwater(tp)))
-        self.stats.beliefs_recomputed += self.recorder.load_fresh(
-            self.settings.topic, logged, progress, self._epochs)
+        with self.recorder.fresh_load(self.settings.topic, self._epochs) as load:
+            while True:
+                try:
+                    polled = self._consumer.poll(timeout_ms=self.settings.poll_timeout_ms,
+                                                 max_records=max_records)
+                except OffsetOutOfRangeError as exc:
+                    raise self._log_reset(str(exc)) from exc
+                if polled:
+                    opened = self._decode_all(polled)
+                    poison: list[tuple[ConsumerRecord, PoisonEvent]] = []
+                    logged: list[LoggedEvent] = []
+                    for tp, records in polled.items():
+                        for record in records:
+                            item = opened[id(record)]
+                            if item is None:
+                                self.stats.shredded += 1
+                            elif isinstance(item, PoisonEvent):
+                                poison.append((record, item))
+                            else:
+                                logged.append(item)
+                        progress[tp.partition] = PartitionProgress(
+                            next_offset=records[-1].offset + 1,
+                            high_watermark=self._consumer.highwater(tp))
+                    if poison:
+                        self._dead_letter(poison)
+                        self.stats.poison += len(poison)
+                    load.add(logged)
+                    self.stats.events += len(logged)
+                lag = self.lag()
+                if on_progress is not None:
+                    done = self.stats.events + self.stats.poison + self.stats.shredded
+                    on_progress(self.stats, None if lag is None else done + lag)
+                if not polled and lag == 0:
+                    break
+            for tp, position in started.items():
+                progress.setdefault(tp.partition, PartitionProgress(
+                    next_offset=position, high_watermark=self._consumer.highwater(tp)))
+            self.stats.beliefs_recomputed += load.finish(progress)
         self.stats.batches += 1
         return self.stats
 
