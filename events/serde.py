@@ -209,10 +209,6 @@ def _known_fields(cls: type) -> frozenset[str]:
     return known
 
 
-def _to_millis(value: Any) -> Any:
-    return to_millis(value) if isinstance(value, datetime) else value
-
-
 class AvroSerde:
     """Encodes events to, and decodes them from, single-object-encoded Avro bytes.
 
@@ -308,7 +304,9 @@ class AvroSerde:
             raise PoisonEvent("truncated", f"{writer.name} body is not a record")
         cls = _CLASSES[writer.name]
         known = _known_fields(cls)
-        kwargs = {k: _to_millis(v) for k, v in record.items() if k in known}
+        kwargs = {k: v for k, v in record.items() if k in known}
+        if isinstance(kwargs.get("occurred_at"), datetime):  # the events' only time field
+            kwargs["occurred_at"] = to_millis(kwargs["occurred_at"])
         for k in ("event_id", "retracted_event_id"):
             if k in kwargs:
                 kwargs[k] = str(kwargs[k])
