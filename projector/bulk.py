@@ -128,6 +128,11 @@ def copy_rows(cur: psycopg.Cursor, table: str, columns: Sequence[str],
 
 # -- statements of the batch apply ---------------------------------------------------------
 
+NESTED_LOOPS_ONLY = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
+"""For the batch's transaction: the staging tables have no statistics, and a hash or merge
+join would read all of ``belief_sources`` or ``observations`` for a batch's few hundred
+keys (a cost that grows with the read model); nested loops probe the indexes."""
+
 _COLS = ", ".join(OBS_COLUMNS)
 
 INSERT_OBSERVATIONS = f"""
@@ -276,7 +281,8 @@ def staged_belief_rows(keys: Iterable[Key], folded: dict[Key, Belief],
 
 __all__ = [
     "ADVANCE_SOURCES", "APPLY_MARKS", "BELIEF_COLUMNS", "DELETE_GONE_BELIEFS", "ERASURE_COLUMNS",
-    "INSERT_OBSERVATIONS", "MARK_ERASED", "MARK_RETRACTED", "OBS_COLUMNS", "REFRESH_STALE",
+    "INSERT_OBSERVATIONS", "MARK_ERASED", "NESTED_LOOPS_ONLY", "MARK_RETRACTED", "OBS_COLUMNS",
+    "REFRESH_STALE",
     "RETRACTION_COLUMNS", "SOURCE_COLUMNS", "STAGE_BELIEFS", "STAGE_BELIEF_COLUMNS",
     "STAGE_MARKS", "STAGE_OBS", "STAGE_STALE", "TOUCHED_SOURCES", "UPSERT_BELIEFS",
     "UPSERT_OFFSETS",

@@ -268,6 +268,9 @@ class ProjectionRecorder:
             if obs_rows:
                 bulk.copy_rows(cur, bulk.STAGE_OBS, bulk.OBS_COLUMNS, obs_rows)
             with raw.pipeline():
+                # Every statement below is driven by at most a batch of rows (the staging
+                # tables, which have no statistics): probe indexes, never hash a whole table.
+                cur.execute(bulk.NESTED_LOOPS_ONLY)
                 if retraction_rows:
                     cur.executemany(_insert_sql("retractions", bulk.RETRACTION_COLUMNS),
                                     retraction_rows)
