@@ -128,7 +128,8 @@ def copy_rows(cur: psycopg.Cursor, table: str, columns: Sequence[str],
 
 # -- statements of the batch apply ---------------------------------------------------------
 
-NESTED_LOOPS_ONLY = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
+NESTED_LOOPS_ONLY = ("SELECT set_config('enable_hashjoin', 'off', true), "
+                     "set_config('enable_mergejoin', 'off', true)")
 """For the batch's transaction: the staging tables have no statistics, and a hash or merge
 join would read all of ``belief_sources`` or ``observations`` for a batch's few hundred
 keys (a cost that grows with the read model); nested loops probe the indexes."""
