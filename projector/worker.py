@@ -11,6 +11,7 @@ offsets are never committed: PostgreSQL is the only record of progress.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -18,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +29,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import OffsetOutOfRangeError
 
 from beliefstore.errors import LogResetError, PoisonEvent
-from beliefstore.events.model import ObservationRecorded
+from beliefstore.events.model import ObservationRecorded, SubjectErased
 from beliefstore.events.sealing import EventShredded
 from beliefstore.events.serde import AvroSerde, DecodedEvent
 from beliefstore.events.topics import ensure_topics
@@ -78,6 +80,30 @@ class WorkerStats:
         """Messages (valid + poison + shredded) per second since start."""
         return (self.events + self.poison + self.shredded) / max(
             time.monotonic() - self.started, 1e-9)
+
+
+@dataclass
+class _Prepared:
+    """A polled and decoded batch, ready for :meth:`ProjectorWorker._commit`.
+
+    Attributes:
+        batch: the valid events; progress: every polled partition's next offset.
+        poison, shredded: messages dead-lettered, sealed messages of erased subjects.
+        messages: every message polled; first_offsets: partition → first offset polled.
+        epochs: the partitions' epochs when it was polled (the commit's fence).
+        started: ``time.perf_counter()`` at the poll, seconds.
+        erases: the batch holds an erasure (its commit destroys data keys).
+    """
+
+    batch: list[LoggedEvent]
+    progress: dict[int, PartitionProgress]
+    poison: int
+    shredded: int
+    messages: int
+    first_offsets: dict[int, int]
+    epochs: dict[int, int]
+    started: float
+    erases: bool = False
 
 
 class ProjectorWorker:
@@ -221,18 +247,67 @@ class ProjectorWorker:
         """Process batches until ``stop`` is set, or ``keep_running()`` turns false (checked
         between batches), or, with ``until_caught_up``, every partition's position reaches
         its high watermark. The batch in progress is always finished and committed first.
+
+        Batches overlap by one: while batch N's transaction runs (on a second thread,
+        which touches PostgreSQL only), this thread polls and decodes batch N+1; N+1 is
+        applied only after N has committed, so commits stay in log order. ``on_batch``
+        is called after each commit. If a batch fails, the consumer is rewound to the
+        first offset not committed (so a caller that keeps this worker loses nothing).
         """
         if self._consumer is None:
             self.start()
-        while not (stop is not None and stop.is_set()):
-            if keep_running is not None and not keep_running():
-                break
-            applied = self.process_batch()
-            if applied and on_batch is not None:
-                on_batch(self.stats)
-            if until_caught_up and not applied and self.lag() == 0:
-                break
+        pending: tuple[Future[int], _Prepared] | None = None
+        unapplied: list[_Prepared] = []
+        with ThreadPoolExecutor(1, thread_name_prefix="projector-apply") as pool:
+            try:
+                def finish(done: tuple[Future[int], _Prepared]) -> None:
+                    done[0].result()
+                    unapplied.remove(done[1])
+                    if on_batch is not None:
+                        on_batch(self.stats)
+
+                while not (stop is not None and stop.is_set()):
+                    if keep_running is not None and not keep_running():
+                        break
+                    if pending is not None and pending[1].erases and self.serde.sealer:
+                        # Its erasures destroy data keys: decode what follows only after
+                        # they are gone, as without the overlap (shredded, not stored).
+                        finish(pending)
+                        pending = None
+                    following = self._prepare()
+                    if following is not None:
+                        unapplied.append(following)
+                    if pending is not None:
+                        finish(pending)
+                        pending = None
+                    if following is not None:
+                        pending = (pool.submit(self._commit, following), following)
+                        continue
+                    if until_caught_up and self.lag() == 0:
+                        break
+                if pending is not None:
+                    finish(pending)
+            except BaseException:
+                if pending is not None:
+                    with contextlib.suppress(Exception):
+                        pending[0].result()  # let it finish (or fail) before rewinding
+                        unapplied.remove(pending[1])
+                self._rewind(unapplied)
+                raise
         return self.stats
+
+    def _rewind(self, unapplied: list[_Prepared]) -> None:
+        """Seek every partition of ``unapplied`` batches back to its first offset there."""
+        if self._consumer is None or not unapplied:
+            return
+        first: dict[int, int] = {}
+        for prepared in unapplied:
+            for partition, offset in prepared.first_offsets.items():
+                first[partition] = min(offset, first.get(partition, offset))
+        owned = {tp.partition: tp for tp in self._consumer.assignment()}
+        for partition, offset in first.items():
+            if partition in owned:
+                self._consumer.seek(owned[partition], offset)
 
     def lag(self) -> int | None:
         """Messages between this worker's positions and the high watermarks; ``None`` if a
@@ -262,6 +337,12 @@ class ProjectorWorker:
 
     def process_batch(self) -> int:
         """Poll once and apply what came back in one transaction; return messages handled."""
+        prepared = self._prepare()
+        return 0 if prepared is None else self._commit(prepared)
+
+    def _prepare(self) -> _Prepared | None:
+        """Poll once, decode, dead-letter the poison: the next batch, ready to apply
+        (``None``: nothing came back). Touches Kafka only."""
         assert self._consumer is not None
         started = time.perf_counter()
         try:
@@ -279,16 +360,17 @@ class ProjectorWorker:
                 )
         metrics.record_lag(self.settings.topic, self.partition_lags())
         if not polled:
-            return 0
+            return None
         batch: list[LoggedEvent] = []
         progress: dict[int, PartitionProgress] = {}
         poison: list[tuple[ConsumerRecord, PoisonEvent]] = []
+        shredded = 0
         opened = self._decode_all(polled)
         for tp, records in polled.items():
             for record in records:
                 item = opened[id(record)]
                 if item is None:
-                    self.stats.shredded += 1
+                    shredded += 1
                 elif isinstance(item, PoisonEvent):
                     poison.append((record, item))
                 else:
@@ -299,15 +381,27 @@ class ProjectorWorker:
             )
         if poison:
             self._dead_letter(poison)
-        recomputed = self.recorder.apply(self.settings.topic, batch, progress, self._epochs)
+        return _Prepared(
+            batch=batch, progress=progress, poison=len(poison), shredded=shredded,
+            messages=sum(len(records) for records in polled.values()),
+            first_offsets={tp.partition: records[0].offset for tp, records in polled.items()
+                           if records},
+            epochs=dict(self._epochs), started=started,
+            erases=any(isinstance(item.event, SubjectErased) for item in batch))
+
+    def _commit(self, p: _Prepared) -> int:
+        """Apply a prepared batch in one transaction (PostgreSQL only); return its messages."""
+        recomputed = self.recorder.apply(self.settings.topic, p.batch, p.progress, p.epochs)
         self.stats.batches += 1
-        self.stats.events += len(batch)
-        self.stats.poison += len(poison)
+        self.stats.events += len(p.batch)
+        self.stats.poison += p.poison
+        self.stats.shredded += p.shredded
         self.stats.beliefs_recomputed += recomputed
-        metrics.record_batch(time.perf_counter() - started, len(batch), len(poison),
-                             sum(len(r) for r in polled.values()) - len(batch) - len(poison))
-        log.debug("batch: %d events, %d poison, %d beliefs", len(batch), len(poison), recomputed)
-        return sum(len(records) for records in polled.values())
+        metrics.record_batch(time.perf_counter() - p.started, len(p.batch), p.poison,
+                             p.messages - len(p.batch) - p.poison)
+        log.debug("batch: %d events, %d poison, %d beliefs", len(p.batch), p.poison,
+                  recomputed)
+        return p.messages
 
     def rebuild(self, on_progress: Callable[[WorkerStats, int | None], None] | None = None,
                 *, max_records: int = 20_000) -> WorkerStats:
