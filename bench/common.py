@@ -465,7 +465,9 @@ def run_module(module: ModuleType, ctx: Context, overrides: dict[str, Any]) -> d
     console.rule(f"{module.NAME}: {module.TITLE}")
     console.print(f"params: {params}")
     clock = time.perf_counter()
+    load_at_start = round(os.getloadavg()[0], 2)
     result = module.run(ctx, **params)
+    result["load_average_1m_at_start"] = load_at_start
     result["wall_seconds"] = round(time.perf_counter() - clock, 1)
     path = write_result(module.NAME, ctx, params, result, started)
     ctx.results[module.NAME] = {"params": params, **result}

@@ -51,9 +51,9 @@ TOLERANCE = 1e-9
 
 def params(quick: bool) -> dict[str, Any]:
     return {
-        # One 1M-event projection takes ~11 min here (the projector slows as the hot
-        # subjects' histories grow), so 9 would take well over an hour: the full size is
-        # the largest that fits in ~15 minutes.
+        # 9 projections (3 modes × 3 runs) of 1M events would take well over an hour
+        # (one took 3-5 min per profile on 2026-11-26): the full size fits in ~15 minutes;
+        # issue 11's 1M figures come from --events 1000000 --runs 1 --workers 1.
         "events": 20_000 if quick else 250_000,
         "runs": 3,
         "workers": ["1", "2-manual", "2-group"],
