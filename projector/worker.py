@@ -11,7 +11,6 @@ offsets are never committed: PostgreSQL is the only record of progress.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -19,7 +18,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +27,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import OffsetOutOfRangeError
 
 from beliefstore.errors import LogResetError, PoisonEvent
-from beliefstore.events.model import ObservationRecorded, SubjectErased
+from beliefstore.events.model import ObservationRecorded
 from beliefstore.events.sealing import EventShredded
 from beliefstore.events.serde import AvroSerde, DecodedEvent
 from beliefstore.events.topics import ensure_topics
@@ -92,7 +90,6 @@ class _Prepared:
         messages: every message polled; first_offsets: partition → first offset polled.
         epochs: the partitions' epochs when it was polled (the commit's fence).
         started: ``time.perf_counter()`` at the poll, seconds.
-        erases: the batch holds an erasure (its commit destroys data keys).
     """
 
     batch: list[LoggedEvent]
@@ -103,7 +100,6 @@ class _Prepared:
     first_offsets: dict[int, int]
     epochs: dict[int, int]
     started: float
-    erases: bool = False
 
 
 class ProjectorWorker:
@@ -247,67 +243,18 @@ class ProjectorWorker:
         """Process batches until ``stop`` is set, or ``keep_running()`` turns false (checked
         between batches), or, with ``until_caught_up``, every partition's position reaches
         its high watermark. The batch in progress is always finished and committed first.
-
-        Batches overlap by one: while batch N's transaction runs (on a second thread,
-        which touches PostgreSQL only), this thread polls and decodes batch N+1; N+1 is
-        applied only after N has committed, so commits stay in log order. ``on_batch``
-        is called after each commit. If a batch fails, the consumer is rewound to the
-        first offset not committed (so a caller that keeps this worker loses nothing).
         """
         if self._consumer is None:
             self.start()
-        pending: tuple[Future[int], _Prepared] | None = None
-        unapplied: list[_Prepared] = []
-        with ThreadPoolExecutor(1, thread_name_prefix="projector-apply") as pool:
-            try:
-                def finish(done: tuple[Future[int], _Prepared]) -> None:
-                    done[0].result()
-                    unapplied.remove(done[1])
-                    if on_batch is not None:
-                        on_batch(self.stats)
-
-                while not (stop is not None and stop.is_set()):
-                    if keep_running is not None and not keep_running():
-                        break
-                    if pending is not None and pending[1].erases and self.serde.sealer:
-                        # Its erasures destroy data keys: decode what follows only after
-                        # they are gone, as without the overlap (shredded, not stored).
-                        finish(pending)
-                        pending = None
-                    following = self._prepare()
-                    if following is not None:
-                        unapplied.append(following)
-                    if pending is not None:
-                        finish(pending)
-                        pending = None
-                    if following is not None:
-                        pending = (pool.submit(self._commit, following), following)
-                        continue
-                    if until_caught_up and self.lag() == 0:
-                        break
-                if pending is not None:
-                    finish(pending)
-            except BaseException:
-                if pending is not None:
-                    with contextlib.suppress(Exception):
-                        pending[0].result()  # let it finish (or fail) before rewinding
-                        unapplied.remove(pending[1])
-                self._rewind(unapplied)
-                raise
+        while not (stop is not None and stop.is_set()):
+            if keep_running is not None and not keep_running():
+                break
+            applied = self.process_batch()
+            if applied and on_batch is not None:
+                on_batch(self.stats)
+            if until_caught_up and not applied and self.lag() == 0:
+                break
         return self.stats
-
-    def _rewind(self, unapplied: list[_Prepared]) -> None:
-        """Seek every partition of ``unapplied`` batches back to its first offset there."""
-        if self._consumer is None or not unapplied:
-            return
-        first: dict[int, int] = {}
-        for prepared in unapplied:
-            for partition, offset in prepared.first_offsets.items():
-                first[partition] = min(offset, first.get(partition, offset))
-        owned = {tp.partition: tp for tp in self._consumer.assignment()}
-        for partition, offset in first.items():
-            if partition in owned:
-                self._consumer.seek(owned[partition], offset)
 
     def lag(self) -> int | None:
         """Messages between this worker's positions and the high watermarks; ``None`` if a
@@ -386,8 +333,7 @@ class ProjectorWorker:
             messages=sum(len(records) for records in polled.values()),
             first_offsets={tp.partition: records[0].offset for tp, records in polled.items()
                            if records},
-            epochs=dict(self._epochs), started=started,
-            erases=any(isinstance(item.event, SubjectErased) for item in batch))
+            epochs=dict(self._epochs), started=started)
 
     def _commit(self, p: _Prepared) -> int:
         """Apply a prepared batch in one transaction (PostgreSQL only); return its messages."""
