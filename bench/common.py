@@ -148,13 +148,17 @@ class WorkloadKey:
     count: int
     seed: int
     subjects: int
+    profile: str = "hot-key"
+    """``beliefstore.events.workload.generate``'s profile: ``hot-key`` or ``realistic``."""
 
-    def describe(self) -> dict[str, int]:
-        return {"events": self.count, "seed": self.seed, "subjects": self.subjects}
+    def describe(self) -> dict[str, Any]:
+        return {"events": self.count, "seed": self.seed, "subjects": self.subjects,
+                "profile": self.profile}
 
 
-def workload_key(count: int, seed: int = SEED, subjects: int | None = None) -> WorkloadKey:
-    return WorkloadKey(count, seed, subjects or max(1, count // 10))
+def workload_key(count: int, seed: int = SEED, subjects: int | None = None,
+                 profile: str = "hot-key") -> WorkloadKey:
+    return WorkloadKey(count, seed, subjects or max(1, count // 10), profile)
 
 
 def event_counts(events: Sequence[Event]) -> dict[str, int]:
@@ -220,9 +224,9 @@ class Context:
         """``beliefstore.events.workload.generate`` of ``key`` (generated once per process)."""
         if key not in self._workloads:
             console.print(f"generating {key.count:,} events (seed {key.seed}, "
-                          f"{key.subjects:,} subjects)")
+                          f"{key.subjects:,} subjects, profile {key.profile})")
             self._workloads[key] = workload_module.generate(
-                key.count, seed=key.seed, subjects=key.subjects)
+                key.count, seed=key.seed, subjects=key.subjects, profile=key.profile)
         return self._workloads[key]
 
     def expected(self, key: WorkloadKey) -> list[Belief]:
@@ -237,7 +241,7 @@ class Context:
     def produced(self, key: WorkloadKey, chunk: int = 1000) -> ProducedTopic:
         """A topic holding the workload of ``key`` (produced once per process)."""
         if key not in self._topics:
-            topic = f"bench.{self.suffix}.{key.count}.{key.seed}.{key.subjects}"
+            topic = f"bench.{self.suffix}.{key.count}.{key.seed}.{key.subjects}.{key.profile}"
             ensure_topics(self.bootstrap, {topic: PARTITIONS, f"{topic}.dlq": PARTITIONS})
             self.stack.callback(delete_topics, self.bootstrap, [topic, f"{topic}.dlq"])
             seconds = produce(self.bootstrap, topic, self.events(key), chunk)
@@ -461,7 +465,9 @@ def run_module(module: ModuleType, ctx: Context, overrides: dict[str, Any]) -> d
     console.rule(f"{module.NAME}: {module.TITLE}")
     console.print(f"params: {params}")
     clock = time.perf_counter()
+    load_at_start = round(os.getloadavg()[0], 2)
     result = module.run(ctx, **params)
+    result["load_average_1m_at_start"] = load_at_start
     result["wall_seconds"] = round(time.perf_counter() - clock, 1)
     path = write_result(module.NAME, ctx, params, result, started)
     ctx.results[module.NAME] = {"params": params, **result}
@@ -491,9 +497,17 @@ def add_size_options(p: argparse.ArgumentParser) -> None:
                    help="ingest_http: partitions of the event topic `up` creates")
     p.add_argument("--seconds", type=int, default=None,
                    help="freshness: override how long each run produces")
+    p.add_argument("--profiles", nargs="+", choices=workload_module.PROFILES, default=None,
+                   help="projector_throughput, raw_upsert_limit, replay: workload profiles")
+    p.add_argument("--workers", nargs="+", choices=["1", "2-manual", "2-group"], default=None,
+                   help="projector_throughput: worker modes to measure")
+    p.add_argument("--storages", nargs="+", choices=["memory", "durable"], default=None,
+                   help="replay: broker storages to replay from")
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The size options given on the command line (None: keep the benchmark's own)."""
     return {"events": args.events, "runs": args.runs, "subjects": args.subjects,
-            "seconds": args.seconds, "partitions": getattr(args, "partitions", None)}
+            "seconds": args.seconds, "partitions": getattr(args, "partitions", None),
+            "profiles": getattr(args, "profiles", None), "workers": getattr(args, "workers", None),
+            "storages": getattr(args, "storages", None)}

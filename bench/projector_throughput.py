@@ -1,9 +1,12 @@
 """Projector throughput: how fast ProjectorWorkers fold a full topic into the read model.
 
     .venv/bin/python bench/projector_throughput.py [--quick] [--events N] [--runs N]
+        [--profiles realistic hot-key] [--workers 1 2-manual 2-group]
 
-The workload is ``beliefstore.events.workload.generate(N, seed=7, subjects=N/10)`` (the
-generator the tests use), produced once to a 4-partition topic. For each run a fresh
+The workload is ``beliefstore.events.workload.generate(N, seed=7, subjects=N/10,
+profile=P)`` (the generator the tests use) for each profile P (``realistic``: Zipf
+subjects; ``hot-key``: Pareto subjects with one very hot subject), produced once to a
+4-partition topic. For each run a fresh
 PostgreSQL schema is migrated and the projector folds the topic from offset 0 until it
 has caught up with the high watermark:
 
@@ -48,12 +51,13 @@ TOLERANCE = 1e-9
 
 def params(quick: bool) -> dict[str, Any]:
     return {
-        # One 1M-event projection takes ~11 min here (the projector slows as the hot
-        # subjects' histories grow), so 9 would take well over an hour: the full size is
-        # the largest that fits in ~15 minutes.
+        # 9 projections (3 modes × 3 runs) of 1M events would take well over an hour
+        # (one took 3-5 min per profile on 2026-11-26): the full size fits in ~15 minutes;
+        # issue 11's 1M figures come from --events 1000000 --runs 1 --workers 1.
         "events": 20_000 if quick else 250_000,
         "runs": 3,
         "workers": ["1", "2-manual", "2-group"],
+        "profiles": ["realistic", "hot-key"],
         "batch_size": Settings().batch_size,
         "poll_timeout_ms": 100,
     }
@@ -231,22 +235,38 @@ def measure(ctx: common.Context, key: common.WorkloadKey, mode: str, runs: int,
 
 
 def run(ctx: common.Context, *, events: int, runs: int, workers: list[str], batch_size: int,
-        poll_timeout_ms: int) -> dict[str, Any]:
-    key = common.workload_key(events)
-    out: dict[str, Any] = {
-        "workload": {**key.describe(), "partitions": common.PARTITIONS,
-                     "kinds": common.event_counts(ctx.events(key)),
-                     "beliefs": len(ctx.expected(key))},
-    }
-    for mode in workers:
-        out[f"workers_{mode.replace('-', '_')}"] = measure(ctx, key, mode, runs, batch_size,
-                                                           poll_timeout_ms)
-    out["failed"] = any(v["fold_check"] != "ok" for k, v in out.items()
-                        if k.startswith("workers_"))
+        poll_timeout_ms: int, profiles: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"profiles": {}}
+    for profile in profiles:
+        key = common.workload_key(events, profile=profile)
+        part: dict[str, Any] = {
+            "workload": {**key.describe(), "partitions": common.PARTITIONS,
+                         "kinds": common.event_counts(ctx.events(key)),
+                         "beliefs": len(ctx.expected(key))},
+        }
+        for mode in workers:
+            part[f"workers_{mode.replace('-', '_')}"] = measure(
+                ctx, key, mode, runs, batch_size, poll_timeout_ms)
+        out["profiles"][profile] = part
+    out["failed"] = any(v["fold_check"] != "ok" for part in out["profiles"].values()
+                        for k, v in part.items() if k.startswith("workers_"))
     return out
 
 
+def by_profile(result: dict) -> dict[str, dict]:
+    """profile → that profile's part of a result (results before the profiles existed
+    hold one hot-key part at the top level)."""
+    return result.get("profiles") or {"hot-key": result}
+
+
 def summary(result: dict) -> list[str]:
+    lines = []
+    for profile, part in by_profile(result).items():
+        lines.extend(f"{profile}: {line}" for line in _summary(part))
+    return lines
+
+
+def _summary(result: dict) -> list[str]:
     w = result["workload"]
     lines = []
     for key, value in result.items():

@@ -1,25 +1,35 @@
-"""The ceiling: raw PostgreSQL upserts of the same rows, no Kafka, no fold.
+"""The ceiling: the raw limit of the projector's two ends, measured on the same workload.
 
     .venv/bin/python bench/raw_upsert_limit.py [--quick] [--events N] [--runs N]
+        [--profiles realistic hot-key]
 
-The workload's deliveries are cut into batches of the projector's batch size (500) in
-produce order. For each batch, in one transaction on one psycopg 3 connection:
+For each workload profile, two raw rates, each the median of ``runs``:
 
-1. ``COPY`` its observation rows (with made-up Kafka coordinates) into a temporary
-   staging table (``ON COMMIT DELETE ROWS``);
-2. ``INSERT INTO observations … SELECT … FROM staging ON CONFLICT (event_id) DO NOTHING``;
-3. ``INSERT INTO beliefs … SELECT DISTINCT ON (key) … ORDER BY key, occurred_at DESC
-   ON CONFLICT (key) DO UPDATE`` — one row per key with the value and confidence of the
-   newest observation: no fold, no alternatives, no retractions or erasures;
-4. upsert one ``projection_offsets`` row per partition, as the projector does.
+* **raw Kafka consume**: a kafka-python ``KafkaConsumer`` assigned to every partition of
+  the workload's topic (the one projector_throughput projects), seeked to offset 0 and
+  polled (``max_poll_records`` = the projector's batch size, the projector's
+  ``fetch_max_wait_ms``) until every message has come back; no decoding, nothing else.
+* **raw PostgreSQL COPY + upsert**: the workload's deliveries cut into batches of the
+  projector's batch size (500) in produce order; for each batch, in one transaction on
+  one psycopg 3 connection:
 
-The tables are the real read model (a freshly migrated schema, same columns and
-indexes). Rows are built in memory before the clock starts, so this measures the
-database work only: the fastest the projector's writes could possibly go on this
-server. events/s counts every delivery of the batch (retractions and erasures are
-dropped for free), so the ceiling is, if anything, a little generous. The ratio is
-projector / limit, with the projector's median from projector_throughput at the same
-workload (same run of bench/run.py, or the newest results file of that size).
+  1. ``COPY`` its observation rows (with made-up Kafka coordinates) into a temporary
+     staging table (``ON COMMIT DELETE ROWS``);
+  2. ``INSERT INTO observations … SELECT … FROM staging ON CONFLICT (event_id) DO NOTHING``;
+  3. ``INSERT INTO beliefs … SELECT DISTINCT ON (key) … ORDER BY key, occurred_at DESC
+     ON CONFLICT (key) DO UPDATE`` — one row per key with the value and confidence of the
+     newest observation: no fold, no alternatives, no retractions or erasures;
+  4. upsert one ``projection_offsets`` row per partition, as the projector does.
+
+  The tables are the real read model (a freshly migrated schema, same columns and
+  indexes). Rows are built in memory before the clock starts, so this measures the
+  database work only. events/s counts every delivery of the batch (retractions and
+  erasures are dropped for free), so this ceiling is, if anything, a little generous.
+
+The **raw limit** is ``min(raw consume, raw COPY + upsert)``: the projector can go no faster
+than either end. The ratio is projector / limit, with the projector's 1-worker median
+from projector_throughput on the same profile and size (same run of bench/run.py, or the
+newest results file of that size).
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from typing import Any
 
 import common
 import psycopg
+from kafka import KafkaConsumer, TopicPartition
 
 from beliefstore.db import make_engine, migrate
 from beliefstore.events.model import ObservationRecorded
@@ -48,7 +59,36 @@ OBS_COLUMNS = ("event_id", "subject_id", "context", "attribute", "value", "confi
 def params(quick: bool) -> dict[str, Any]:
     # the same size as projector_throughput, for the ratio
     return {"events": 20_000 if quick else 250_000, "runs": 3,
-            "batch_size": Settings().batch_size}
+            "batch_size": Settings().batch_size, "profiles": ["realistic", "hot-key"]}
+
+
+def consume_all(bootstrap: str, topic: str, expected: int, batch_size: int,
+                fetch_max_wait_ms: int = 100, timeout_s: float = 120.0) -> float:
+    """Read every message of ``topic`` from offset 0 with kafka-python, without decoding;
+    return the seconds (from the first poll to the last message)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                             enable_auto_commit=False, auto_offset_reset="earliest",
+                             max_poll_records=batch_size, fetch_max_wait_ms=fetch_max_wait_ms)
+    try:
+        parts = sorted(consumer.partitions_for_topic(topic) or ())
+        tps = [TopicPartition(topic, p) for p in parts]
+        consumer.assign(tps)
+        for tp in tps:
+            consumer.seek(tp, 0)
+        seen = 0
+        started = time.perf_counter()
+        deadline = time.monotonic() + timeout_s
+        while seen < expected:
+            polled = consumer.poll(timeout_ms=100, max_records=batch_size)
+            for records in polled.values():
+                seen += len(records)
+            if polled:
+                deadline = time.monotonic() + timeout_s
+            elif time.monotonic() > deadline:
+                raise TimeoutError(f"read {seen} of {expected} messages of {topic}")
+        return time.perf_counter() - started
+    finally:
+        consumer.close()
 
 
 def prepare_batches(events, batch_size: int) -> list[tuple[list[tuple], dict[int, int]]]:
@@ -111,13 +151,29 @@ def upsert_all(conninfo: str, schema: str, batches) -> float:
         return time.perf_counter() - started
 
 
-def run(ctx: common.Context, *, events: int, runs: int, batch_size: int) -> dict[str, Any]:
-    key = common.workload_key(events)
+def run(ctx: common.Context, *, events: int, runs: int, batch_size: int,
+        profiles: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"profiles": {}, "target_ratio": 0.5}
+    for profile in profiles:
+        out["profiles"][profile] = _run_profile(ctx, common.workload_key(events, profile=profile),
+                                                runs, batch_size)
+    return out
+
+
+def _run_profile(ctx: common.Context, key: common.WorkloadKey, runs: int,
+                 batch_size: int) -> dict[str, Any]:
     workload = ctx.events(key)
+    produced = ctx.produced(key)
     batches = prepare_batches(workload, batch_size)
     observations = sum(len(rows) for rows, _ in batches)
     conninfo = common.psycopg_conninfo(ctx.database_url)
-    results = []
+    consume, results = [], []
+    for number in range(1, runs + 1):
+        seconds = consume_all(ctx.bootstrap, produced.topic, len(workload), batch_size)
+        consume.append({"run": number, "seconds": round(seconds, 3),
+                        "events_per_second": round(len(workload) / seconds, 1)})
+        common.console.print(f"  {key.profile} raw consume run {number}: {len(workload):,} "
+                             f"messages in {seconds:.1f} s = {len(workload) / seconds:,.0f}/s")
     for number in range(1, runs + 1):
         schema = ctx.name("raw")
         engine = make_engine(ctx.database_url, schema)
@@ -131,16 +187,22 @@ def run(ctx: common.Context, *, events: int, runs: int, batch_size: int) -> dict
         results.append({"run": number, "seconds": round(seconds, 3),
                         "events_per_second": round(len(workload) / seconds, 1),
                         "observation_rows_per_second": round(observations / seconds, 1)})
-        common.console.print(f"  run {number}: {len(workload):,} events ({observations:,} "
-                             f"observation rows) in {seconds:.1f} s = "
-                             f"{len(workload) / seconds:,.0f} events/s")
-    limit = common.median([r["events_per_second"] for r in results])
+        common.console.print(f"  {key.profile} raw upsert run {number}: {len(workload):,} "
+                             f"events ({observations:,} observation rows) in {seconds:.1f} s "
+                             f"= {len(workload) / seconds:,.0f} events/s")
+    pg = common.median([r["events_per_second"] for r in results])
+    kafka = common.median([r["events_per_second"] for r in consume])
+    limit = min(pg, kafka)
     projector = _projector_rate(ctx, key)
     out: dict[str, Any] = {
         "workload": {**key.describe(), "observation_rows": observations,
                      "batches": len(batches)},
         "runs": results,
+        "consume_runs": consume,
+        "pg_events_per_second": pg,
+        "consume_events_per_second": kafka,
         "median_events_per_second": limit,
+        "limited_by": "PostgreSQL COPY + upsert" if pg <= kafka else "Kafka consume",
         "projector": projector,
         "target_ratio": 0.5,
     }
@@ -153,32 +215,45 @@ def run(ctx: common.Context, *, events: int, runs: int, batch_size: int) -> dict
 
 def _projector_rate(ctx: common.Context, key: common.WorkloadKey) -> dict | None:
     """projector_throughput's 1-worker median at the same workload, if measured."""
-    def same(doc: dict) -> bool:
-        return doc.get("workload", {}).get("events") == key.count and \
-            doc.get("workload", {}).get("seed") == key.seed and "workers_1" in doc
+    def part(doc: dict) -> dict | None:
+        found = (doc.get("profiles") or {}).get(key.profile)
+        if found is None and key.profile == "hot-key" and "profiles" not in doc:
+            found = doc  # a result from before the profiles
+        if not found:
+            return None
+        w = found.get("workload", {})
+        ok = w.get("events") == key.count and w.get("seed") == key.seed and "workers_1" in found
+        return found if ok else None
 
     doc = ctx.results.get("projector_throughput")
     source = "this run"
-    if not doc or not same(doc):
-        doc = common.latest_result("projector_throughput", where=same)
+    if not doc or not part(doc):
+        doc = common.latest_result("projector_throughput", where=lambda d: part(d) is not None)
         source = f"bench/results (finished {doc['finished']})" if doc else ""
-    if not doc:
+    found = part(doc) if doc else None
+    if not found:
         return None
-    return {"median_events_per_second": doc["workers_1"]["median_events_per_second"],
+    return {"median_events_per_second": found["workers_1"]["median_events_per_second"],
             "source": source}
 
 
 def summary(result: dict) -> list[str]:
-    w = result["workload"]
-    line = (f"{w['events']:,} events: limit {result['median_events_per_second']:,.0f} events/s "
-            f"(median of {len(result['runs'])})")
-    if "ratio_projector_over_limit" in result:
-        line += (f"; projector {result['projector']['median_events_per_second']:,.0f} events/s "
-                 f"= {result['ratio_projector_over_limit']:.1%} of the limit (target ≥ 50%: "
-                 f"{'met' if result['target_met'] else 'missed'})")
-    else:
-        line += "; no projector_throughput result at this size to compare"
-    return [line]
+    parts = result.get("profiles") or {"hot-key": result}
+    lines = []
+    for profile, r in parts.items():
+        w = r["workload"]
+        line = f"{profile}, {w['events']:,} events: limit {r['median_events_per_second']:,.0f} events/s"
+        if "consume_events_per_second" in r:
+            line += (f" = min(raw consume {r['consume_events_per_second']:,.0f}, raw COPY+upsert "
+                     f"{r['pg_events_per_second']:,.0f})")
+        if "ratio_projector_over_limit" in r:
+            line += (f"; projector {r['projector']['median_events_per_second']:,.0f} events/s "
+                     f"= {r['ratio_projector_over_limit']:.1%} of the limit (target ≥ 50%: "
+                     f"{'met' if r['target_met'] else 'missed'})")
+        else:
+            line += "; no projector_throughput result at this size to compare"
+        lines.append(line)
+    return lines
 
 
 if __name__ == "__main__":

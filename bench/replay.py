@@ -1,25 +1,41 @@
 """Replay: how long ``beliefstore.projector.replay.replay`` takes to rebuild from the log.
 
     .venv/bin/python bench/replay.py [--quick] [--events N] [--runs N]
+        [--profiles realistic hot-key] [--storages memory durable]
 
-The workload is produced once; a projection catalog is created in a fresh base schema
-(``ProjectionCatalog.ensure()``, whose live projection stays empty). Each run calls
-``replay(settings, catalog, "r<N>", check_fold=False)``, which registers a new
-projection, migrates its schema and folds the whole topic into it from offset 0 with
-a ``ProjectorWorker`` until it has caught up. The figure is the report's ``seconds``
-(the rebuild, not the comparison with the live projection that follows) and
-events/s. After each run the rebuilt beliefs are checked against the pure fold here
-(outside the clock), and the projection is dropped.
+For each broker storage and workload profile the workload is produced once; a
+projection catalog is created in a fresh base schema (``ProjectionCatalog.ensure()``,
+whose live projection stays empty). Each run calls ``replay(settings, catalog, "r<N>",
+check_fold=False)``, which registers a new projection, migrates its schema and rebuilds
+it from offset 0 with the bulk path (``ProjectorWorker.rebuild``: large polls, every
+table loaded with ``COPY`` in one transaction). The figure is the report's ``seconds``
+(the rebuild, not the comparison with the live projection that follows) and events/s.
+After each run the rebuilt beliefs are checked against the pure fold here (outside the
+clock), and the projection is dropped.
+
+Storages:
+
+* ``memory``: the benchmarks' shared embedded broker (Tansu, ``memory://``), 4 partitions;
+* ``durable``: a second embedded broker started here as ``beliefstore up`` starts it
+  (Tansu with its log on disk through ``s3://`` on localbucket, in a temporary data
+  folder; one partition and ``fetch_max_wait_ms=500``, as ``up`` sets them), stopped at
+  the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import common
 import projector_throughput
 
+from beliefstore.embedded import EmbeddedKafka
+from beliefstore.events.topics import ensure_topics
 from beliefstore.projector.catalog import ProjectionCatalog
 from beliefstore.projector.replay import replay
 
@@ -28,18 +44,47 @@ TITLE = "time to rebuild the read model from the log (replay)"
 
 
 def params(quick: bool) -> dict[str, Any]:
-    # One 1M-event rebuild takes ~11 minutes here (the projector slows down as the hot
-    # subjects' histories grow), so 3 runs would take ~33 min: the full size is the
-    # largest that fits in ~15 minutes.
-    return {"events": 20_000 if quick else 500_000, "runs": 3}
+    return {"events": 20_000 if quick else 1_000_000, "runs": 1 if not quick else 3,
+            "profiles": ["realistic"], "storages": ["memory", "durable"]}
 
 
-def run(ctx: common.Context, *, events: int, runs: int) -> dict[str, Any]:
-    key = common.workload_key(events)
-    produced = ctx.produced(key)
-    expected = ctx.expected(key)
+def run(ctx: common.Context, *, events: int, runs: int, profiles: list[str],
+        storages: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"storages": {}}
+    for storage in storages:
+        out["storages"][storage] = {}
+        for profile in profiles:
+            key = common.workload_key(events, profile=profile)
+            with contextlib.ExitStack() as stack:
+                settings = _source(ctx, key, storage, stack)
+                out["storages"][storage][profile] = _measure(ctx, key, settings, runs,
+                                                             f"{storage}/{profile}")
+    out["failed"] = any(r["failed"] for s in out["storages"].values() for r in s.values())
+    return out
+
+
+def _source(ctx: common.Context, key: common.WorkloadKey, storage: str,
+            stack: contextlib.ExitStack):
+    """Settings on a topic holding the workload of ``key`` on ``storage``."""
     base = ctx.name("rp")
-    settings = ctx.settings(topic=produced.topic, db_schema=base, poll_timeout_ms=100)
+    if storage == "memory":
+        produced = ctx.produced(key)
+        return ctx.settings(topic=produced.topic, db_schema=base, poll_timeout_ms=100)
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-durable-")))
+    kafka = stack.enter_context(EmbeddedKafka(tmp / "kafka"))
+    topic = f"bench.{ctx.suffix}.durable.{key.count}.{key.profile}"
+    ensure_topics(kafka.bootstrap_servers, {topic: 1, f"{topic}.dlq": 1})
+    seconds = common.produce(kafka.bootstrap_servers, topic, ctx.events(key))
+    common.console.print(f"  produced {key.count:,} events to the durable broker in "
+                         f"{seconds:.1f} s ({key.count / seconds:,.0f} events/s)")
+    settings = ctx.settings(topic=topic, db_schema=base, poll_timeout_ms=100,
+                            fetch_max_wait_ms=500)
+    return replace(settings, kafka_bootstrap_servers=kafka.bootstrap_servers, partitions=1)
+
+
+def _measure(ctx: common.Context, key: common.WorkloadKey, settings, runs: int,
+             label: str) -> dict[str, Any]:
+    expected = ctx.expected(key)
     catalog = ProjectionCatalog.from_settings(settings)
     results, failures = [], []
     try:
@@ -47,7 +92,7 @@ def run(ctx: common.Context, *, events: int, runs: int) -> dict[str, Any]:
         for number in range(1, runs + 1):
             name = f"r{number}"
             with common.progress() as bar:
-                task = bar.add_task(f"replay run {number}/{runs}", total=key.count)
+                task = bar.add_task(f"{label} replay run {number}/{runs}", total=key.count)
                 report = replay(settings, catalog, name, check_fold=False,
                                 on_progress=lambda done, _total, t=task: bar.update(t, completed=done))
             info = catalog.get(name)
@@ -59,29 +104,39 @@ def run(ctx: common.Context, *, events: int, runs: int) -> dict[str, Any]:
                             "events": messages, "batches": report.stats.batches,
                             "events_per_second": round(report.rate, 1),
                             "fold_check": "ok" if not problems else f"{len(problems)} differences"})
-            common.console.print(f"  run {number}: {messages:,} events in {report.seconds:.1f} s"
-                                 f" = {report.rate:,.0f} events/s (fold check "
-                                 f"{results[-1]['fold_check']})")
+            common.console.print(f"  {label} run {number}: {messages:,} events in "
+                                 f"{report.seconds:.1f} s = {report.rate:,.0f} events/s (fold "
+                                 f"check {results[-1]['fold_check']})")
             catalog.drop(name)
     finally:
         catalog.dispose()
         ctx.drop_schemas(*[catalog.schema_for(f"r{n}") for n in range(1, runs + 1)],
-                         catalog.schema_for("self_model"), base)
+                         catalog.schema_for("self_model"), settings.db_schema)
     return {
         "workload": {**key.describe(), "beliefs": len(expected)},
+        "topic": {"partitions": settings.partitions,
+                  "fetch_max_wait_ms": settings.fetch_max_wait_ms},
         "runs": results,
         "median_seconds": common.median([r["seconds"] for r in results]),
         "median_events_per_second": common.median([r["events_per_second"] for r in results]),
+        "target_events_per_second": 25_000,
         "fold_check": "ok" if not failures else "FAILED",
         "fold_differences": failures[:100],
         "failed": bool(failures),
     }
 
 
+def by_storage(result: dict) -> dict[str, dict]:
+    """``storage/profile`` → that part of a result (older results: one memory part)."""
+    if "storages" not in result:
+        return {"memory/hot-key": result}
+    return {f"{s}/{p}": r for s, parts in result["storages"].items() for p, r in parts.items()}
+
+
 def summary(result: dict) -> list[str]:
-    return [f"{result['workload']['events']:,} events: median {result['median_seconds']:.1f} s "
-            f"= {result['median_events_per_second']:,.0f} events/s; fold check "
-            f"{result['fold_check']}"]
+    return [f"{label}: {r['workload']['events']:,} events: median {r['median_seconds']:.1f} s "
+            f"= {r['median_events_per_second']:,.0f} events/s (target ≥ 25,000); fold check "
+            f"{r['fold_check']}" for label, r in by_storage(result).items()]
 
 
 if __name__ == "__main__":

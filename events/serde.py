@@ -198,8 +198,15 @@ class DecodedEvent:
     record: dict[str, Any]
 
 
-def _to_millis(value: Any) -> Any:
-    return to_millis(value) if isinstance(value, datetime) else value
+_KNOWN: dict[type, frozenset[str]] = {}
+
+
+def _known_fields(cls: type) -> frozenset[str]:
+    """The field names of an event class (cached: ``dataclasses.fields`` is slow)."""
+    known = _KNOWN.get(cls)
+    if known is None:
+        known = _KNOWN[cls] = frozenset(f.name for f in fields(cls))
+    return known
 
 
 class AvroSerde:
@@ -274,7 +281,10 @@ class AvroSerde:
         reader = self.registry.current(writer.name)
         buffer = io.BytesIO(data[HEADER_LENGTH:])
         try:
-            record = fastavro.schemaless_reader(buffer, writer.parsed, reader.parsed)
+            # Same schema: no resolution step (fastavro resolves whenever a reader is given).
+            record = fastavro.schemaless_reader(
+                buffer, writer.parsed,
+                None if reader.fingerprint == writer.fingerprint else reader.parsed)
         except (EOFError, ValueError, IndexError, UnicodeDecodeError, OverflowError) as exc:
             raise PoisonEvent(
                 "truncated", f"Avro body does not match {writer.name} v{writer.version}: "
@@ -293,8 +303,10 @@ class AvroSerde:
         if not isinstance(record, dict):
             raise PoisonEvent("truncated", f"{writer.name} body is not a record")
         cls = _CLASSES[writer.name]
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: _to_millis(v) for k, v in record.items() if k in known}
+        known = _known_fields(cls)
+        kwargs = {k: v for k, v in record.items() if k in known}
+        if isinstance(kwargs.get("occurred_at"), datetime):  # the events' only time field
+            kwargs["occurred_at"] = to_millis(kwargs["occurred_at"])
         for k in ("event_id", "retracted_event_id"):
             if k in kwargs:
                 kwargs[k] = str(kwargs[k])

@@ -38,7 +38,11 @@ MAX_TIMESTAMP_MS = 253402300799999
 """9999-12-31T23:59:59.999Z: the largest occurred_at accepted, epoch milliseconds."""
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]+$")
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+"""What ``str(uuid.UUID(v)) == v`` accepts: the canonical lowercase form."""
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_BAD_ID = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+"""What _check_id refuses anywhere in an id: control characters, NUL, lone surrogates."""
 # What PostgreSQL text (and UTF-8) cannot hold: NUL, and lone UTF-16 surrogates (a JSON
 # "\ud800" decodes to one).
 _UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
@@ -47,6 +51,9 @@ _UNSTORABLE_MESSAGE = ("must not contain NUL (\\u0000) or unpaired surrogates "
 
 
 def _check_id(errors: list[FieldError], name: str, value: Any, limit: int = MAX_ID_LENGTH) -> None:
+    if isinstance(value, str) and 0 < len(value) <= limit and not value[0].isspace() \
+            and not _BAD_ID.search(value):
+        return  # the common case in one scan; the checks below name what is wrong
     if not isinstance(value, str):
         errors.append(FieldError(name, f"must be a string, got {type(value).__name__}"))
     elif not value.strip():
@@ -60,6 +67,8 @@ def _check_id(errors: list[FieldError], name: str, value: Any, limit: int = MAX_
 
 
 def _check_name(errors: list[FieldError], name: str, value: Any) -> None:
+    if isinstance(value, str) and len(value) <= MAX_NAME_LENGTH and _NAME.fullmatch(value):
+        return  # letters, digits and _ . : - only: no space, control or NUL to look for
     before = len(errors)
     _check_id(errors, name, value, MAX_NAME_LENGTH)
     if len(errors) == before and not _NAME.match(value):
@@ -72,6 +81,8 @@ def _check_uuid(errors: list[FieldError], name: str, value: Any) -> None:
     if not isinstance(value, str):
         errors.append(FieldError(name, f"must be a UUID string, got {type(value).__name__}"))
         return
+    if _CANONICAL_UUID.fullmatch(value):
+        return  # the common case, without building a uuid.UUID
     try:
         parsed = uuid.UUID(value)
     except ValueError:

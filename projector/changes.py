@@ -70,12 +70,7 @@ def record_changes(conn: sa.Connection, keys: Iterable[Key],
     ordered = sorted(keys)
     if not ordered:
         return None
-    where: dict[str, tuple[int, int]] = {}
-    for item in batch:
-        p = item.position
-        seen = where.get(item.event.subject_id)
-        if seen is None or p.offset > seen[1]:
-            where[item.event.subject_id] = (p.partition, p.offset)
+    where = subject_positions(batch)
     b = beliefs
     max_id = 0
     for i in range(0, len(ordered), _CHUNK):
@@ -103,4 +98,49 @@ def record_changes(conn: sa.Connection, keys: Iterable[Key],
     return max_id
 
 
-__all__ = ["CHANNEL", "NOTIFY_LIMIT", "notify_payload", "parse_payload", "record_changes"]
+def subject_positions(batch: Sequence[Any]) -> dict[str, tuple[int, int]]:
+    """subject_id → ``(partition, offset)`` of the batch's last event about it.
+
+    ``batch`` holds :class:`~beliefstore.projector.store.LoggedEvent` items."""
+    where: dict[str, tuple[int, int]] = {}
+    for item in batch:
+        p = item.position
+        seen = where.get(item.event.subject_id)
+        if seen is None or p.offset > seen[1]:
+            where[item.event.subject_id] = (p.partition, p.offset)
+    return where
+
+
+_RECORD_STAGED = """
+WITH added AS (
+  INSERT INTO belief_changes (subject_id, context, attribute, value, confidence,
+                              alternatives, sources, kafka_partition, kafka_offset)
+  SELECT subject_id, context, attribute, value, confidence, alternatives, sources,
+         kafka_partition, kafka_offset
+  FROM {stage} ORDER BY subject_id, context, attribute
+  RETURNING id)
+SELECT max(id), current_schema() FROM added
+"""
+
+
+def record_staged_changes(cursor: Any, stage: str) -> tuple[int | None, str]:
+    """The bulk form of :func:`record_changes`, on a psycopg ``cursor``: one
+    ``belief_changes`` row per row of the staging table ``stage``, which holds each
+    recomputed key's belief as it now stands (NULL value: gone) with the columns of
+    ``belief_changes`` (see :mod:`beliefstore.projector.bulk`). Ids are allocated in key
+    order. Returns ``(highest id or None, current schema)``; :func:`notify` follows."""
+    cursor.execute(_RECORD_STAGED.format(stage=stage))
+    max_id, schema = cursor.fetchone()
+    return max_id, schema
+
+
+def notify(cursor: Any, schema: str, max_id: int, subjects: Iterable[str]) -> None:
+    """Send ``NOTIFY`` :data:`CHANNEL` with :func:`notify_payload` on a psycopg
+    ``cursor`` (delivered when the transaction commits)."""
+    cursor.execute("SELECT pg_notify(%s, %s)",
+                   (CHANNEL, notify_payload(schema, max_id, sorted(set(subjects)))))
+
+
+__all__ = ["CHANNEL", "NOTIFY_LIMIT", "notify", "notify_payload",
+           "parse_payload", "record_changes",
+           "record_staged_changes", "subject_positions"]

@@ -175,8 +175,14 @@ def replay(
     check_fold: bool = True,
     switch: bool = False,
     on_progress: Callable[[int, int | None], None] | None = None,
+    bulk: bool = True,
 ) -> ReplayReport:
     """Rebuild projection ``name`` from offset 0, compare it, optionally switch to it.
+
+    With ``bulk`` (the default) the fresh projection is loaded in one transaction
+    (:meth:`ProjectorWorker.rebuild`: large polls, the marks and beliefs computed in
+    memory, every table filled with ``COPY``); without it, batch by batch as the live
+    projector does (:meth:`ProjectorWorker.run`). Both give the same rows.
 
     ``on_progress(done, total)`` is called after every batch (``total`` is ``None``
     until every partition's high watermark is known). The switch happens only when
@@ -193,14 +199,22 @@ def replay(
     replay_settings = replace(settings, db_schema=info.schema, projection=info.name)
     started = time.monotonic()
     with ProjectorWorker(replay_settings, engine, serde=serde) as worker:
+        if bulk:
 
-        def progress(stats: WorkerStats) -> None:
-            if on_progress is not None:
-                done = stats.events + stats.poison
-                lag = worker.lag()
-                on_progress(done, None if lag is None else done + lag)
+            def loaded(stats: WorkerStats, total: int | None) -> None:
+                if on_progress is not None:
+                    on_progress(stats.events + stats.poison + stats.shredded, total)
 
-        stats = worker.run(until_caught_up=True, on_batch=progress)
+            stats = worker.rebuild(loaded)
+        else:
+
+            def progress(stats: WorkerStats) -> None:
+                if on_progress is not None:
+                    done = stats.events + stats.poison
+                    lag = worker.lag()
+                    on_progress(done, None if lag is None else done + lag)
+
+            stats = worker.run(until_caught_up=True, on_batch=progress)
     seconds = time.monotonic() - started
     catalog.mark(name, "built")
     report = ReplayReport(catalog.get(name), stats, seconds, live)

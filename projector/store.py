@@ -13,12 +13,13 @@ This module touches PostgreSQL only; :mod:`beliefstore.projector.worker` brings 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from beliefstore.errors import FencedError
@@ -28,11 +29,10 @@ from beliefstore.events.model import (
     ObservationRetracted,
     SubjectErased,
 )
-from beliefstore.projector.changes import record_changes
+from beliefstore.projector import bulk
+from beliefstore.projector.changes import notify, record_staged_changes, subject_positions
 from beliefstore.projector.fold import Belief, FoldSettings, Key, fold
 from beliefstore.projector.tables import (
-    belief_sources,
-    beliefs,
     erasures,
     observations,
     projection_offsets,
@@ -41,9 +41,24 @@ from beliefstore.projector.tables import (
 from beliefstore.timefmt import from_millis, now_millis, to_millis
 
 if TYPE_CHECKING:
+    import psycopg
+
     from beliefstore.access.datakeys import Keyring
 
 _CHUNK = 1000
+_STAGED = "beliefstore_staging"
+"""Key of a pooled connection's ``info``: its staging tables exist."""
+
+
+def _driver(conn: sa.Connection) -> psycopg.Connection:
+    """The psycopg 3 connection under a SQLAlchemy connection (same transaction)."""
+    return conn.connection.driver_connection  # type: ignore[return-value]
+
+
+def _insert_sql(table: str, columns: Sequence[str]) -> str:
+    marks = ", ".join(["%s"] * len(columns))
+    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks}) "
+            "ON CONFLICT (event_id) DO NOTHING")
 
 
 @dataclass(frozen=True)
@@ -210,27 +225,142 @@ class ProjectionRecorder:
         from ``observations`` for pairs a retraction or erasure touched); refold every
         touched key from its ``belief_sources`` rows; store the offsets.
         """
-        with self.engine.begin() as conn:
-            if fence is not None and progress:
-                self._check_fence(conn, topic, {p: fence.get(p, -1) for p in progress})
-            keys = self._apply_events(conn, batch)
-            recomputed = self.recompute(conn, keys) if keys else 0
-            record_changes(conn, keys, batch)  # + NOTIFY, delivered at commit
-            if progress:
-                stmt = pg_insert(projection_offsets)
-                conn.execute(stmt.on_conflict_do_update(
-                    index_elements=["projection", "topic", "partition"],
-                    set_={
-                        "next_offset": stmt.excluded.next_offset,
-                        "high_watermark": stmt.excluded.high_watermark,
-                        "updated_at": sa.func.now(),
-                    },
-                ), [
-                    {"projection": self.projection, "topic": topic, "partition": partition,
-                     "next_offset": p.next_offset, "high_watermark": p.high_watermark}
-                    for partition, p in sorted(progress.items())
-                ])
+        with self.engine.connect() as conn:
+            raw = _driver(conn)
+            self._ensure_staging(conn)
+            with conn.begin():
+                if fence is not None and progress:
+                    self._check_fence(conn, topic, {p: fence.get(p, -1) for p in progress})
+                recomputed = self._apply_bulk(conn, raw, batch)
+                with raw.cursor() as cur:
+                    if progress:
+                        cur.executemany(bulk.UPSERT_OFFSETS, [
+                            (self.projection, topic, partition, p.next_offset,
+                             p.high_watermark)
+                            for partition, p in sorted(progress.items())
+                        ])
         return recomputed
+
+    def _apply_bulk(self, conn: sa.Connection, raw: psycopg.Connection,
+                    batch: Sequence[LoggedEvent]) -> int:
+        """The batch's rows in bulk: ``COPY`` the observations into the staging table, then
+        set-based statements in one pipeline; refold the touched keys in Python (one query
+        loads their ``belief_sources``); ``COPY`` the beliefs back, upsert/delete them and
+        record the changes. Returns the number of keys recomputed."""
+        obs_rows, retraction_rows, erasure_rows, obs_ids = [], [], [], []
+        erased: list[SubjectErased] = []
+        for item in batch:
+            e = item.event
+            if isinstance(e, ObservationRecorded):
+                obs_rows.append(bulk.observation_row(e, item.position))
+                obs_ids.append(e.event_id)
+            elif isinstance(e, ObservationRetracted):
+                retraction_rows.append(bulk.retraction_row(e, item.position))
+            elif isinstance(e, SubjectErased):
+                erasure_rows.append(bulk.erasure_row(e, item.position))
+                erased.append(e)
+        if not (obs_rows or retraction_rows or erasure_rows):
+            return 0
+        if erased and self.keyring is not None:
+            for x in erased:
+                self.keyring.destroy(x.subject_id, x.occurred_at, now_millis(), conn)
+        with raw.cursor() as cur:
+            if obs_rows:
+                bulk.copy_rows(cur, bulk.STAGE_OBS, bulk.OBS_COLUMNS, obs_rows)
+            with raw.pipeline():
+                # Every statement below is driven by at most a batch of rows (the staging
+                # tables, which have no statistics): probe indexes, never hash a whole table.
+                cur.execute(bulk.NESTED_LOOPS_ONLY)
+                if retraction_rows:
+                    cur.executemany(_insert_sql("retractions", bulk.RETRACTION_COLUMNS),
+                                    retraction_rows)
+                if erasure_rows:
+                    cur.executemany(_insert_sql("erasures", bulk.ERASURE_COLUMNS),
+                                    erasure_rows)
+                if obs_rows:
+                    cur.execute(bulk.INSERT_OBSERVATIONS)
+                if retraction_rows:
+                    cur.execute(bulk.MARK_RETRACTED, ([r[0] for r in retraction_rows],))
+                if erasure_rows:
+                    cur.execute(bulk.MARK_ERASED, ([r[0] for r in erasure_rows],))
+                if obs_ids:
+                    cur.execute(bulk.ADVANCE_SOURCES, (obs_ids,))
+                if retraction_rows or erasure_rows:
+                    for statement in bulk.REFRESH_STALE:
+                        cur.execute(statement)
+                cur.execute(bulk.TOUCHED_SOURCES)
+            rows = cur.fetchall()
+            keys, folded = self._refold(rows)
+            if not keys:
+                return 0
+            bulk.copy_rows(cur, bulk.STAGE_BELIEFS, bulk.STAGE_BELIEF_COLUMNS,
+                           bulk.staged_belief_rows(keys, folded, subject_positions(batch)))
+            with raw.pipeline():
+                cur.execute(bulk.UPSERT_BELIEFS)
+                cur.execute(bulk.DELETE_GONE_BELIEFS)
+                max_id, schema = record_staged_changes(cur, bulk.STAGE_BELIEFS)
+                # + NOTIFY, delivered at commit
+                notify(cur, schema, max_id or 0, (k[0] for k in keys))
+        return len(keys)
+
+    def _refold(self, rows: Sequence[tuple]) -> tuple[list[Key], dict[Key, Belief]]:
+        """Fold ``TOUCHED_SOURCES`` rows: the sorted touched keys and their beliefs."""
+        keys: set[Key] = set()
+        events = []
+        for s, c, a, source, event_id, occurred_ms, value, confidence in rows:
+            keys.add((s, c, a))
+            if source is not None:
+                events.append(ObservationRecorded(
+                    event_id=event_id, subject_id=s, source=source, occurred_at=occurred_ms,
+                    context=c, attribute=a, value=value, confidence=confidence))
+        return sorted(keys), {b.key: b for b in fold(events, self.fold_settings)}
+
+    @contextmanager
+    def fresh_load(self, topic: str, fence: dict[int, int] | None = None
+                   ) -> Iterator[FreshLoad]:
+        """Bulk rebuild of this **empty** projection, in one transaction.
+
+        Yields a :class:`FreshLoad`: :meth:`FreshLoad.add` the log's events as they are
+        read (their observation rows stream into ``observations`` through one ``COPY``
+        while the caller reads on), then :meth:`FreshLoad.finish` with every partition's
+        progress; the transaction commits when the block ends, and rolls back (leaving
+        the projection empty) if it raises. ``fence`` is checked first, as in
+        :meth:`apply`, and the offset rows stay locked until the end.
+
+        Raises:
+            ValueError: the projection already holds events (use :meth:`apply`).
+            FencedError: as :meth:`apply`.
+        """
+        with self.engine.connect() as conn:
+            self._ensure_staging(conn)
+            with conn.begin():
+                yield from self._fresh_load(conn, topic, fence)
+        with self.engine.connect() as conn:
+            # Fresh statistics for the planner (autovacuum would take a while).
+            for table in ("observations", "retractions", "erasures", "belief_sources",
+                          "beliefs"):
+                conn.execute(sa.text(f"ANALYZE {table}"))
+            conn.commit()
+
+    def _fresh_load(self, conn: sa.Connection, topic: str,
+                    fence: dict[int, int] | None) -> Iterator[FreshLoad]:
+        if fence is not None:
+            self._check_fence(conn, topic, dict(fence))
+        if conn.execute(sa.select(sa.exists().select_from(observations))).scalar() or \
+                conn.execute(sa.select(sa.exists().select_from(erasures))).scalar():
+            raise ValueError("the projection is not empty: a bulk rebuild needs a "
+                             "fresh projection (replay into a new name)")
+        load = FreshLoad(self, conn, topic)
+        try:
+            yield load
+        finally:
+            load.close()
+
+    @staticmethod
+    def _ensure_staging(conn: sa.Connection) -> None:
+        if not conn.connection.info.get(_STAGED):
+            bulk.ensure_staging(_driver(conn))
+            conn.connection.info[_STAGED] = True
 
     def _check_fence(self, conn: sa.Connection, topic: str, epochs: dict[int, int]) -> None:
         # Lock the offset rows first: a concurrent claim waits for this transaction.
@@ -243,174 +373,6 @@ class ProjectionRecorder:
         lost = sorted(part for part, epoch in epochs.items() if current.get(part) != epoch)
         if lost:
             raise FencedError(lost, f"stored epochs {current}, this worker's {epochs}")
-
-    def _apply_events(self, conn: sa.Connection, batch: Sequence[LoggedEvent]) -> set[Key]:
-        obs_rows, retraction_rows, erasure_rows = [], [], []
-        for item in batch:
-            e, pos = item.event, _position_columns(item.position)
-            if isinstance(e, ObservationRecorded):
-                obs_rows.append({
-                    "event_id": e.event_id, "subject_id": e.subject_id, "context": e.context,
-                    "attribute": e.attribute, "value": e.value, "confidence": e.confidence,
-                    "source": e.source, "occurred_at": from_millis(e.occurred_at),
-                    "evidence": e.evidence, "metadata": dict(e.metadata), **pos,
-                })
-            elif isinstance(e, ObservationRetracted):
-                retraction_rows.append({
-                    "event_id": e.event_id, "subject_id": e.subject_id, "source": e.source,
-                    "occurred_at": from_millis(e.occurred_at),
-                    "retracted_event_id": e.retracted_event_id, "reason": e.reason, **pos,
-                })
-            elif isinstance(e, SubjectErased):
-                erasure_rows.append({
-                    "event_id": e.event_id, "subject_id": e.subject_id, "source": e.source,
-                    "occurred_at": from_millis(e.occurred_at), "reason": e.reason, **pos,
-                })
-        for table, rows in ((observations, obs_rows), (retractions, retraction_rows),
-                            (erasures, erasure_rows)):
-            if rows:
-                conn.execute(pg_insert(table).on_conflict_do_nothing(), rows)
-
-        obs_ids = sorted({r["event_id"] for r in obs_rows})
-        retraction_ids = sorted({r["event_id"] for r in retraction_rows})
-        erasure_ids = sorted({r["event_id"] for r in erasure_rows})
-        o, r, e = observations, retractions, erasures
-        # Pairs whose counting observation may have gone: refreshed from observations.
-        stale: set[tuple[str, str, str, str]] = set()
-        pair = (o.c.subject_id, o.c.context, o.c.attribute, o.c.source)
-        if retraction_ids:
-            stale.update(tuple(row) for row in conn.execute(
-                sa.update(o).where(
-                    r.c.event_id.in_(retraction_ids), o.c.event_id == r.c.retracted_event_id,
-                    o.c.source == r.c.source, o.c.retracted_by.is_(None),
-                ).values(retracted_by=r.c.event_id).returning(*pair)
-            ))
-        if erasure_ids and self.keyring is not None:
-            for x in erasure_rows:
-                self.keyring.destroy(x["subject_id"], to_millis(x["occurred_at"]),
-                                     now_millis(), conn)
-        if erasure_ids:
-            stale.update(tuple(row) for row in conn.execute(
-                sa.update(o).where(
-                    e.c.event_id.in_(erasure_ids), o.c.subject_id == e.c.subject_id,
-                    o.c.occurred_at <= e.c.occurred_at, o.c.erased_by.is_(None),
-                ).values(erased_by=e.c.event_id, value=None, evidence=None, metadata=None)
-                .returning(*pair)
-            ))
-        if obs_ids:
-            # Retractions and erasures that arrived before these observations.
-            conn.execute(sa.update(o).where(
-                o.c.event_id.in_(obs_ids), r.c.retracted_event_id == o.c.event_id,
-                r.c.source == o.c.source, o.c.retracted_by.is_(None),
-            ).values(retracted_by=r.c.event_id))
-            conn.execute(sa.update(o).where(
-                o.c.event_id.in_(obs_ids), e.c.subject_id == o.c.subject_id,
-                o.c.occurred_at <= e.c.occurred_at, o.c.erased_by.is_(None),
-            ).values(erased_by=e.c.event_id, value=None, evidence=None, metadata=None))
-            self._advance_sources(conn, obs_ids)
-        if stale:
-            self._refresh_sources(conn, sorted(stale))
-        keys = {(x["subject_id"], x["context"], x["attribute"]) for x in obs_rows}
-        keys.update(p[:3] for p in stale)
-        return keys
-
-    @staticmethod
-    def _counting_latest(where: sa.ColumnElement[bool]) -> sa.Select:
-        o = observations
-        return (
-            sa.select(o.c.subject_id, o.c.context, o.c.attribute, o.c.source, o.c.event_id,
-                      o.c.occurred_at, o.c.value, o.c.confidence)
-            .where(where, o.c.retracted_by.is_(None), o.c.erased_by.is_(None))
-            .ext(distinct_on(o.c.subject_id, o.c.context, o.c.attribute, o.c.source))
-            .order_by(o.c.subject_id, o.c.context, o.c.attribute, o.c.source,
-                      o.c.occurred_at.desc(), o.c.event_id.desc())
-        )
-
-    def _advance_sources(self, conn: sa.Connection, obs_ids: list[str]) -> None:
-        """Upsert each (belief, source)'s newest counting observation among ``obs_ids``,
-        where it is newer than the stored one."""
-        bs = belief_sources
-        latest = self._counting_latest(observations.c.event_id.in_(obs_ids)).subquery()
-        stmt = pg_insert(bs).from_select(
-            [c.name for c in bs.columns], sa.select(*latest.c)
-        )
-        conn.execute(stmt.on_conflict_do_update(
-            index_elements=["subject_id", "context", "attribute", "source"],
-            set_={c: stmt.excluded[c] for c in ("event_id", "occurred_at", "value", "confidence")},
-            where=sa.tuple_(bs.c.occurred_at, bs.c.event_id)
-            < sa.tuple_(stmt.excluded.occurred_at, stmt.excluded.event_id),
-        ))
-
-    def _refresh_sources(self, conn: sa.Connection,
-                         pairs: list[tuple[str, str, str, str]]) -> None:
-        """Recompute ``belief_sources`` rows of ``pairs`` from ``observations``: per pair,
-        one probe of the partial index ``observations_counting_latest`` (LATERAL ... LIMIT 1)."""
-        bs, o = belief_sources, observations
-        for chunk in _chunks(pairs):
-            conn.execute(sa.delete(bs).where(
-                sa.tuple_(bs.c.subject_id, bs.c.context, bs.c.attribute, bs.c.source)
-                .in_(chunk)))
-            wanted = sa.values(
-                sa.column("s", sa.Text), sa.column("c", sa.Text), sa.column("a", sa.Text),
-                sa.column("src", sa.Text), name="wanted",
-            ).data(list(chunk))
-            latest = (
-                sa.select(o.c.subject_id, o.c.context, o.c.attribute, o.c.source,
-                          o.c.event_id, o.c.occurred_at, o.c.value, o.c.confidence)
-                .where(o.c.subject_id == wanted.c.s, o.c.context == wanted.c.c,
-                       o.c.attribute == wanted.c.a, o.c.source == wanted.c.src,
-                       o.c.retracted_by.is_(None), o.c.erased_by.is_(None))
-                .order_by(o.c.occurred_at.desc(), o.c.event_id.desc())
-                .limit(1)
-                .lateral("latest")
-            )
-            conn.execute(pg_insert(bs).from_select(
-                [c.name for c in bs.columns],
-                sa.select(*latest.c).select_from(wanted).join(latest, sa.true())))
-
-    def recompute(self, conn: sa.Connection, keys: Iterable[Key]) -> int:
-        """Refold ``keys`` from their ``belief_sources`` rows; upsert (or delete) their beliefs."""
-        ordered = sorted(keys)
-        bs = belief_sources
-        for chunk in _chunks(ordered):
-            events = [
-                ObservationRecorded(
-                    event_id=row.event_id, subject_id=row.subject_id, source=row.source,
-                    occurred_at=to_millis(row.occurred_at), context=row.context,
-                    attribute=row.attribute, value=row.value, confidence=row.confidence,
-                )
-                for row in conn.execute(sa.select(bs).where(
-                    sa.tuple_(bs.c.subject_id, bs.c.context, bs.c.attribute).in_(chunk)))
-            ]
-            folded = {b.key: b for b in fold(events, self.fold_settings)}
-            gone = [k for k in chunk if k not in folded]
-            if folded:
-                stmt = pg_insert(beliefs)
-                conn.execute(stmt.on_conflict_do_update(
-                    index_elements=["subject_id", "context", "attribute"],
-                    set_={c: stmt.excluded[c] for c in _BELIEF_FIELDS} | {
-                        "updated_at": sa.func.now()
-                    },
-                ), [_belief_row(b) for b in folded.values()])
-            if gone:
-                conn.execute(sa.delete(beliefs).where(
-                    sa.tuple_(beliefs.c.subject_id, beliefs.c.context, beliefs.c.attribute)
-                    .in_(gone)
-                ))
-        return len(ordered)
-
-
-_BELIEF_FIELDS = ("value", "confidence", "score", "alternatives", "support", "sources",
-                  "source_count", "last_observed_at")
-
-
-def _belief_row(b: Belief) -> dict:
-    return {
-        "subject_id": b.subject_id, "context": b.context, "attribute": b.attribute,
-        "value": b.value, "confidence": b.confidence, "score": b.score,
-        "alternatives": b.alternatives, "support": list(b.support), "sources": list(b.sources),
-        "source_count": b.source_count, "last_observed_at": from_millis(b.last_observed_at),
-    }
 
 
 def load_events(conn: sa.Connection, keys: Sequence[Key]) -> list[LoggedEvent]:
@@ -459,3 +421,117 @@ def _load(conn: sa.Connection, which: sa.ColumnElement[bool],
             occurred_at=to_millis(row.occurred_at), reason=row.reason,
         ), _position_of(row)))
     return out
+
+
+_CHANGE_COLUMNS = ("subject_id", "context", "attribute", "value", "confidence", "alternatives",
+                   "sources", "kafka_partition", "kafka_offset")
+
+
+class FreshLoad:
+    """One bulk rebuild in progress (from :meth:`ProjectionRecorder.fresh_load`).
+
+    Observation rows stream into ``observations`` through one ``COPY`` as they are
+    added, without marks; retractions, erasures and the observations themselves are
+    kept in memory until :meth:`finish`, which sets the marks with the rules of
+    :meth:`ProjectionRecorder.apply` (an observation is retracted by the first
+    own-source retraction of it in log order, and erased by the first erasure in log
+    order of its subject that occurred at or after it; the first delivery of an
+    ``event_id`` is the one stored), then ``COPY``s the other tables.
+    """
+
+    def __init__(self, recorder: ProjectionRecorder, conn: sa.Connection, topic: str):
+        self.recorder = recorder
+        self.conn = conn
+        self.topic = topic
+        self._raw = _driver(conn)
+        self._cursor = self._raw.cursor()
+        self._copy = self._cursor.copy(
+            f"COPY observations ({', '.join(bulk.OBS_COLUMNS)}) FROM STDIN")
+        self._writer = self._copy.__enter__()
+        self._seen: set[str] = set()
+        self._observed: list[ObservationRecorded] = []
+        self._own: dict[tuple[str, str], str] = {}  # (retracted id, source) → retraction
+        self._erased: dict[str, list[SubjectErased]] = {}
+        self._retraction_rows: list[tuple] = []
+        self._erasure_rows: list[tuple] = []
+        self._where: dict[str, tuple[int, int]] = {}
+        self._open = True
+
+    def add(self, logged: Iterable[LoggedEvent]) -> None:
+        """Add events in log order (per partition); duplicates of an ``event_id`` skipped."""
+        write = self._writer.write_row
+        for item in logged:
+            e, p = item.event, item.position
+            seen = self._where.get(e.subject_id)
+            if seen is None or p.offset > seen[1]:
+                self._where[e.subject_id] = (p.partition, p.offset)
+            if e.event_id in self._seen:
+                continue
+            self._seen.add(e.event_id)
+            if isinstance(e, ObservationRecorded):
+                write(bulk.observation_row(e, p))
+                self._observed.append(e)
+            elif isinstance(e, ObservationRetracted):
+                self._own.setdefault((e.retracted_event_id, e.source), e.event_id)
+                self._retraction_rows.append(bulk.retraction_row(e, p))
+            elif isinstance(e, SubjectErased):
+                self._erased.setdefault(e.subject_id, []).append(e)
+                self._erasure_rows.append(bulk.erasure_row(e, p))
+
+    def finish(self, progress: dict[int, PartitionProgress]) -> int:
+        """End the load: marks, ``belief_sources``, beliefs, one ``belief_changes`` row per
+        belief, one NOTIFY, and every partition's offsets. Returns the number of beliefs."""
+        self._copy.__exit__(None, None, None)
+        self._open = False
+        recorder, cur = self.recorder, self._cursor
+        if self._erasure_rows and recorder.keyring is not None:
+            for x in self._erasure_rows:
+                recorder.keyring.destroy(x[1], to_millis(x[3]), now_millis(), self.conn)
+        marks: list[tuple[str, str | None, str | None]] = []
+        latest: dict[tuple[str, str, str, str], ObservationRecorded] = {}
+        for o in self._observed:
+            retracted_by = self._own.get((o.event_id, o.source))
+            erased_by = next((x.event_id for x in self._erased.get(o.subject_id, ())
+                              if o.occurred_at <= x.occurred_at), None)
+            if retracted_by is not None or erased_by is not None:
+                marks.append((o.event_id, retracted_by, erased_by))
+                continue
+            pair = (o.subject_id, o.context, o.attribute, o.source)
+            held = latest.get(pair)
+            if held is None or (held.occurred_at, held.event_id) < (o.occurred_at, o.event_id):
+                latest[pair] = o
+        counting = list(latest.values())
+        folded = fold(counting, recorder.fold_settings)
+        bulk.copy_rows(cur, "retractions", bulk.RETRACTION_COLUMNS, self._retraction_rows)
+        bulk.copy_rows(cur, "erasures", bulk.ERASURE_COLUMNS, self._erasure_rows)
+        if marks:
+            bulk.copy_rows(cur, bulk.STAGE_MARKS, ("event_id", "retracted_by", "erased_by"),
+                           marks)
+            cur.execute(bulk.APPLY_MARKS)
+        bulk.copy_rows(cur, "belief_sources", bulk.SOURCE_COLUMNS, (
+            (o.subject_id, o.context, o.attribute, o.source, o.event_id,
+             from_millis(o.occurred_at), o.value, o.confidence) for o in counting))
+        bulk.copy_rows(cur, "beliefs", bulk.BELIEF_COLUMNS, map(bulk.belief_row, folded))
+        bulk.copy_rows(cur, "belief_changes", _CHANGE_COLUMNS, (
+            (b.subject_id, b.context, b.attribute, b.value, b.confidence,
+             json.dumps(b.alternatives), json.dumps(list(b.sources)),
+             *self._where.get(b.subject_id, (None, None)))
+            for b in folded))
+        if folded:
+            cur.execute("SELECT max(id), current_schema() FROM belief_changes")
+            max_id, schema = cur.fetchone()  # type: ignore[misc]
+            notify(cur, schema, max_id or 0, (b.subject_id for b in folded))
+        if progress:
+            cur.executemany(bulk.UPSERT_OFFSETS, [
+                (recorder.projection, self.topic, partition, p.next_offset, p.high_watermark)
+                for partition, p in sorted(progress.items())
+            ])
+        return len(folded)
+
+    def close(self) -> None:
+        """Abandon an unfinished ``COPY`` (the transaction then rolls back) and the cursor."""
+        if self._open:
+            self._open = False
+            with suppress(Exception):
+                self._copy.__exit__(RuntimeError, RuntimeError("rebuild abandoned"), None)
+        self._cursor.close()

@@ -27,6 +27,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import OffsetOutOfRangeError
 
 from beliefstore.errors import LogResetError, PoisonEvent
+from beliefstore.events.model import ObservationRecorded
 from beliefstore.events.sealing import EventShredded
 from beliefstore.events.serde import AvroSerde, DecodedEvent
 from beliefstore.events.topics import ensure_topics
@@ -77,6 +78,28 @@ class WorkerStats:
         """Messages (valid + poison + shredded) per second since start."""
         return (self.events + self.poison + self.shredded) / max(
             time.monotonic() - self.started, 1e-9)
+
+
+@dataclass
+class _Prepared:
+    """A polled and decoded batch, ready for :meth:`ProjectorWorker._commit`.
+
+    Attributes:
+        batch: the valid events; progress: every polled partition's next offset.
+        poison, shredded: messages dead-lettered, sealed messages of erased subjects.
+        messages: every message polled; first_offsets: partition → first offset polled.
+        epochs: the partitions' epochs when it was polled (the commit's fence).
+        started: ``time.perf_counter()`` at the poll, seconds.
+    """
+
+    batch: list[LoggedEvent]
+    progress: dict[int, PartitionProgress]
+    poison: int
+    shredded: int
+    messages: int
+    first_offsets: dict[int, int]
+    epochs: dict[int, int]
+    started: float
 
 
 class ProjectorWorker:
@@ -261,6 +284,12 @@ class ProjectorWorker:
 
     def process_batch(self) -> int:
         """Poll once and apply what came back in one transaction; return messages handled."""
+        prepared = self._prepare()
+        return 0 if prepared is None else self._commit(prepared)
+
+    def _prepare(self) -> _Prepared | None:
+        """Poll once, decode, dead-letter the poison: the next batch, ready to apply
+        (``None``: nothing came back). Touches Kafka only."""
         assert self._consumer is not None
         started = time.perf_counter()
         try:
@@ -278,16 +307,17 @@ class ProjectorWorker:
                 )
         metrics.record_lag(self.settings.topic, self.partition_lags())
         if not polled:
-            return 0
+            return None
         batch: list[LoggedEvent] = []
         progress: dict[int, PartitionProgress] = {}
         poison: list[tuple[ConsumerRecord, PoisonEvent]] = []
+        shredded = 0
         opened = self._decode_all(polled)
         for tp, records in polled.items():
             for record in records:
                 item = opened[id(record)]
                 if item is None:
-                    self.stats.shredded += 1
+                    shredded += 1
                 elif isinstance(item, PoisonEvent):
                     poison.append((record, item))
                 else:
@@ -298,15 +328,91 @@ class ProjectorWorker:
             )
         if poison:
             self._dead_letter(poison)
-        recomputed = self.recorder.apply(self.settings.topic, batch, progress, self._epochs)
+        return _Prepared(
+            batch=batch, progress=progress, poison=len(poison), shredded=shredded,
+            messages=sum(len(records) for records in polled.values()),
+            first_offsets={tp.partition: records[0].offset for tp, records in polled.items()
+                           if records},
+            epochs=dict(self._epochs), started=started)
+
+    def _commit(self, p: _Prepared) -> int:
+        """Apply a prepared batch in one transaction (PostgreSQL only); return its messages."""
+        recomputed = self.recorder.apply(self.settings.topic, p.batch, p.progress, p.epochs)
         self.stats.batches += 1
-        self.stats.events += len(batch)
-        self.stats.poison += len(poison)
+        self.stats.events += len(p.batch)
+        self.stats.poison += p.poison
+        self.stats.shredded += p.shredded
         self.stats.beliefs_recomputed += recomputed
-        metrics.record_batch(time.perf_counter() - started, len(batch), len(poison),
-                             sum(len(r) for r in polled.values()) - len(batch) - len(poison))
-        log.debug("batch: %d events, %d poison, %d beliefs", len(batch), len(poison), recomputed)
-        return sum(len(records) for records in polled.values())
+        metrics.record_batch(time.perf_counter() - p.started, len(p.batch), p.poison,
+                             p.messages - len(p.batch) - p.poison)
+        log.debug("batch: %d events, %d poison, %d beliefs", len(p.batch), p.poison,
+                  recomputed)
+        return p.messages
+
+    def rebuild(self, on_progress: Callable[[WorkerStats, int | None], None] | None = None,
+                *, max_records: int = 20_000) -> WorkerStats:
+        """The bulk path of a replay into a fresh projection: read every owned partition
+        from its stored offset (0: the projection must be empty) to its high watermark in
+        large polls (``max_records`` messages each), decode them (poison to the
+        dead-letter topic, as :meth:`process_batch`) and stream them into one
+        transaction that ends with the offsets (:meth:`ProjectionRecorder.fresh_load`).
+
+        ``on_progress(stats, total)`` is called after every poll (``total``: messages to
+        read, ``None`` until every high watermark is known). Without a crash the result
+        equals what :meth:`run` would have built; a crash leaves the projection empty.
+
+        Raises:
+            ValueError: the projection already holds events, or the worker is in a
+                consumer group.
+            LogResetError, FencedError: as :meth:`process_batch`.
+        """
+        if self.group:
+            raise ValueError("a bulk rebuild owns its partitions: no consumer group")
+        if self._consumer is None:
+            self.start()
+        assert self._consumer is not None
+        started = {tp: self._consumer.position(tp) for tp in self._consumer.assignment()}
+        progress: dict[int, PartitionProgress] = {}
+        with self.recorder.fresh_load(self.settings.topic, self._epochs) as load:
+            while True:
+                try:
+                    polled = self._consumer.poll(timeout_ms=self.settings.poll_timeout_ms,
+                                                 max_records=max_records)
+                except OffsetOutOfRangeError as exc:
+                    raise self._log_reset(str(exc)) from exc
+                if polled:
+                    opened = self._decode_all(polled)
+                    poison: list[tuple[ConsumerRecord, PoisonEvent]] = []
+                    logged: list[LoggedEvent] = []
+                    for tp, records in polled.items():
+                        for record in records:
+                            item = opened[id(record)]
+                            if item is None:
+                                self.stats.shredded += 1
+                            elif isinstance(item, PoisonEvent):
+                                poison.append((record, item))
+                            else:
+                                logged.append(item)
+                        progress[tp.partition] = PartitionProgress(
+                            next_offset=records[-1].offset + 1,
+                            high_watermark=self._consumer.highwater(tp))
+                    if poison:
+                        self._dead_letter(poison)
+                        self.stats.poison += len(poison)
+                    load.add(logged)
+                    self.stats.events += len(logged)
+                lag = self.lag()
+                if on_progress is not None:
+                    done = self.stats.events + self.stats.poison + self.stats.shredded
+                    on_progress(self.stats, None if lag is None else done + lag)
+                if not polled and lag == 0:
+                    break
+            for tp, position in started.items():
+                progress.setdefault(tp.partition, PartitionProgress(
+                    next_offset=position, high_watermark=self._consumer.highwater(tp)))
+            self.stats.beliefs_recomputed += load.finish(progress)
+        self.stats.batches += 1
+        return self.stats
 
     def _log_reset(self, detail: str) -> LogResetError:
         s = self.settings
@@ -347,8 +453,13 @@ class ProjectorWorker:
         try:
             if isinstance(parsed, PoisonEvent):
                 raise parsed
-            decoded = (self.serde.decode(record.value) if parsed is None
-                       else self.serde.open_decoded(parsed))
+            if parsed is None:
+                decoded = self.serde.decode(record.value)
+            elif parsed.record.get("sealed") is not None and isinstance(
+                    parsed.event, ObservationRecorded):
+                decoded = self.serde.open_decoded(parsed)
+            else:
+                decoded = parsed  # decode() validated it already: only sealed ones wait
         except PoisonEvent as exc:
             return exc
         except EventShredded:

@@ -1,0 +1,292 @@
+"""Bulk SQL of the projection: COPY rows, staging tables and set-based statements.
+
+Shared by the batch apply (:meth:`ProjectionRecorder.apply
+<beliefstore.projector.store.ProjectionRecorder.apply>`) and the bulk rebuild of a fresh
+projection (:mod:`beliefstore.projector.rebuild`). Everything here works on one psycopg 3
+connection inside the caller's transaction; nothing commits.
+
+Staging tables are session-local temporary tables (``ON COMMIT DELETE ROWS``), created
+once per connection (:func:`ensure_staging`) and emptied by every commit or rollback:
+
+* ``beliefstore_stage_obs``: the batch's observation rows (``COPY``), same columns as
+  ``observations``;
+* ``beliefstore_stage_stale``: ``(subject_id, context, attribute, source)`` pairs whose
+  counting observation a retraction or erasure may have removed;
+* ``beliefstore_stage_marks``: a bulk rebuild's retraction and erasure marks;
+* ``beliefstore_stage_beliefs``: the refolded beliefs of the touched keys (``value`` NULL:
+  the belief is gone) with the Kafka partition and offset of the batch's events about
+  the subject, for ``belief_changes``.
+
+Row builders turn events into the tuples ``COPY`` writes (times as ``datetime`` in UTC,
+JSON columns as JSON text).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from beliefstore.events.model import ObservationRecorded, ObservationRetracted, SubjectErased
+from beliefstore.projector.fold import Belief, Key
+from beliefstore.timefmt import from_millis
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from beliefstore.projector.store import LogPosition
+
+STAGE_OBS = "beliefstore_stage_obs"
+STAGE_STALE = "beliefstore_stage_stale"
+STAGE_BELIEFS = "beliefstore_stage_beliefs"
+STAGE_MARKS = "beliefstore_stage_marks"
+
+KAFKA_COLUMNS = ("kafka_topic", "kafka_partition", "kafka_offset", "recorded_at",
+                 "writer_fingerprint")
+OBS_COLUMNS = ("event_id", "subject_id", "context", "attribute", "value", "confidence",
+               "source", "occurred_at", "evidence", "metadata", *KAFKA_COLUMNS)
+"""Columns of an observation row as :func:`observation_row` builds it."""
+RETRACTION_COLUMNS = ("event_id", "subject_id", "source", "occurred_at",
+                      "retracted_event_id", "reason", *KAFKA_COLUMNS)
+ERASURE_COLUMNS = ("event_id", "subject_id", "source", "occurred_at", "reason",
+                   *KAFKA_COLUMNS)
+BELIEF_COLUMNS = ("subject_id", "context", "attribute", "value", "confidence", "score",
+                  "alternatives", "support", "sources", "source_count", "last_observed_at")
+"""Columns of a belief row as :func:`belief_row` builds it (``updated_at`` defaults)."""
+SOURCE_COLUMNS = ("subject_id", "context", "attribute", "source", "event_id", "occurred_at",
+                  "value", "confidence")
+"""Columns of ``belief_sources``."""
+
+_STAGING_DDL = (
+    f"CREATE TEMP TABLE IF NOT EXISTS {STAGE_OBS} (LIKE observations INCLUDING DEFAULTS) "
+    "ON COMMIT DELETE ROWS",
+    f"CREATE TEMP TABLE IF NOT EXISTS {STAGE_STALE} (subject_id text, context text, "
+    "attribute text, source text) ON COMMIT DELETE ROWS",
+    f"CREATE TEMP TABLE IF NOT EXISTS {STAGE_BELIEFS} (subject_id text, context text, "
+    "attribute text, value text, confidence float8, score float8, alternatives jsonb, "
+    "support jsonb, sources jsonb, source_count integer, last_observed_at timestamptz, "
+    "kafka_partition integer, kafka_offset bigint) ON COMMIT DELETE ROWS",
+    f"CREATE TEMP TABLE IF NOT EXISTS {STAGE_MARKS} (event_id uuid, retracted_by uuid, "
+    "erased_by uuid) ON COMMIT DELETE ROWS",
+)
+
+
+def ensure_staging(conn: psycopg.Connection) -> None:
+    """Create the staging tables of this session (idempotent) and commit.
+
+    Must run outside a batch's transaction: it commits, so the tables outlive a batch
+    that rolls back.
+    """
+    with conn.cursor() as cur:
+        for ddl in _STAGING_DDL:
+            cur.execute(ddl)
+    conn.commit()
+
+
+# -- rows ---------------------------------------------------------------------------------
+
+
+def _kafka(p: LogPosition) -> tuple:
+    return (p.topic, p.partition, p.offset,
+            from_millis(p.recorded_at) if p.recorded_at is not None else None,
+            p.writer_fingerprint)
+
+
+def observation_row(e: ObservationRecorded, p: LogPosition) -> tuple:
+    """The :data:`OBS_COLUMNS` tuple of an observation read at ``p``."""
+    return (e.event_id, e.subject_id, e.context, e.attribute, e.value, e.confidence,
+            e.source, from_millis(e.occurred_at), e.evidence,
+            json.dumps(dict(e.metadata)) if e.metadata is not None else None, *_kafka(p))
+
+
+def retraction_row(e: ObservationRetracted, p: LogPosition) -> tuple:
+    """The :data:`RETRACTION_COLUMNS` tuple of a retraction read at ``p``."""
+    return (e.event_id, e.subject_id, e.source, from_millis(e.occurred_at),
+            e.retracted_event_id, e.reason, *_kafka(p))
+
+
+def erasure_row(e: SubjectErased, p: LogPosition) -> tuple:
+    """The :data:`ERASURE_COLUMNS` tuple of an erasure read at ``p``."""
+    return (e.event_id, e.subject_id, e.source, from_millis(e.occurred_at), e.reason,
+            *_kafka(p))
+
+
+def belief_row(b: Belief) -> tuple:
+    """The :data:`BELIEF_COLUMNS` tuple of a belief (JSON columns as JSON text)."""
+    return (b.subject_id, b.context, b.attribute, b.value, b.confidence, b.score,
+            json.dumps(b.alternatives), json.dumps(list(b.support)),
+            json.dumps(list(b.sources)), b.source_count, from_millis(b.last_observed_at))
+
+
+def copy_rows(cur: psycopg.Cursor, table: str, columns: Sequence[str],
+              rows: Iterable[Sequence[Any]]) -> None:
+    """``COPY table (columns) FROM STDIN`` of ``rows`` (text format)."""
+    with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+# -- statements of the batch apply ---------------------------------------------------------
+
+NESTED_LOOPS_ONLY = ("SELECT set_config('enable_hashjoin', 'off', true), "
+                     "set_config('enable_mergejoin', 'off', true)")
+"""For the batch's transaction: the staging tables have no statistics, and a hash or merge
+join would read all of ``belief_sources`` or ``observations`` for a batch's few hundred
+keys (a cost that grows with the read model); nested loops probe the indexes."""
+
+_COLS = ", ".join(OBS_COLUMNS)
+
+INSERT_OBSERVATIONS = f"""
+INSERT INTO observations ({_COLS}, retracted_by, erased_by)
+SELECT s.event_id, s.subject_id, s.context, s.attribute,
+       CASE WHEN er.event_id IS NULL THEN s.value END, s.confidence, s.source, s.occurred_at,
+       CASE WHEN er.event_id IS NULL THEN s.evidence END,
+       CASE WHEN er.event_id IS NULL THEN s.metadata END,
+       s.kafka_topic, s.kafka_partition, s.kafka_offset, s.recorded_at, s.writer_fingerprint,
+       (SELECT r.event_id FROM retractions r
+         WHERE r.retracted_event_id = s.event_id AND r.source = s.source LIMIT 1),
+       er.event_id
+FROM {STAGE_OBS} s
+LEFT JOIN LATERAL (SELECT e.event_id FROM erasures e
+                    WHERE e.subject_id = s.subject_id AND s.occurred_at <= e.occurred_at
+                    LIMIT 1) er ON true
+ON CONFLICT (event_id) DO NOTHING
+"""
+"""Staged observations into ``observations``, marked at once by the retractions and
+erasures already stored (they may arrive before their observation); duplicates skipped."""
+
+MARK_RETRACTED = f"""
+WITH marked AS (
+  UPDATE observations o SET retracted_by = r.event_id FROM retractions r
+  WHERE r.event_id = ANY(%s::uuid[]) AND o.event_id = r.retracted_event_id
+    AND o.source = r.source AND o.retracted_by IS NULL
+  RETURNING o.subject_id, o.context, o.attribute, o.source)
+INSERT INTO {STAGE_STALE} SELECT * FROM marked
+"""
+"""Mark the observations the batch's own-source retractions withdraw (param: their
+event ids); their (key, source) pairs go to the stale stage."""
+
+MARK_ERASED = f"""
+WITH marked AS (
+  UPDATE observations o SET erased_by = e.event_id, value = NULL, evidence = NULL,
+         metadata = NULL
+  FROM erasures e
+  WHERE e.event_id = ANY(%s::uuid[]) AND o.subject_id = e.subject_id
+    AND o.occurred_at <= e.occurred_at AND o.erased_by IS NULL
+  RETURNING o.subject_id, o.context, o.attribute, o.source)
+INSERT INTO {STAGE_STALE} SELECT * FROM marked
+"""
+"""Wipe the observations the batch's erasures forget (param: their event ids); their
+(key, source) pairs go to the stale stage."""
+
+_SRC = ", ".join(SOURCE_COLUMNS)
+_O_SRC = ", ".join(f"o.{c}" for c in SOURCE_COLUMNS)
+_UPSERT_SOURCE = (
+    "ON CONFLICT (subject_id, context, attribute, source) DO UPDATE SET "
+    "event_id = excluded.event_id, occurred_at = excluded.occurred_at, "
+    "value = excluded.value, confidence = excluded.confidence "
+    "WHERE (belief_sources.occurred_at, belief_sources.event_id) "
+    "< (excluded.occurred_at, excluded.event_id)"
+)
+
+ADVANCE_SOURCES = f"""
+INSERT INTO belief_sources ({_SRC})
+SELECT DISTINCT ON (o.subject_id, o.context, o.attribute, o.source) {_O_SRC}
+FROM observations o
+WHERE o.event_id = ANY(%s::uuid[]) AND o.retracted_by IS NULL AND o.erased_by IS NULL
+ORDER BY o.subject_id, o.context, o.attribute, o.source, o.occurred_at DESC, o.event_id DESC
+{_UPSERT_SOURCE}
+"""
+"""Per (key, source), the newest counting observation among the given event ids
+replaces the stored one when it is newer (by ``(occurred_at, event_id)``)."""
+
+REFRESH_STALE = (
+    f"""
+DELETE FROM belief_sources bs USING (SELECT DISTINCT * FROM {STAGE_STALE}) st
+WHERE bs.subject_id = st.subject_id AND bs.context = st.context
+  AND bs.attribute = st.attribute AND bs.source = st.source
+""",
+    f"""
+INSERT INTO belief_sources ({_SRC})
+SELECT l.* FROM (SELECT DISTINCT * FROM {STAGE_STALE}) st
+CROSS JOIN LATERAL (
+  SELECT {_O_SRC} FROM observations o
+  WHERE o.subject_id = st.subject_id AND o.context = st.context
+    AND o.attribute = st.attribute AND o.source = st.source
+    AND o.retracted_by IS NULL AND o.erased_by IS NULL
+  ORDER BY o.occurred_at DESC, o.event_id DESC LIMIT 1) l
+""",
+)
+"""Recompute the stale pairs' ``belief_sources`` rows from ``observations``: one probe
+of the partial index ``observations_counting_latest`` per pair."""
+
+TOUCHED_SOURCES = f"""
+SELECT k.subject_id, k.context, k.attribute, bs.source, bs.event_id::text,
+       (extract(epoch FROM bs.occurred_at) * 1000)::bigint, bs.value, bs.confidence
+FROM (SELECT subject_id, context, attribute FROM {STAGE_OBS}
+      UNION SELECT subject_id, context, attribute FROM {STAGE_STALE}) k
+LEFT JOIN belief_sources bs
+  ON bs.subject_id = k.subject_id AND bs.context = k.context AND bs.attribute = k.attribute
+"""
+"""Every key the batch touched (its observations' keys and the stale pairs' keys) with
+its ``belief_sources`` rows (NULLs when it has none), occurred_at in epoch ms."""
+
+_BCOLS = ", ".join(BELIEF_COLUMNS)
+_BSET = ", ".join(f"{c} = excluded.{c}" for c in BELIEF_COLUMNS[3:])
+UPSERT_BELIEFS = f"""
+INSERT INTO beliefs ({_BCOLS})
+SELECT {_BCOLS} FROM {STAGE_BELIEFS} WHERE value IS NOT NULL
+ON CONFLICT (subject_id, context, attribute) DO UPDATE SET {_BSET}, updated_at = now()
+"""
+DELETE_GONE_BELIEFS = f"""
+DELETE FROM beliefs b USING {STAGE_BELIEFS} k
+WHERE k.value IS NULL AND b.subject_id = k.subject_id AND b.context = k.context
+  AND b.attribute = k.attribute
+"""
+
+UPSERT_OFFSETS = """
+INSERT INTO projection_offsets (projection, topic, partition, next_offset, high_watermark)
+VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT (projection, topic, partition) DO UPDATE SET
+  next_offset = excluded.next_offset, high_watermark = excluded.high_watermark,
+  updated_at = now()
+"""
+
+APPLY_MARKS = f"""
+UPDATE observations o SET retracted_by = m.retracted_by, erased_by = m.erased_by,
+  value = CASE WHEN m.erased_by IS NULL THEN o.value END,
+  evidence = CASE WHEN m.erased_by IS NULL THEN o.evidence END,
+  metadata = CASE WHEN m.erased_by IS NULL THEN o.metadata END
+FROM {STAGE_MARKS} m WHERE o.event_id = m.event_id
+"""
+"""A bulk rebuild's retraction and erasure marks (computed in memory) onto the rows it
+COPYed (an erased observation's value, evidence and metadata wiped)."""
+
+STAGE_BELIEF_COLUMNS = (*BELIEF_COLUMNS, "kafka_partition", "kafka_offset")
+
+
+def staged_belief_rows(keys: Iterable[Key], folded: dict[Key, Belief],
+                       where: dict[str, tuple[int, int]]) -> list[tuple]:
+    """:data:`STAGE_BELIEF_COLUMNS` tuples of ``keys``: the belief of ``folded`` (or NULLs:
+    gone) and the subject's ``(partition, offset)`` from ``where`` (or NULLs)."""
+    rows = []
+    for key in keys:
+        p, o = where.get(key[0], (None, None))
+        b = folded.get(key)
+        if b is None:
+            rows.append((*key, None, None, None, None, None, None, None, None, p, o))
+        else:
+            rows.append((*belief_row(b), p, o))
+    return rows
+
+
+__all__ = [
+    "ADVANCE_SOURCES", "APPLY_MARKS", "BELIEF_COLUMNS", "DELETE_GONE_BELIEFS", "ERASURE_COLUMNS",
+    "INSERT_OBSERVATIONS", "MARK_ERASED", "NESTED_LOOPS_ONLY", "MARK_RETRACTED", "OBS_COLUMNS",
+    "REFRESH_STALE",
+    "RETRACTION_COLUMNS", "SOURCE_COLUMNS", "STAGE_BELIEFS", "STAGE_BELIEF_COLUMNS",
+    "STAGE_MARKS", "STAGE_OBS", "STAGE_STALE", "TOUCHED_SOURCES", "UPSERT_BELIEFS",
+    "UPSERT_OFFSETS",
+    "belief_row", "copy_rows", "ensure_staging", "erasure_row", "observation_row",
+    "retraction_row", "staged_belief_rows",
+]
