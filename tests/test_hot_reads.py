@@ -163,3 +163,39 @@ def test_the_lane_counts_in_the_metrics(server, make_key):
                      headers=headers).status_code == 404
     assert REGISTRY.get_sample_value("beliefstore_api_request_duration_seconds_count",
                                      missing) == before + 1
+
+
+def test_concurrent_misses_share_queries_and_each_gets_its_own_subject(
+        settings, engine, producer, projector, catalog):
+    """Many reads of subjects not cached, at once: fewer queries than subjects, and every
+    reader gets exactly its subject's beliefs (none, for unknown subjects)."""
+    import asyncio
+
+    from beliefstore.api.live import MAX_LOADERS, LiveReads
+
+    receipts = [producer.observe(f"user-{i}", "support", "issue", f"issue-{i}", 0.8,
+                                 source="triage_agent", occurred_at=T0) for i in range(6)]
+    wait_caught_up(settings, receipts)
+    schema = catalog.active().schema
+    subjects = [f"user-{i}" for i in range(40)] * 2  # each subject read twice at once
+
+    async def main() -> tuple[list, dict]:
+        live = LiveReads(settings.database_url or "", catalog.base_schema)
+        await live.start()
+        try:
+            models = await asyncio.gather(*(live.self_model(schema, s) for s in subjects))
+            return models, dict(live.stats)
+        finally:
+            await live.stop()
+
+    models, stats = asyncio.run(main())
+    assert stats["misses"] == len(subjects)
+    assert 1 <= stats["loads"] <= MAX_LOADERS + 2, stats
+    for subject, model in zip(subjects, models, strict=True):
+        assert model.subject_id == subject
+        number = int(subject.split("-")[1])
+        values = [body for *_, body in model.items]
+        if number < 6:
+            assert len(values) == 1 and f'"issue-{number}"'.encode() in values[0]
+        else:
+            assert values == []
