@@ -140,11 +140,15 @@ class SelfModel:
             attribute).
         observed: the contexts the subject has observations in (loaded on demand, for
             the 404 of a subject whose beliefs the caller may not see).
+        groups: the same beliefs by context, as the self-model answer writes them:
+            ``(context, context as a JSON string, ((last_observed_at, JSON), ...))``
+            (tuples of strings, floats and bytes only; built by :meth:`of_rows`).
     """
 
     subject_id: str
     items: list[tuple[str, float, float, bytes]]
     observed: frozenset[str] | None = None
+    groups: tuple[tuple[str, bytes, tuple[tuple[float, bytes], ...]], ...] = ()
 
     @classmethod
     def of_rows(cls, subject_id: str, rows: Sequence[Sequence[Any]]) -> SelfModel:
@@ -154,11 +158,15 @@ class SelfModel:
         items = [(row[0], row[3], row[observed_at].timestamp(),
                   orjson.dumps(dict(zip(_NAMES, row, strict=True)),
                                option=orjson.OPT_UTC_Z)[:-1]) for row in rows]
-        return cls(subject_id, items)
+        by_context: dict[str, list[tuple[float, bytes]]] = {}
+        for context, _, observed_s, body in items:
+            by_context.setdefault(context, []).append((observed_s, body))
+        groups = tuple((c, orjson.dumps(c), tuple(b)) for c, b in by_context.items())
+        return cls(subject_id, items, None, groups)
 
     def count(self, scope: ContextScope) -> int:
         """How many beliefs ``scope`` allows (whatever their age)."""
-        return sum(1 for item in self.items if scope.allows(item[0]))
+        return sum(len(beliefs) for context, _, beliefs in self.groups if scope.allows(context))
 
     def _chosen(self, scope: ContextScope, now_s: float, max_age_s: float | None,
                 context: str | None = None,
@@ -194,16 +202,29 @@ class SelfModel:
         """The ``SelfModelOut`` body for a reader with ``scope`` at ``now_s`` (epoch
         seconds, default now), without beliefs older than ``max_age_s``; the contexts in
         it and the number of beliefs."""
-        chosen = self._chosen(scope, time.time() if now_s is None else now_s, max_age_s)
-        grouped: dict[str, list[bytes]] = {}
-        for c, body in chosen:
-            grouped.setdefault(c, []).append(body)
-        inner = b",".join(orjson.dumps(c) + b":[" + b",".join(bs) + b"]"
-                          for c, bs in grouped.items())
-        body = (b'{"subject_id":' + orjson.dumps(self.subject_id) + b',"contexts":{' + inner
-                + b'},"belief_count":' + str(len(chosen)).encode()
+        now_s = time.time() if now_s is None else now_s
+        names: list[str] = []
+        parts: list[bytes] = []
+        count = 0
+        for context, key, beliefs in self.groups:
+            if not scope.allows(context):
+                continue
+            bodies = []
+            for observed_s, body in beliefs:
+                age = now_s - observed_s
+                if age < 0.0:
+                    age = 0.0
+                elif max_age_s is not None and age > max_age_s:
+                    continue
+                bodies.append(body + b',"age_s":' + orjson.dumps(round(age, 3)) + b"}")
+            if bodies:
+                names.append(context)
+                parts.append(key + b":[" + b",".join(bodies) + b"]")
+                count += len(bodies)
+        body = (b'{"subject_id":' + orjson.dumps(self.subject_id) + b',"contexts":{'
+                + b",".join(parts) + b'},"belief_count":' + str(count).encode()
                 + b',"as_of":null,"time":null}')
-        return body, list(grouped), len(chosen)
+        return body, names, count
 
 
 class LiveReads:
