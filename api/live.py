@@ -76,6 +76,13 @@ LISTEN_CHECK_S = 2.0
 DEFAULT_CACHE_SIZE = 100_000
 """Self-models kept per API process (least recently used dropped first)."""
 
+MAX_LOADERS = 4
+"""Self-model queries in flight at once per API process; misses arriving meanwhile wait
+and are loaded together by the next query."""
+
+MAX_LOAD_BATCH = 64
+"""Most subjects loaded by one self-model query."""
+
 _BELIEF_COLUMNS = ("context, attribute, value, confidence, alternatives, sources, support, "
                    "source_count, last_observed_at, updated_at")
 _NAMES = tuple(_BELIEF_COLUMNS.split(", "))  # BeliefOut's fields, in its order
@@ -133,11 +140,15 @@ class SelfModel:
             attribute).
         observed: the contexts the subject has observations in (loaded on demand, for
             the 404 of a subject whose beliefs the caller may not see).
+        groups: the same beliefs by context, as the self-model answer writes them:
+            ``(context, context as a JSON string, ((last_observed_at, JSON), ...))``
+            (tuples of strings, floats and bytes only; built by :meth:`of_rows`).
     """
 
     subject_id: str
     items: list[tuple[str, float, float, bytes]]
     observed: frozenset[str] | None = None
+    groups: tuple[tuple[str, bytes, tuple[tuple[float, bytes], ...]], ...] = ()
 
     @classmethod
     def of_rows(cls, subject_id: str, rows: Sequence[Sequence[Any]]) -> SelfModel:
@@ -147,11 +158,15 @@ class SelfModel:
         items = [(row[0], row[3], row[observed_at].timestamp(),
                   orjson.dumps(dict(zip(_NAMES, row, strict=True)),
                                option=orjson.OPT_UTC_Z)[:-1]) for row in rows]
-        return cls(subject_id, items)
+        by_context: dict[str, list[tuple[float, bytes]]] = {}
+        for context, _, observed_s, body in items:
+            by_context.setdefault(context, []).append((observed_s, body))
+        groups = tuple((c, orjson.dumps(c), tuple(b)) for c, b in by_context.items())
+        return cls(subject_id, items, None, groups)
 
     def count(self, scope: ContextScope) -> int:
         """How many beliefs ``scope`` allows (whatever their age)."""
-        return sum(1 for item in self.items if scope.allows(item[0]))
+        return sum(len(beliefs) for context, _, beliefs in self.groups if scope.allows(context))
 
     def _chosen(self, scope: ContextScope, now_s: float, max_age_s: float | None,
                 context: str | None = None,
@@ -187,16 +202,29 @@ class SelfModel:
         """The ``SelfModelOut`` body for a reader with ``scope`` at ``now_s`` (epoch
         seconds, default now), without beliefs older than ``max_age_s``; the contexts in
         it and the number of beliefs."""
-        chosen = self._chosen(scope, time.time() if now_s is None else now_s, max_age_s)
-        grouped: dict[str, list[bytes]] = {}
-        for c, body in chosen:
-            grouped.setdefault(c, []).append(body)
-        inner = b",".join(orjson.dumps(c) + b":[" + b",".join(bs) + b"]"
-                          for c, bs in grouped.items())
-        body = (b'{"subject_id":' + orjson.dumps(self.subject_id) + b',"contexts":{' + inner
-                + b'},"belief_count":' + str(len(chosen)).encode()
+        now_s = time.time() if now_s is None else now_s
+        names: list[str] = []
+        parts: list[bytes] = []
+        count = 0
+        for context, key, beliefs in self.groups:
+            if not scope.allows(context):
+                continue
+            bodies = []
+            for observed_s, body in beliefs:
+                age = now_s - observed_s
+                if age < 0.0:
+                    age = 0.0
+                elif max_age_s is not None and age > max_age_s:
+                    continue
+                bodies.append(body + b',"age_s":' + orjson.dumps(round(age, 3)) + b"}")
+            if bodies:
+                names.append(context)
+                parts.append(key + b":[" + b",".join(bodies) + b"]")
+                count += len(bodies)
+        body = (b'{"subject_id":' + orjson.dumps(self.subject_id) + b',"contexts":{'
+                + b",".join(parts) + b'},"belief_count":' + str(count).encode()
                 + b',"as_of":null,"time":null}')
-        return body, list(grouped), len(chosen)
+        return body, names, count
 
 
 class LiveReads:
@@ -221,12 +249,15 @@ class LiveReads:
         self.pool: AsyncConnectionPool | None = None
         self.listening = False
         self.generation = 0
-        self.stats = {"hits": 0, "misses": 0, "notifications": 0}
+        self.stats = {"hits": 0, "misses": 0, "loads": 0, "notifications": 0}
         self._keys: dict[str, tuple[ApiKey, bytes]] = {}
         self._verified: dict[str, tuple[bytes, bytes]] = {}
         self._restricted: frozenset[str] | None = None
         self._active: Active | None = None
         self._models: OrderedDict[tuple[str, str], SelfModel] = OrderedDict()
+        self._loads: dict[tuple[str, str], asyncio.Future[SelfModel]] = {}
+        self._queued: list[tuple[str, str]] = []
+        self._loaders: set[asyncio.Task] = set()
         self._watchers: dict[str, set[asyncio.Event]] = {}
         self._listener: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -252,6 +283,8 @@ class LiveReads:
         """Stop listening, wake every watcher (they end) and close the pool."""
         self._closing = True
         self._wake_all()
+        for task in list(self._loaders):
+            task.cancel()
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -474,7 +507,16 @@ class LiveReads:
         return found
 
     async def self_model(self, schema: str, subject_id: str) -> SelfModel:
-        """The subject's beliefs in ``schema``: from memory, or one query."""
+        """The subject's beliefs in ``schema``: from memory, or loaded from the database.
+
+        Misses are coalesced: at most :data:`MAX_LOADERS` queries run at once, each loading
+        up to :data:`MAX_LOAD_BATCH` waiting subjects (``subject_id = ANY(...)``), and
+        concurrent reads of one subject share its load; under load, many misses cost one
+        round trip.
+
+        Raises:
+            Unavailable: the database did not answer within :data:`QUERY_TIMEOUT_S`.
+        """
         key = (schema, subject_id)
         if self.listening:
             hit = self._models.get(key)
@@ -485,16 +527,56 @@ class LiveReads:
                 return hit
         self.stats["misses"] += 1
         record_cache("self_model", False)
-        generation = self.generation
-        rows = await self._fetch(
-            f'SELECT {_BELIEF_COLUMNS} FROM "{schema}".beliefs WHERE subject_id = %s '
-            "ORDER BY context, attribute", (subject_id,))
-        model = SelfModel.of_rows(subject_id, rows)
-        if self.listening and generation == self.generation:
-            self._models[key] = model
-            while len(self._models) > self.cache_size:
-                self._models.popitem(last=False)
-        return model
+        future = self._loads.get(key)
+        if future is None:
+            future = self._loads[key] = asyncio.get_running_loop().create_future()
+            future.add_done_callback(_quiet)
+            self._queued.append(key)
+            if len(self._loaders) < MAX_LOADERS:
+                task = asyncio.ensure_future(self._load_queued())
+                self._loaders.add(task)
+                task.add_done_callback(self._loaders.discard)
+        # shielded: a reader that goes away does not cancel the others' load
+        return await asyncio.shield(future)
+
+    async def _load_queued(self) -> None:
+        """Load the waiting subjects, :data:`MAX_LOAD_BATCH` per query, until none wait."""
+        while self._queued:
+            batch, self._queued = self._queued[:MAX_LOAD_BATCH], self._queued[MAX_LOAD_BATCH:]
+            by_schema: dict[str, list[str]] = {}
+            for schema, subject in batch:
+                by_schema.setdefault(schema, []).append(subject)
+            for schema, subjects in by_schema.items():
+                # The futures leave _loads as the query starts: a read arriving from now
+                # on queues a load of its own, so it never gets an answer older than itself.
+                futures = {s: self._loads.pop((schema, s)) for s in subjects}
+                generation = self.generation
+                self.stats["loads"] += 1
+                try:
+                    rows = await self._fetch(
+                        f'SELECT subject_id, {_BELIEF_COLUMNS} FROM "{schema}".beliefs '
+                        "WHERE subject_id = ANY(%s) ORDER BY subject_id, context, attribute",
+                        (subjects,))
+                except BaseException as exc:
+                    for future in futures.values():
+                        if not future.done():
+                            future.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                found: dict[str, list[Any]] = {}
+                for row in rows:
+                    found.setdefault(row[0], []).append(row[1:])
+                keep = self.listening and generation == self.generation
+                for subject in subjects:
+                    model = SelfModel.of_rows(subject, found.get(subject, ()))
+                    if keep:
+                        self._models[(schema, subject)] = model
+                    future = futures[subject]
+                    if not future.done():
+                        future.set_result(model)
+                while len(self._models) > self.cache_size:
+                    self._models.popitem(last=False)
 
     async def known(self, schema: str, model: SelfModel, scope: ContextScope) -> bool:
         """Whether the subject has any belief or observation in a context ``scope`` allows
