@@ -80,6 +80,8 @@ def create_app(settings: Settings, catalog: ProjectionCatalog,
     app.state.beliefstore = state
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        path_limits={"/v1/observations:batch": ingest.BATCH_MAX_BYTES})
+    # the handoff reads of now, without FastAPI's per-request dependency resolution
+    app.add_middleware(reads.HotReads, state=state)
     app.add_middleware(MetricsMiddleware)
 
     @app.exception_handler(StarletteHTTPException)

@@ -150,12 +150,25 @@ async def get_caller(request: Request, state: State, credentials: Credentials) -
         raise unauthorized("missing API key: send `Authorization: Bearer <key>`; an admin makes "
                            "one with `beliefstore keys create --agent NAME --read CONTEXTS "
                            "--write CONTEXTS`", "missing")
+    return await bearer_caller(state, client, credentials.credentials)
+
+
+async def bearer_caller(state: AppState, client: str, token: str) -> Principal:
+    """The agent of the bearer API key ``token`` (authentication on), after its rate limit:
+    what :func:`get_caller` answers for a request with ``Authorization: Bearer <token>``
+    from address ``client`` (also called directly by the lean read path).
+
+    Raises:
+        HTTPException: 401 (invalid or revoked key), 429 (rate limit, or too many failed
+            authentications from ``client``), 503 (the database is unreachable).
+    """
+    limiter = state.limiter
     failures = f"authfail:{client}"
     wait = limiter.exhausted(failures)
     if wait is not None:
         raise too_many_requests(f"too many failed authentications from {client}", wait)
     try:
-        key = await state.live.authenticate(credentials.credentials)
+        key = await state.live.authenticate(token)
     except AuthError as exc:
         limiter.acquire(failures)
         raise unauthorized(str(exc), exc.reason) from None

@@ -76,6 +76,13 @@ LISTEN_CHECK_S = 2.0
 DEFAULT_CACHE_SIZE = 100_000
 """Self-models kept per API process (least recently used dropped first)."""
 
+MAX_LOADERS = 4
+"""Self-model queries in flight at once per API process; misses arriving meanwhile wait
+and are loaded together by the next query."""
+
+MAX_LOAD_BATCH = 64
+"""Most subjects loaded by one self-model query."""
+
 _BELIEF_COLUMNS = ("context, attribute, value, confidence, alternatives, sources, support, "
                    "source_count, last_observed_at, updated_at")
 _NAMES = tuple(_BELIEF_COLUMNS.split(", "))  # BeliefOut's fields, in its order
@@ -221,12 +228,15 @@ class LiveReads:
         self.pool: AsyncConnectionPool | None = None
         self.listening = False
         self.generation = 0
-        self.stats = {"hits": 0, "misses": 0, "notifications": 0}
+        self.stats = {"hits": 0, "misses": 0, "loads": 0, "notifications": 0}
         self._keys: dict[str, tuple[ApiKey, bytes]] = {}
         self._verified: dict[str, tuple[bytes, bytes]] = {}
         self._restricted: frozenset[str] | None = None
         self._active: Active | None = None
         self._models: OrderedDict[tuple[str, str], SelfModel] = OrderedDict()
+        self._loads: dict[tuple[str, str], asyncio.Future[SelfModel]] = {}
+        self._queued: list[tuple[str, str]] = []
+        self._loaders: set[asyncio.Task] = set()
         self._watchers: dict[str, set[asyncio.Event]] = {}
         self._listener: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -252,6 +262,8 @@ class LiveReads:
         """Stop listening, wake every watcher (they end) and close the pool."""
         self._closing = True
         self._wake_all()
+        for task in list(self._loaders):
+            task.cancel()
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -474,7 +486,16 @@ class LiveReads:
         return found
 
     async def self_model(self, schema: str, subject_id: str) -> SelfModel:
-        """The subject's beliefs in ``schema``: from memory, or one query."""
+        """The subject's beliefs in ``schema``: from memory, or loaded from the database.
+
+        Misses are coalesced: at most :data:`MAX_LOADERS` queries run at once, each loading
+        up to :data:`MAX_LOAD_BATCH` waiting subjects (``subject_id = ANY(...)``), and
+        concurrent reads of one subject share its load; under load, many misses cost one
+        round trip.
+
+        Raises:
+            Unavailable: the database did not answer within :data:`QUERY_TIMEOUT_S`.
+        """
         key = (schema, subject_id)
         if self.listening:
             hit = self._models.get(key)
@@ -485,16 +506,56 @@ class LiveReads:
                 return hit
         self.stats["misses"] += 1
         record_cache("self_model", False)
-        generation = self.generation
-        rows = await self._fetch(
-            f'SELECT {_BELIEF_COLUMNS} FROM "{schema}".beliefs WHERE subject_id = %s '
-            "ORDER BY context, attribute", (subject_id,))
-        model = SelfModel.of_rows(subject_id, rows)
-        if self.listening and generation == self.generation:
-            self._models[key] = model
-            while len(self._models) > self.cache_size:
-                self._models.popitem(last=False)
-        return model
+        future = self._loads.get(key)
+        if future is None:
+            future = self._loads[key] = asyncio.get_running_loop().create_future()
+            future.add_done_callback(_quiet)
+            self._queued.append(key)
+            if len(self._loaders) < MAX_LOADERS:
+                task = asyncio.ensure_future(self._load_queued())
+                self._loaders.add(task)
+                task.add_done_callback(self._loaders.discard)
+        # shielded: a reader that goes away does not cancel the others' load
+        return await asyncio.shield(future)
+
+    async def _load_queued(self) -> None:
+        """Load the waiting subjects, :data:`MAX_LOAD_BATCH` per query, until none wait."""
+        while self._queued:
+            batch, self._queued = self._queued[:MAX_LOAD_BATCH], self._queued[MAX_LOAD_BATCH:]
+            by_schema: dict[str, list[str]] = {}
+            for schema, subject in batch:
+                by_schema.setdefault(schema, []).append(subject)
+            for schema, subjects in by_schema.items():
+                # The futures leave _loads as the query starts: a read arriving from now
+                # on queues a load of its own, so it never gets an answer older than itself.
+                futures = {s: self._loads.pop((schema, s)) for s in subjects}
+                generation = self.generation
+                self.stats["loads"] += 1
+                try:
+                    rows = await self._fetch(
+                        f'SELECT subject_id, {_BELIEF_COLUMNS} FROM "{schema}".beliefs '
+                        "WHERE subject_id = ANY(%s) ORDER BY subject_id, context, attribute",
+                        (subjects,))
+                except BaseException as exc:
+                    for future in futures.values():
+                        if not future.done():
+                            future.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                found: dict[str, list[Any]] = {}
+                for row in rows:
+                    found.setdefault(row[0], []).append(row[1:])
+                keep = self.listening and generation == self.generation
+                for subject in subjects:
+                    model = SelfModel.of_rows(subject, found.get(subject, ()))
+                    if keep:
+                        self._models[(schema, subject)] = model
+                    future = futures[subject]
+                    if not future.done():
+                        future.set_result(model)
+                while len(self._models) > self.cache_size:
+                    self._models.popitem(last=False)
 
     async def known(self, schema: str, model: SelfModel, scope: ContextScope) -> bool:
         """Whether the subject has any belief or observation in a context ``scope`` allows

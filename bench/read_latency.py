@@ -318,6 +318,13 @@ def run(ctx: common.Context, *, subjects: int, seconds: int, probes: int,
                 f"{f.get('visible_p50_ms')} ms, p99 {f.get('visible_p99_ms')} ms; POST → watch "
                 f"event p50 {f.get('watch_p50_ms')} ms, p99 {f.get('watch_p99_ms')} ms"
                 + (f"; {f['missing']} missing" if f["missing"] else ""))
+    except BaseException:
+        for name in ("api.log", "projector.log"):  # what the servers said, before it is gone
+            if (home / name).exists():
+                tail = (home / name).read_text(errors="replace").splitlines()[-40:]
+                common.console.print(f"--- last lines of {name} ---", *tail, sep="\n",
+                                     markup=False, highlight=False)
+        raise
     finally:
         catalog.dispose()
         ctx.drop_schemas(catalog.schema_for("self_model"), base)
