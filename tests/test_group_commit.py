@@ -1,9 +1,10 @@
 """The producer's group commit (``events.producer.GroupCommit``) under concurrent callers:
-every caller gets its own event's result, at most two groups are flushed at once (the
-next group's work overlaps the previous one's wait for the broker), and a group holding
-an erasure is flushed alone. The flush here is a plain function that records what it was
-given (the grouping logic alone; the end-to-end path runs on the real broker in
-test_api.py, test_hot_ingest.py and test_erasure.py)."""
+every caller gets its own event's result, one group is flushed at a time by default and
+at most two with ``max_inflight=2`` (the next group's work overlaps the previous one's
+wait for the broker), where a group holding an erasure is flushed alone. The flush here
+is a plain function that records what it was given (the grouping logic alone; the
+end-to-end path runs on the real broker in test_api.py, test_hot_ingest.py and
+test_erasure.py)."""
 
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def run(commit: GroupCommit, events: list[Event]) -> dict[str, Receipt]:
 def test_each_caller_gets_its_own_receipt_and_two_groups_overlap():
     flush = Recorder(0.02)
     events: list[Event] = [observed(f"s{i}") for i in range(120)]
-    results = run(GroupCommit(flush), events)
+    results = run(GroupCommit(flush, max_inflight=2), events)
     assert set(results) == {e.event_id for e in events}
     assert all(results[e.event_id].event_id == e.event_id for e in events)
     assert len({r.offset for r in results.values()}) == len(events)
@@ -88,14 +89,24 @@ def test_a_group_with_an_erasure_is_flushed_alone():
     events: list[Event] = []
     for i in range(150):
         events.append(erased(f"s{i % 7}") if i % 10 == 5 else observed(f"s{i % 7}"))
-    results = run(GroupCommit(flush), events)
+    results = run(GroupCommit(flush, max_inflight=2), events)
     assert set(results) == {e.event_id for e in events}
     assert not flush.erasure_overlapped
     assert flush.max_active == 2
 
 
-def test_one_group_at_a_time_when_asked():
+def test_one_group_at_a_time_by_default():
     flush = Recorder(0.01)
     events: list[Event] = [observed(f"s{i}") for i in range(40)]
-    run(GroupCommit(flush, max_inflight=1), events)
-    assert flush.max_active == 1
+    results = run(GroupCommit(flush), events)
+    assert set(results) == {e.event_id for e in events}
+    assert flush.max_active == 1 and len(flush.groups) < len(events)
+
+
+def test_the_leaders_own_event_is_always_in_its_group():
+    """More callers than ``max_group``: every one still gets its receipt."""
+    flush = Recorder(0.01)
+    events: list[Event] = [observed(f"s{i}") for i in range(60)]
+    results = run(GroupCommit(flush, max_group=4), events)
+    assert set(results) == {e.event_id for e in events}
+    assert max(len(g) for g in flush.groups) <= 4
