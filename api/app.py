@@ -78,6 +78,8 @@ def create_app(settings: Settings, catalog: ProjectionCatalog,
         redoc_url=None,
     )
     app.state.beliefstore = state
+    # POST /v1/observations without FastAPI's per-request work (inside the body limit)
+    app.add_middleware(ingest.HotIngest, state=state)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        path_limits={"/v1/observations:batch": ingest.BATCH_MAX_BYTES})
     # the handoff reads of now, without FastAPI's per-request dependency resolution

@@ -5,13 +5,25 @@ validated, produced, acknowledged.
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 
+import orjson
 from fastapi import APIRouter, HTTPException
 from pydantic import ValidationError as PydanticValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from beliefstore.access.scopes import WILDCARD, Principal, format_scope
-from beliefstore.api.deps import RETRY_AFTER_S, AppState, Caller, State
+from beliefstore.api.deps import (
+    RETRY_AFTER_S,
+    AppState,
+    Caller,
+    State,
+    bearer_caller,
+    unavailable,
+)
+from beliefstore.api.live import Unavailable
 from beliefstore.api.models import (
     BatchIn,
     BatchItemOut,
@@ -20,6 +32,7 @@ from beliefstore.api.models import (
     ObservationIn,
     ReceiptOut,
 )
+from beliefstore.api.routes.reads import _error
 from beliefstore.api.security import (
     WRITE_RESPONSES,
     forbidden,
@@ -57,9 +70,7 @@ def post_observation(caller: Caller, body: ObservationIn, state: State) -> Recei
     try:
         receipt = state.producer().send(event)
     except ProduceError as exc:
-        raise HTTPException(503, f"{exc}; retry later (with the same event_id the "
-                            "retry is safe: events are deduplicated by event_id)",
-                            headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+        raise _broker_down(exc) from exc
     return ReceiptOut(**receipt.__dict__)
 
 
@@ -129,12 +140,25 @@ def _event(caller: Principal, body: ObservationIn, state: AppState) -> Observati
         metadata=dict(body.metadata) if body.metadata is not None else {},
     ))
     if not caller.unrestricted:
+        check_writable(caller, event, state.restricted(caller))
+    return event
+
+
+def check_writable(caller: Principal, event: ObservationRecorded,
+                   restricted: frozenset[str]) -> None:
+    """403 unless ``caller`` may post ``event``: its source is the key's agent and its
+    context is in the key's write scope (``restricted``: the restricted contexts, which
+    ``*`` does not cover).
+
+    Raises:
+        HTTPException: 403, naming the source or context and the fix.
+    """
+    if not caller.unrestricted:
         if event.source != caller.agent:
             raise forbidden(
                 f"source {event.source!r} is not this key's agent: observations posted with "
                 f"{caller.describe()} must have source {caller.agent!r}. An agent records "
                 f"only its own observations; {event.source!r} needs its own key")
-        restricted = state.restricted(caller)
         if not caller.may_write(event.context, restricted):
             why = (f"context {event.context!r} is restricted and * does not cover it"
                    if event.context in restricted and WILDCARD in caller.write else
@@ -144,4 +168,169 @@ def _event(caller: Principal, body: ObservationIn, state: AppState) -> Observati
                 f"{caller.describe()} may not write context {event.context!r}: {why}; ask "
                 f"an admin for a key made with `beliefstore keys create --agent "
                 f"{caller.agent} --write {event.context}`")
-    return event
+
+
+# -- the lean lane -------------------------------------------------------------------------
+
+_POST_PATH = "/v1/observations"
+#: The body fields the lane builds an event from: what :class:`ObservationIn` allows.
+_FIELDS = frozenset(ObservationIn.model_fields)
+_REQUIRED_TEXT = ("subject_id", "context", "attribute", "value", "source")
+
+
+@dataclass(frozen=True)
+class _Template:
+    """What :class:`~beliefstore.api.metrics.MetricsMiddleware` reads of a route."""
+
+    path: str
+
+
+_POST_TEMPLATE = _Template(_POST_PATH)
+
+
+class HotIngest:
+    """Pure ASGI middleware answering ``POST /v1/observations`` without FastAPI's
+    per-request work (dependency resolution, the pydantic body and response models, the
+    hop of a sync route): it parses the body with orjson, builds and validates the event
+    with the route's own rules (:func:`~beliefstore.events.validation.validate`), checks
+    the key like the route (:func:`bearer_caller`: 401/429/503; :func:`check_writable`:
+    403 naming the source or context), produces it through the same group-committing
+    producer and answers ``201`` with the :class:`ReceiptOut` JSON only once the broker
+    has acknowledged the event (``acks=all``), or ``503`` with ``Retry-After`` as the route
+    does. The metrics see the route's template.
+
+    It takes only requests whose body is a JSON object of exactly the types the route's
+    model accepts in strict mode (strings; ``confidence`` a number; ``occurred_at`` an
+    integer or absent; ``metadata`` an object of strings) and whose event is valid, with
+    authentication on, a ``Bearer`` key and ``Content-Type: application/json``. Everything
+    else — an invalid field (so the route's 422 names it), an ISO 8601 ``occurred_at``,
+    unparseable JSON, no key, auth off — goes on to the FastAPI route with the body
+    unchanged. It must sit inside :class:`~beliefstore.api.security.BodyLimitMiddleware`
+    (the body it reads is already within the limit).
+
+    Args:
+        app: the next ASGI app.
+        state: the API's :class:`AppState`.
+    """
+
+    def __init__(self, app: ASGIApp, state: AppState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" \
+                or scope["path"] != _POST_PATH or scope.get("root_path") \
+                or not self.state.settings.auth:
+            await self.app(scope, receive, send)
+            return
+        token, json_body = _headers(scope)
+        if token is None or not json_body:
+            await self.app(scope, receive, send)
+            return
+        messages: list[Message] = []
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        event = _lane_event(b"".join(chunks)) if messages[-1]["type"] == "http.request" \
+            else None
+        if event is None:
+            await self.app(scope, replay, send)
+            return
+        scope["route"] = _POST_TEMPLATE  # the metrics' label, as for the FastAPI route
+        state = self.state
+        client = scope.get("client")
+        try:
+            caller = await bearer_caller(state, client[0] if client else "unknown", token)
+            check_writable(caller, event, await state.restricted_async(caller))
+        except HTTPException as exc:
+            await _error(scope, replay, send, exc)
+            return
+        except Unavailable as exc:
+            await _error(scope, replay, send, unavailable(str(exc)))
+            return
+        try:
+            receipt = await run_in_threadpool(_send, state, event)
+        except ProduceError as exc:
+            await _error(scope, replay, send, _broker_down(exc))
+            return
+        body = orjson.dumps({"event_id": receipt.event_id, "topic": receipt.topic,
+                             "partition": receipt.partition, "offset": receipt.offset})
+        await send({"type": "http.response.start", "status": 201, "headers": [
+            (b"content-length", str(len(body)).encode("ascii")),
+            (b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _send(state: AppState, event: ObservationRecorded) -> Receipt:
+    """Produce ``event`` and wait for its acknowledgement (in a worker thread)."""
+    return state.producer().send(event)
+
+
+def _broker_down(exc: ProduceError) -> HTTPException:
+    """The 503 of an event the broker did not acknowledge."""
+    return HTTPException(503, f"{exc}; retry later (with the same event_id the retry is "
+                         "safe: events are deduplicated by event_id)",
+                         headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def _headers(scope: Scope) -> tuple[str | None, bool]:
+    """The bearer credentials (as :func:`beliefstore.api.routes.reads._bearer`) and whether
+    the body is declared ``application/json``."""
+    token: str | None = None
+    seen_auth = json_body = False
+    for name, value in scope["headers"]:
+        if name == b"authorization" and not seen_auth:
+            seen_auth = True
+            scheme, _, credentials = value.decode("latin-1").partition(" ")
+            credentials = credentials.strip()
+            token = credentials if scheme.lower() == "bearer" and credentials else None
+        elif name == b"content-type":
+            json_body = value.split(b";", 1)[0].strip().lower() == b"application/json"
+    return token, json_body
+
+
+def _lane_event(raw: bytes) -> ObservationRecorded | None:
+    """The valid event of a POST body, or ``None``: leave the request to the FastAPI route
+    (not JSON, unusual types, or any field the route would refuse)."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if type(body) is not dict or not _FIELDS.issuperset(body):
+        return None
+    for name in _REQUIRED_TEXT:
+        if type(body.get(name)) is not str:
+            return None
+    confidence = body.get("confidence")
+    if type(confidence) not in (float, int):
+        return None
+    for name in ("evidence", "event_id"):
+        if body.get(name) is not None and type(body[name]) is not str:
+            return None
+    metadata = body.get("metadata")
+    if metadata is not None and (type(metadata) is not dict
+                                 or any(type(v) is not str for v in metadata.values())):
+        return None
+    occurred = body.get("occurred_at")
+    if occurred is not None and type(occurred) is not int:
+        return None
+    try:
+        return validate(ObservationRecorded(  # type: ignore[return-value]
+            event_id=body.get("event_id") or str(uuid.uuid4()),
+            subject_id=body["subject_id"], source=body["source"],
+            occurred_at=now_millis() if occurred is None else occurred,
+            context=body["context"], attribute=body["attribute"], value=body["value"],
+            confidence=confidence, evidence=body.get("evidence"),
+            metadata=metadata if metadata is not None else {}))
+    except ValidationError:
+        return None

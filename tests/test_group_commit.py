@@ -1,0 +1,112 @@
+"""The producer's group commit (``events.producer.GroupCommit``) under concurrent callers:
+every caller gets its own event's result, one group is flushed at a time by default and
+at most two with ``max_inflight=2`` (the next group's work overlaps the previous one's
+wait for the broker), where a group holding an erasure is flushed alone. The flush here
+is a plain function that records what it was given (the grouping logic alone; the
+end-to-end path runs on the real broker in test_api.py, test_hot_ingest.py and
+test_erasure.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+
+from beliefstore.events.model import Event, ObservationRecorded, SubjectErased
+from beliefstore.events.producer import GroupCommit, Receipt
+
+
+def observed(subject: str) -> ObservationRecorded:
+    return ObservationRecorded(str(uuid.uuid4()), subject, "agent", 0, "support", "mood",
+                               "calm", 0.5)
+
+
+def erased(subject: str) -> SubjectErased:
+    return SubjectErased(str(uuid.uuid4()), subject, "agent", 0)
+
+
+class Recorder:
+    """A flush that takes ``delay_s`` and records the groups and their overlap."""
+
+    def __init__(self, delay_s: float):
+        self.delay_s = delay_s
+        self.lock = threading.Lock()
+        self.active: list[list[Event]] = []
+        self.groups: list[list[Event]] = []
+        self.max_active = 0
+        self.erasure_overlapped = False
+        self.offset = 0
+
+    def __call__(self, events: Sequence[Event]) -> list[Receipt]:
+        group = list(events)
+        with self.lock:
+            self.active.append(group)
+            self.groups.append(group)
+            self.max_active = max(self.max_active, len(self.active))
+            if len(self.active) > 1 and any(isinstance(e, SubjectErased)
+                                            for g in self.active for e in g):
+                self.erasure_overlapped = True
+        time.sleep(self.delay_s)
+        with self.lock:
+            self.active.remove(group)
+            receipts = []
+            for e in group:
+                receipts.append(Receipt(e.event_id, "t", 0, self.offset))
+                self.offset += 1
+        return receipts
+
+
+def run(commit: GroupCommit, events: list[Event]) -> dict[str, Receipt]:
+    results: dict[str, Receipt] = {}
+
+    def call(e: Event) -> None:
+        results[e.event_id] = commit.submit(e)
+
+    threads = [threading.Thread(target=call, args=(e,)) for e in events]
+    for t in threads:
+        t.start()
+        time.sleep(0.001)
+    for t in threads:
+        t.join(30)
+    return results
+
+
+def test_each_caller_gets_its_own_receipt_and_two_groups_overlap():
+    flush = Recorder(0.02)
+    events: list[Event] = [observed(f"s{i}") for i in range(120)]
+    results = run(GroupCommit(flush, max_inflight=2), events)
+    assert set(results) == {e.event_id for e in events}
+    assert all(results[e.event_id].event_id == e.event_id for e in events)
+    assert len({r.offset for r in results.values()}) == len(events)
+    assert flush.max_active == 2  # never more than two, and the second did start
+    assert len(flush.groups) < len(events)  # callers were grouped
+    assert sorted(e.event_id for g in flush.groups for e in g) == sorted(results)
+
+
+def test_a_group_with_an_erasure_is_flushed_alone():
+    flush = Recorder(0.01)
+    events: list[Event] = []
+    for i in range(150):
+        events.append(erased(f"s{i % 7}") if i % 10 == 5 else observed(f"s{i % 7}"))
+    results = run(GroupCommit(flush, max_inflight=2), events)
+    assert set(results) == {e.event_id for e in events}
+    assert not flush.erasure_overlapped
+    assert flush.max_active == 2
+
+
+def test_one_group_at_a_time_by_default():
+    flush = Recorder(0.01)
+    events: list[Event] = [observed(f"s{i}") for i in range(40)]
+    results = run(GroupCommit(flush), events)
+    assert set(results) == {e.event_id for e in events}
+    assert flush.max_active == 1 and len(flush.groups) < len(events)
+
+
+def test_the_leaders_own_event_is_always_in_its_group():
+    """More callers than ``max_group``: every one still gets its receipt."""
+    flush = Recorder(0.01)
+    events: list[Event] = [observed(f"s{i}") for i in range(60)]
+    results = run(GroupCommit(flush, max_group=4), events)
+    assert set(results) == {e.event_id for e in events}
+    assert max(len(g) for g in flush.groups) <= 4
