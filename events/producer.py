@@ -75,8 +75,7 @@ class GroupCommit:
     a group holding an erasure is then flushed alone (it starts once no group is in
     flight, and none starts until it is done), so the erasure's keys are destroyed before
     any event of a later group is sealed. :class:`BeliefProducer` uses 1: on the durable
-    embedded broker two gave no more accepted requests and a worse freshness
-    (bench/README.md, section 8).
+    embedded broker two gave no more accepted requests (bench/README.md, section 8).
 
     Args:
         flush: produces a list of events and returns one result per event, in order
