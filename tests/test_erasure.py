@@ -111,3 +111,24 @@ def test_master_key_errors_name_the_fix(tmp_path):
     key = load_master_key(tmp_path, {})
     assert len(key) == 32 and (tmp_path / "master.key").stat().st_mode & 0o777 == 0o600
     assert load_master_key(tmp_path, {}) == key  # generated once, then reused
+
+
+def test_a_process_that_cached_a_key_never_seals_with_it_after_an_erasure(settings, catalog):
+    """The API's processes each cache subjects' data keys; the projector destroys them
+    in another process when it folds an erasure. An observation written after the erasure
+    by a process that had cached the old key must still be readable (it was sealed with a
+    destroyed key, so shredded, and its 201 silently lost, before the keyring checked its
+    cached keys)."""
+    with BeliefProducer.from_settings(settings) as api_process:
+        api_process.observe("dave", "support", "address", SECRET, 0.9, source="triage_agent")
+        with BeliefProducer.from_settings(settings) as privacy_tool:
+            privacy_tool.erase("dave", source="privacy_officer")
+        project(settings, catalog)
+        assert "dave" not in subjects_of(catalog)
+        api_process.observe("dave", "support", "address", "Rue Neuve 2", 0.9,
+                            source="triage_agent")
+    project(settings, catalog)
+    assert "dave" in subjects_of(catalog)
+    [row] = [b for k, b in read_beliefs(catalog.engine(catalog.active().schema)).items()
+             if k[0] == "dave"]
+    assert row.value == "Rue Neuve 2"

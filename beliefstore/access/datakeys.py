@@ -140,36 +140,16 @@ class Keyring:
                                "(BELIEFSTORE_MASTER_KEY changed?)") from exc
 
     def data_key(self, subject_id: str, now_ms: int) -> tuple[str, bytes]:
-        """The subject's current data key ``(key_id, key)``, created if it has none alive."""
-        with self._lock:
-            if subject_id in self._active:
-                return self._active[subject_id]
-        self._ensure()
-        t = self.table
-        with self.engine.begin() as conn:
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:s))"),
-                         {"s": f"subject-key:{subject_id}"})
-            row = conn.execute(sa.select(t.c.key_id, t.c.wrapped).where(
-                t.c.subject_id == subject_id, t.c.wrapped.is_not(None))
-                .order_by(t.c.created_at.desc()).limit(1)).first()
-            if row is not None:
-                found = (row.key_id, self._unwrap(row.wrapped, row.key_id))
-            else:
-                key_id, key = str(uuid.uuid4()), AESGCM.generate_key(bit_length=256)
-                conn.execute(t.insert().values(key_id=key_id, subject_id=subject_id,
-                                               wrapped=self._wrap(key, key_id),
-                                               created_at=now_ms))
-                found = (key_id, key)
-        with self._lock:
-            self._active[subject_id] = found
-            self._cache[found[0]] = found[1]
-        return found
+        """The subject's current data key ``(key_id, key)``, created if it has none alive
+        (:meth:`data_keys` for one subject)."""
+        return self.data_keys([subject_id], now_ms)[subject_id]
 
     def data_keys(self, subject_ids: Iterable[str], now_ms: int) -> dict[str, tuple[str, bytes]]:
         """The current data keys of many subjects at once, ``{subject_id: (key_id, key)}``.
 
-        Same result as :meth:`data_key` per subject, but the subjects without a cached key
-        are looked up and, where missing, created in one transaction (the per-subject
+        Keys cached by this process are checked against the table in one query (a key
+        destroyed by another process is dropped and replaced). The subjects without a
+        live cached key are looked up and, where missing, created in one transaction (the per-subject
         advisory locks taken in sorted order, so concurrent callers cannot deadlock): one
         commit for a whole group of new subjects instead of one each.
         """
@@ -179,11 +159,24 @@ class Keyring:
             for subject in wanted:
                 if subject in self._active:
                     found[subject] = self._active[subject]
+        self._ensure()
+        t = self.table
+        if found:
+            # Another process (the projector folding an erasure) may have destroyed a
+            # cached key: one query checks them all, so a new observation is never sealed
+            # with a destroyed key (it would be unreadable, its 201 a silent loss).
+            with self.engine.connect() as conn:
+                destroyed = set(conn.execute(sa.select(t.c.subject_id).where(
+                    t.c.key_id.in_([key_id for key_id, _ in found.values()]),
+                    t.c.wrapped.is_(None))).scalars())
+            if destroyed:
+                with self._lock:
+                    for subject in destroyed:
+                        found.pop(subject, None)
+                        self._active.pop(subject, None)
         missing = sorted(wanted - found.keys())
         if not missing:
             return found
-        self._ensure()
-        t = self.table
         with self.engine.begin() as conn:
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(s)) "
                                  "FROM unnest(CAST(:s AS text[])) AS s ORDER BY s"),
