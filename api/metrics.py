@@ -10,6 +10,7 @@ projector's (:mod:`beliefstore.projector.metrics`) when both run in one process
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -34,6 +35,15 @@ CACHE_LOOKUPS = Counter(
 def record_cache(cache: str, hit: bool) -> None:
     """Count one lookup in the read cache named ``cache`` (call it where the cache is read)."""
     CACHE_LOOKUPS.labels(cache, "hit" if hit else "miss").inc()
+
+
+@dataclass(frozen=True)
+class RouteTemplate:
+    """What :class:`MetricsMiddleware` reads of a route (``scope["route"].path``): a lane
+    that answers without routing sets it so its requests count under the route's
+    template."""
+
+    path: str
 
 
 class MetricsMiddleware:
@@ -64,4 +74,5 @@ class MetricsMiddleware:
                 time.perf_counter() - start)
 
 
-__all__ = ["CACHE_LOOKUPS", "REQUEST_SECONDS", "MetricsMiddleware", "record_cache"]
+__all__ = ["CACHE_LOOKUPS", "REQUEST_SECONDS", "MetricsMiddleware", "RouteTemplate",
+           "record_cache"]

@@ -5,7 +5,6 @@ validated, produced, acknowledged.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from datetime import datetime
 
 import orjson
@@ -24,6 +23,7 @@ from beliefstore.api.deps import (
     unavailable,
 )
 from beliefstore.api.live import Unavailable
+from beliefstore.api.metrics import RouteTemplate
 from beliefstore.api.models import (
     BatchIn,
     BatchItemOut,
@@ -178,14 +178,7 @@ _FIELDS = frozenset(ObservationIn.model_fields)
 _REQUIRED_TEXT = ("subject_id", "context", "attribute", "value", "source")
 
 
-@dataclass(frozen=True)
-class _Template:
-    """What :class:`~beliefstore.api.metrics.MetricsMiddleware` reads of a route."""
-
-    path: str
-
-
-_POST_TEMPLATE = _Template(_POST_PATH)
+_POST_TEMPLATE = RouteTemplate(_POST_PATH)
 
 
 class HotIngest:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import time as time_module
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
@@ -39,7 +38,8 @@ from beliefstore.api.deps import (
     unavailable,
     unknown_subject,
 )
-from beliefstore.api.live import Unavailable
+from beliefstore.api.live import SelfModel, Unavailable
+from beliefstore.api.metrics import RouteTemplate
 from beliefstore.api.models import (
     BeliefOut,
     BeliefsOut,
@@ -154,10 +154,10 @@ async def subject_beliefs(
                               .model_dump(mode="json")))
 
 
-async def self_model_now(state: AppState, caller: Principal, subject_id: str,
-                         max_age_s: float | None) -> bytes:
-    """The ``SelfModelOut`` JSON of the subject now, as ``caller`` may see it, from the live
-    caches or one query (and the access-log entry of the read).
+async def _visible_model(state: AppState, caller: Principal,
+                         subject_id: str) -> tuple[SelfModel, ContextScope]:
+    """The subject's cached self-model in the active projection and ``caller``'s read
+    scope, after the 404 when the caller may see nothing of the subject.
 
     Raises:
         HTTPException: 403 (the key reads no context), 404 (nothing the caller may see).
@@ -168,6 +168,19 @@ async def self_model_now(state: AppState, caller: Principal, subject_id: str,
     model = await state.live.self_model(active.schema, subject_id)
     if not model.count(scope) and not await state.live.known(active.schema, model, scope):
         raise unknown_subject(subject_id)
+    return model, scope
+
+
+async def self_model_now(state: AppState, caller: Principal, subject_id: str,
+                         max_age_s: float | None) -> bytes:
+    """The ``SelfModelOut`` JSON of the subject now, as ``caller`` may see it, from the live
+    caches or one query (and the access-log entry of the read).
+
+    Raises:
+        HTTPException: 403 (the key reads no context), 404 (nothing the caller may see).
+        Unavailable: the database did not answer (503).
+    """
+    model, scope = await _visible_model(state, caller, subject_id)
     body, names, count = model.self_model_json(scope, time_module.time(), max_age_s)
     record_access(state, caller, subject_id, "self-model", names, count)
     return body
@@ -182,11 +195,7 @@ async def beliefs_now(state: AppState, caller: Principal, subject_id: str, conte
         HTTPException: 403 (the key reads no context), 404 (nothing the caller may see).
         Unavailable: the database did not answer (503).
     """
-    scope = scope_of(caller, await state.restricted_async(caller))
-    active = await state.live.active()
-    model = await state.live.self_model(active.schema, subject_id)
-    if not model.count(scope) and not await state.live.known(active.schema, model, scope):
-        raise unknown_subject(subject_id)
+    model, scope = await _visible_model(state, caller, subject_id)
     body, contexts = model.beliefs_json(scope, context, min_confidence, time_module.time(),
                                         max_age_s)
     record_access(state, caller, subject_id, "beliefs", contexts, len(contexts))
@@ -199,15 +208,8 @@ _PREFIX = "/v1/subjects/"
 _NUMBER = re.compile(r"\d{1,15}(\.\d{1,15})?")  # what the lane parses itself
 
 
-@dataclass(frozen=True)
-class _Template:
-    """What :class:`~beliefstore.api.metrics.MetricsMiddleware` reads of a route."""
-
-    path: str
-
-
-_SELF_MODEL = _Template("/v1/subjects/{subject_id}/self-model")
-_BELIEFS = _Template("/v1/subjects/{subject_id}/beliefs")
+_SELF_MODEL = RouteTemplate("/v1/subjects/{subject_id}/self-model")
+_BELIEFS = RouteTemplate("/v1/subjects/{subject_id}/beliefs")
 
 
 class HotReads:
