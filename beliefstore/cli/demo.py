@@ -28,9 +28,6 @@ from rich.console import Console
 from beliefstore.cli.common import console as stdout
 from beliefstore.cli.common import fail, load_settings, print_self_model, print_trace, setup_logging
 from beliefstore.errors import BeliefstoreError
-from beliefstore.events.producer import BeliefProducer, Receipt
-from beliefstore.projector.catalog import ProjectionCatalog
-from beliefstore.runtime.serve import wait_projected
 from beliefstore.settings import Settings, read_state
 from beliefstore.timefmt import now_millis
 
@@ -64,8 +61,12 @@ def run_demo(settings: Settings, console: Console) -> str:
     used; otherwise the embedded services (data under ``.beliefstore/``), a projector
     and the API are started for the demo and stopped at its end.
     """
+    # imported here, not at the top: they pull in the API app, Kafka and SQLAlchemy, and
+    # every `beliefstore` command (its --help too) would pay for them at start-up
     from beliefstore.embedded import free_port
-    from beliefstore.runtime.serve import ApiServer, ProjectorThread
+    from beliefstore.events.producer import BeliefProducer, Receipt
+    from beliefstore.projector.catalog import ProjectionCatalog
+    from beliefstore.runtime.serve import ApiServer, ProjectorThread, wait_projected
     from beliefstore.runtime.startup import prepare, start_missing_services
 
     subject = f"customer-{uuid.uuid4().hex[:8]}"
