@@ -349,15 +349,21 @@ class ApiProcesses:
                 "--host", self.host, "--port", str(self.port), "--workers", str(self.workers)]
         self._proc = spawn(argv, self.log_path, env)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                break
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        try:
+            while time.monotonic() < deadline:
+                if self._proc.poll() is not None:
+                    break
+                try:
+                    if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+        except BaseException:
+            # SIGTERM/Ctrl-C while waiting (a client may see /healthz answer first): the
+            # caller has not registered stop() yet, so stop the processes here
+            self.stop()
+            raise
         self.stop()
         raise RuntimeError(f"the API processes did not start on {self.url}; see {self.log_path}")
 
