@@ -305,8 +305,10 @@ class EmbeddedKafka(EmbeddedService):
                     admin = KafkaAdminClient(
                         bootstrap_servers=self.bootstrap_servers,
                         client_id="beliefstore-services-probe",
-                        bootstrap_timeout_ms=min(remaining_ms, 5000),
-                        request_timeout_ms=min(remaining_ms, 5000),
+                        # short per probe (a failed one is retried until the deadline):
+                        # a program squatting the port that never answers costs 2 s, not 5
+                        bootstrap_timeout_ms=min(remaining_ms, 2000),
+                        request_timeout_ms=min(remaining_ms, 2000),
                     )
                     try:
                         cluster = admin.describe_cluster()
