@@ -1,6 +1,10 @@
 """Shared fixtures: one broker and one PostgreSQL server per test session (real ones,
 over sockets), and per test its own topic and its own PostgreSQL schema.
 
+The suite runs in two pytest-xdist worker processes (``-n 2`` in pyproject's addopts;
+``-n 0`` runs it in one): each worker is a session of its own, with its own broker,
+PostgreSQL (on free ports) and temporary directory, stopped at its end.
+
 The API runs with authentication on, as shipped: tests that read or write through it
 send ``auth`` (headers with ``api_key``, a key of agent ``triage_agent`` that reads and
 writes every unrestricted context and is an admin); ``make_key`` makes others.
@@ -15,7 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -54,12 +60,32 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     """SIGTERM (a CI time limit, ``timeout``, a supervisor) stops the suite like Ctrl-C:
     pytest then tears the fixtures down, so the session's embedded PostgreSQL (which
-    ``pg_ctl`` daemonizes) and broker are stopped instead of orphaned."""
+    ``pg_ctl`` daemonizes) and broker are stopped instead of orphaned.
+
+    Without ``--basetemp``, the temporary directories go under a fresh
+    ``$TMPDIR/beliefstore-tests-*`` (removed when the run passes), not the shared
+    ``/tmp/pytest-of-USER``: run as root, embedded PostgreSQL runs as its own user, which
+    needs to traverse that folder, and every pytest session that starts meanwhile (another
+    checkout's) resets it to mode 0700, which stopped the running servers."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        config.option.basetemp = tempfile.mkdtemp(prefix="beliefstore-tests-")
+        config.stash[_OWN_BASETEMP] = config.option.basetemp
+
+
+_OWN_BASETEMP = pytest.StashKey[str]()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove the run's own temporary folder (see :func:`pytest_configure`) if it passed."""
+    own = session.config.stash.get(_OWN_BASETEMP, None)
+    if own is not None and exitstatus == 0:
+        shutil.rmtree(own, ignore_errors=True)
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:

@@ -29,9 +29,12 @@ def test_produce_with_the_broker_dying_mid_file_reports_and_rerun_is_safe(settin
         proc = subprocess.Popen([str(BELIEFSTORE), "produce", str(path), "--batch", "100"],
                                 env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
-        # let it get some batches acknowledged, then kill the broker under it
+        # let it get some batches acknowledged, then kill the broker under it: more than
+        # one batch (100 records) in the log means the second was sent, so the first was
+        # acknowledged (each batch waits for its acks)
         deadline = time.monotonic() + 60
-        while not read_topic(kafka.bootstrap_servers, local.topic, 2) and proc.poll() is None:
+        while len(read_topic(kafka.bootstrap_servers, local.topic, 2)) <= 100 \
+                and proc.poll() is None:
             assert time.monotonic() < deadline
         kafka.stop(timeout=0)
         out, err = proc.communicate(timeout=120)
