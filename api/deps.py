@@ -62,7 +62,8 @@ class AppState:
         self.access = AccessLogger(settings)
         self.console = ConsoleSessions.of_catalog(catalog)
         # The async read path: pool, LISTEN connection and NOTIFY-invalidated caches.
-        self.live = LiveReads(catalog.database_url, catalog.base_schema)
+        self.live = LiveReads(catalog.database_url, catalog.base_schema,
+                              on_switch=self.follow_switch)
         self._producer = producer
         self._lock = threading.Lock()
 
@@ -73,6 +74,17 @@ class AppState:
         """
         return self.catalog.engine(self.catalog.active().schema).execution_options(
             isolation_level="AUTOCOMMIT")
+
+    def follow_switch(self) -> bool:
+        """After a projection switch (notified, from a worker thread): read the catalog
+        afresh, which closes the old projection's engine and its pooled connections;
+        whether none of them is left (one still in use is closed by a later call).
+
+        Raises:
+            sqlalchemy.exc.SQLAlchemyError, CatalogError: the catalog cannot be read.
+        """
+        self.catalog.refresh(retire_others=True)
+        return not self.catalog.release_retired()
 
     def producer(self) -> BeliefProducer:
         with self._lock:
