@@ -75,16 +75,13 @@ class AppState:
         return self.catalog.engine(self.catalog.active().schema).execution_options(
             isolation_level="AUTOCOMMIT")
 
-    def follow_switch(self) -> bool:
-        """After a projection switch (notified, from a worker thread): read the catalog
-        afresh, which closes the old projection's engine and its pooled connections;
-        whether none of them is left (one still in use is closed by a later call).
-
-        Raises:
-            sqlalchemy.exc.SQLAlchemyError, CatalogError: the catalog cannot be read.
-        """
-        self.catalog.refresh(retire_others=True)
-        return not self.catalog.release_retired()
+    def follow_switch(self, again: bool = False) -> bool:
+        """After a projection switch (notified; from a worker thread): close the engines
+        of the projections read so far and their pooled connections, without a query
+        (the next read opens the active projection's); whether none of them is left. One
+        still in use is closed by a later call with ``again`` (which only retries those)."""
+        busy = self.catalog.release_retired() if again else self.catalog.retire_projections()
+        return not busy
 
     def producer(self) -> BeliefProducer:
         with self._lock:

@@ -240,8 +240,9 @@ class LiveReads:
         cache_size: self-models kept (LRU).
         pool_size: most pooled connections for reads.
         on_switch: called in a worker thread when a projection switch is notified (the
-            API closes the old projection's engine there); returns whether it is done,
-            else it is called again every :data:`SWITCH_RETRY_S` seconds until it is.
+            API closes the old projection's engine there), with ``again=False``; returns
+            whether it is done, else it is called again (``again=True``) every
+            :data:`SWITCH_RETRY_S` seconds until it is.
 
     Use from the API's event loop only: :meth:`start` in the lifespan, :meth:`stop` at
     its end.
@@ -249,7 +250,7 @@ class LiveReads:
 
     def __init__(self, database_url: str, base_schema: str = "public", *,
                  cache_size: int = DEFAULT_CACHE_SIZE, pool_size: int = 10,
-                 on_switch: Callable[[], bool] | None = None):
+                 on_switch: Callable[[bool], bool] | None = None):
         self.conninfo = psycopg_conninfo(database_url)
         self.on_switch = on_switch
         self._followers: set[asyncio.Task] = set()
@@ -405,12 +406,14 @@ class LiveReads:
             return
 
         async def follow() -> None:
+            again = False
             while not self._closing:
                 try:
-                    if await anyio.to_thread.run_sync(on_switch):
+                    if await anyio.to_thread.run_sync(on_switch, again):
                         return
                 except Exception:
                     log.warning("following a projection switch failed", exc_info=True)
+                again = True
                 await asyncio.sleep(SWITCH_RETRY_S)
 
         task = asyncio.ensure_future(follow())

@@ -143,25 +143,27 @@ class ProjectionCatalog:
             engine.dispose()
         return busy
 
-    def refresh(self, *, retire_others: bool = False) -> ProjectionInfo:
-        """The active projection read afresh (not from the ``cache_s`` cache), after a
-        switch notification; closes the retired schemas' engines (:meth:`release_retired`).
-
-        With ``retire_others``, every engine but the base schema's and the active
-        projection's is retired as well: for a process that reads only the active
-        projection (the API), whichever projection it read before.
+    def refresh(self) -> ProjectionInfo:
+        """The active projection read afresh (not from the ``cache_s`` cache); closes the
+        retired schemas' engines (:meth:`release_retired`).
 
         Raises:
             CatalogError: the catalog is empty.
         """
         self._active = None
-        info = self.active()
-        if retire_others:
-            with self._lock:
-                self._retired.update(s for s in self._engines
-                                     if s not in (self.base_schema, info.schema))
-            self.release_retired()
-        return info
+        return self.active()
+
+    def retire_projections(self) -> list[str]:
+        """After a switch notification, in a process that reads only the active projection
+        (the API): forget the cached active projection and retire every engine but the
+        base schema's, without a query (the next read opens the new active projection's
+        engine); then :meth:`release_retired`. Returns the retired schemas whose engines
+        are still in use."""
+        self._active = None
+        with self._lock:
+            self._retired.update(s for s in self._engines if s != self.base_schema)
+            self._active_schema = None
+        return self.release_retired()
 
     def dispose(self) -> None:
         """Close every engine's connections."""
