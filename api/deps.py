@@ -75,12 +75,13 @@ class AppState:
         return self.catalog.engine(self.catalog.active().schema).execution_options(
             isolation_level="AUTOCOMMIT")
 
-    def follow_switch(self, again: bool = False) -> bool:
-        """After a projection switch (notified; from a worker thread): close the engines
-        of the projections read so far and their pooled connections, without a query
-        (the next read opens the active projection's); whether none of them is left. One
-        still in use is closed by a later call with ``again`` (which only retries those)."""
-        busy = self.catalog.release_retired() if again else self.catalog.retire_projections()
+    def follow_switch(self, active_schema: str, again: bool = False) -> bool:
+        """After a projection switch to ``active_schema`` (notified; from a worker thread):
+        close the engines of the other projections read so far and their pooled
+        connections; whether none of them is left. One still in use is closed by a later
+        call with ``again`` (which only retries those)."""
+        busy = (self.catalog.release_retired() if again
+                else self.catalog.retire_projections(active_schema))
         return not busy
 
     def producer(self) -> BeliefProducer:

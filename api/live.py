@@ -239,8 +239,9 @@ class LiveReads:
         base_schema: the catalog's base schema (keys, restricted contexts, projections).
         cache_size: self-models kept (LRU).
         pool_size: most pooled connections for reads.
-        on_switch: called in a worker thread when a projection switch is notified (the
-            API closes the old projection's engine there), with ``again=False``; returns
+        on_switch: called in a worker thread when a projection switch is notified, with
+            the new active projection's schema (read through this pool) and
+            ``again=False`` (the API closes the other projections' engines there); returns
             whether it is done, else it is called again (``again=True``) every
             :data:`SWITCH_RETRY_S` seconds until it is.
 
@@ -250,7 +251,7 @@ class LiveReads:
 
     def __init__(self, database_url: str, base_schema: str = "public", *,
                  cache_size: int = DEFAULT_CACHE_SIZE, pool_size: int = 10,
-                 on_switch: Callable[[bool], bool] | None = None):
+                 on_switch: Callable[[str, bool], bool] | None = None):
         self.conninfo = psycopg_conninfo(database_url)
         self.on_switch = on_switch
         self._followers: set[asyncio.Task] = set()
@@ -409,7 +410,8 @@ class LiveReads:
             again = False
             while not self._closing:
                 try:
-                    if await anyio.to_thread.run_sync(on_switch, again):
+                    schema = (await self.active()).schema
+                    if await anyio.to_thread.run_sync(on_switch, schema, again):
                         return
                 except Exception:
                     log.warning("following a projection switch failed", exc_info=True)

@@ -153,16 +153,18 @@ class ProjectionCatalog:
         self._active = None
         return self.active()
 
-    def retire_projections(self) -> list[str]:
+    def retire_projections(self, active_schema: str) -> list[str]:
         """After a switch notification, in a process that reads only the active projection
-        (the API): forget the cached active projection and retire every engine but the
-        base schema's, without a query (the next read opens the new active projection's
-        engine); then :meth:`release_retired`. Returns the retired schemas whose engines
-        are still in use."""
+        (the API), which it learnt as ``active_schema`` by a query of its own: forget the
+        cached active projection and retire every engine but the base schema's and
+        ``active_schema``'s; then :meth:`release_retired`. Returns the retired schemas whose
+        engines are still in use."""
         self._active = None
         with self._lock:
-            self._retired.update(s for s in self._engines if s != self.base_schema)
-            self._active_schema = None
+            self._retired.update(s for s in self._engines
+                                 if s not in (self.base_schema, active_schema))
+            self._retired.discard(active_schema)
+            self._active_schema = active_schema
         return self.release_retired()
 
     def dispose(self) -> None:
