@@ -62,7 +62,8 @@ class AppState:
         self.access = AccessLogger(settings)
         self.console = ConsoleSessions.of_catalog(catalog)
         # The async read path: pool, LISTEN connection and NOTIFY-invalidated caches.
-        self.live = LiveReads(catalog.database_url, catalog.base_schema)
+        self.live = LiveReads(catalog.database_url, catalog.base_schema,
+                              on_switch=self.follow_switch)
         self._producer = producer
         self._lock = threading.Lock()
 
@@ -73,6 +74,15 @@ class AppState:
         """
         return self.catalog.engine(self.catalog.active().schema).execution_options(
             isolation_level="AUTOCOMMIT")
+
+    def follow_switch(self, active_schema: str, again: bool = False) -> bool:
+        """After a projection switch to ``active_schema`` (notified; from a worker thread):
+        close the engines of the other projections read so far and their pooled
+        connections; whether none of them is left. One still in use is closed by a later
+        call with ``again`` (which only retries those)."""
+        busy = (self.catalog.release_retired() if again
+                else self.catalog.retire_projections(active_schema))
+        return not busy
 
     def producer(self) -> BeliefProducer:
         with self._lock:

@@ -34,7 +34,7 @@ import hmac
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -82,6 +82,10 @@ and are loaded together by the next query."""
 
 MAX_LOAD_BATCH = 64
 """Most subjects loaded by one self-model query."""
+
+SWITCH_RETRY_S = 5.0
+"""Seconds between attempts of ``on_switch`` (see :class:`LiveReads`) while it reports that
+the old projection's connections are still in use."""
 
 _BELIEF_COLUMNS = ("context, attribute, value, confidence, alternatives, sources, support, "
                    "source_count, last_observed_at, updated_at")
@@ -235,14 +239,22 @@ class LiveReads:
         base_schema: the catalog's base schema (keys, restricted contexts, projections).
         cache_size: self-models kept (LRU).
         pool_size: most pooled connections for reads.
+        on_switch: called in a worker thread when a projection switch is notified, with
+            the new active projection's schema (read through this pool) and
+            ``again=False`` (the API closes the other projections' engines there); returns
+            whether it is done, else it is called again (``again=True``) every
+            :data:`SWITCH_RETRY_S` seconds until it is.
 
     Use from the API's event loop only: :meth:`start` in the lifespan, :meth:`stop` at
     its end.
     """
 
     def __init__(self, database_url: str, base_schema: str = "public", *,
-                 cache_size: int = DEFAULT_CACHE_SIZE, pool_size: int = 10):
+                 cache_size: int = DEFAULT_CACHE_SIZE, pool_size: int = 10,
+                 on_switch: Callable[[str, bool], bool] | None = None):
         self.conninfo = psycopg_conninfo(database_url)
+        self.on_switch = on_switch
+        self._followers: set[asyncio.Task] = set()
         self.base = check_schema_name(base_schema)
         self.cache_size = cache_size
         self.pool_size = pool_size
@@ -283,7 +295,7 @@ class LiveReads:
         """Stop listening, wake every watcher (they end) and close the pool."""
         self._closing = True
         self._wake_all()
-        for task in list(self._loaders):
+        for task in [*self._loaders, *self._followers]:
             task.cancel()
         if self._listener is not None:
             self._listener.cancel()
@@ -386,6 +398,29 @@ class LiveReads:
             self._active = None
             self._models.clear()
             self._wake_all()
+            self._follow_switch()
+
+    def _follow_switch(self) -> None:
+        """Run :attr:`on_switch` off the event loop until it reports done."""
+        on_switch = self.on_switch
+        if on_switch is None:
+            return
+
+        async def follow() -> None:
+            again = False
+            while not self._closing:
+                try:
+                    schema = (await self.active()).schema
+                    if await anyio.to_thread.run_sync(on_switch, schema, again):
+                        return
+                except Exception:
+                    log.warning("following a projection switch failed", exc_info=True)
+                again = True
+                await asyncio.sleep(SWITCH_RETRY_S)
+
+        task = asyncio.ensure_future(follow())
+        self._followers.add(task)
+        task.add_done_callback(self._followers.discard)
 
     def _forget_all(self) -> None:
         self.generation += 1

@@ -18,7 +18,11 @@ off) on a fresh data directory:
   counted as an error; it must deliver at least one `belief` event;
 * one `beliefstore replay --switch` at the middle of the run;
 * RSS of every process `up` started (up itself, the broker, its S3 store, PostgreSQL: the
-  postmaster and its backends summed) every 5 s.
+  postmaster and its backends summed) every 5 s; for PostgreSQL also each process's RSS
+  and Pss_Anon, its role (a backend or which auxiliary process) and, for a backend, the
+  process whose connection it serves (`up`, an API worker, the replay), so a growth is
+  attributed; and twice (after the warm-up and at the end) every backend's memory
+  contexts as PostgreSQL reports them (``pg_log_backend_memory_contexts``).
 
 Figures (each a ratio to its limit): RSS last/first ≤ 1.2 per process group (first = the
 sample after 60 s of warm-up; for PostgreSQL, whose processes share one buffer pool that
@@ -176,6 +180,61 @@ def rss_mib(procs: list[psutil.Process], kind: str = "rss") -> float:
     return round(total / 2**20, 1)
 
 
+def client_owners(groups: dict[str, list[psutil.Process]]) -> dict[int, str]:
+    """Local TCP port → the name of the process that owns the socket: each of ``up``'s
+    processes (an API worker by its pid), a ``beliefstore replay``, this soak, "other".
+    A PostgreSQL backend's ``ps`` title names its client's address and port, so this maps
+    every backend to the process whose connection it serves."""
+    names: dict[int, str] = {}
+    for name, procs in groups.items():
+        if name.startswith("postgres"):
+            continue
+        for p in procs:
+            names[p.pid] = f"{name} {p.pid}" if name == "api (workers)" else name
+    owners: dict[int, str] = {}
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.pid is None or not conn.laddr:
+            continue
+        name = names.get(conn.pid)
+        if name is None:
+            try:
+                cmd = " ".join(psutil.Process(conn.pid).cmdline())
+            except psutil.Error:
+                continue
+            name = ("replay" if " replay" in cmd else "soak" if conn.pid == os.getpid()
+                    else "other")
+        owners[conn.laddr.port] = name
+    return owners
+
+
+_BACKEND = re.compile(r"^postgres: (?:\S+ ){2}[\d.:a-f\[\]]+\((\d+)\)")
+
+
+def postgres_detail(procs: list[psutil.Process], owners: dict[int, str]) -> list[dict]:
+    """One row per PostgreSQL process: pid, role (``postmaster``, ``checkpointer``,
+    ``io worker 0``, ... or ``backend``), its client (the process whose connection a backend
+    serves, see :func:`client_owners`), its ``ps`` state, RSS and Pss_Anon (MiB)."""
+    rows = []
+    for i, p in enumerate(procs):
+        try:
+            title = " ".join(p.cmdline()).strip()
+            rss = p.memory_info().rss
+        except psutil.Error:
+            continue
+        anon = smaps_mib([p], "Pss_Anon")
+        m = _BACKEND.match(title)
+        if i == 0:
+            role, client, state = "postmaster", "", ""
+        elif m:
+            role, client = "backend", owners.get(int(m.group(1)), "?")
+            state = title[m.end():].strip()
+        else:
+            role, client, state = title.removeprefix("postgres:").strip(), "", ""
+        rows.append({"pid": p.pid, "role": role, "client": client, "state": state,
+                     "rss_mib": round(rss / 2**20, 1), "pss_anon_mib": anon})
+    return rows
+
+
 class Watcher(threading.Thread):
     """Holds ``GET /v1/subjects/{id}/watch`` open; counts ``belief`` events and drops.
 
@@ -282,6 +341,8 @@ class Checker(threading.Thread):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=600, help="Duration of the load (600).")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="Results file (default bench/results/soak-<date>.json).")
     args = parser.parse_args(argv)
     seconds = args.seconds
 
@@ -330,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         samples: list[dict] = []
         replay: dict = {}
         replayer: threading.Thread | None = None
+        contexts_first: dict[str, dict] = {}
 
         def run_replay(at_s: float) -> None:
             r0 = time.monotonic()
@@ -348,16 +410,23 @@ def main(argv: list[str] | None = None) -> int:
         up_proc = psutil.Process(up.pid)
         while time.monotonic() - t0 < seconds:
             groups = processes(up_proc, home)
+            pg = postgres_detail(groups.get("postgres (all processes)", []),
+                                 client_owners(groups))
             samples.append({"t_s": round(time.monotonic() - t0, 1),
                             **{name: rss_mib(ps) for name, ps in groups.items()},
                             **{f"{name} {field}": smaps_mib(ps, field)
                                for name, ps in groups.items() if name.startswith("postgres")
-                               for field in ("Pss_Anon", "Pss_Shmem")}})
+                               for field in ("Pss_Anon", "Pss_Shmem")},
+                            "postgres backends": sum(r["role"] == "backend" for r in pg),
+                            "postgres processes": pg})
+            if not contexts_first and samples[-1]["t_s"] >= WARMUP_S:
+                contexts_first = memory_contexts(home, client_owners(groups))
             if replayer is None and time.monotonic() - t0 >= seconds / 2:
                 replayer = threading.Thread(target=run_replay, args=(time.monotonic() - t0,),
                                             daemon=True)
                 replayer.start()
             time.sleep(SAMPLE_EVERY_S)
+        contexts_last = memory_contexts(home, client_owners(processes(up_proc, home)))
         posts.wait(120)
         reads.wait(120)
         if replayer is not None:
@@ -372,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         last = samples[-1]
         rss = {name: {"first_mib": first[name], "last_mib": last.get(name),
                       "ratio": round(last.get(name, 0) / first[name], 3) if first[name] else None}
-               for name in first if name != "t_s"}
+               for name in first
+               if name not in ("t_s", "postgres backends", "postgres processes")}
         # PostgreSQL's processes share its buffer pool (shared_buffers, 128 MB): it is a
         # cache that becomes resident page by page as the tables grow (and as the replay
         # writes a second copy of the read model), up to its fixed size, and summed RSS
@@ -405,6 +475,9 @@ def main(argv: list[str] | None = None) -> int:
             "replay": replay,
             "rss": rss,
             "rss_limit_ratio": RSS_LIMIT,
+            "postgres_by_client": {"first": by_client(first), "last": by_client(last)},
+            "postgres_memory_contexts": {"first": contexts_first, "last": contexts_last},
+            "postgres_backends": [(s["t_s"], s["postgres backends"]) for s in samples],
             "rss_samples": samples,
             "errors": errors,
             "errors_total": sum(errors.values()),
@@ -424,13 +497,75 @@ def main(argv: list[str] | None = None) -> int:
             up.kill()
         result["up_exit_code"] = up.returncode
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"soak-{started.date().isoformat()}.json"
+    path = args.out or RESULTS / f"soak-{started.date().isoformat()}.json"
     path.write_text(json.dumps({"benchmark": "soak", "started": started.isoformat(
         timespec="seconds"), "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine_info(), **result}, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "rss_samples"}, indent=2))
     print(f"results: {path}")
     return 0 if result.get("ok") else 1
+
+
+_CONTEXT = re.compile(r"\[(\d+)\].*?(?:level: \d+; ([^:]+): (\d+) total"
+                      r"|(\d+) more child contexts containing (\d+) total"
+                      r"|Grand total: (\d+) bytes)")
+
+
+def memory_contexts(home: Path, owners: dict[int, str]) -> dict[str, dict]:
+    """Every client backend's memory contexts, by PostgreSQL itself: each is asked to
+    write them to the server log (``pg_log_backend_memory_contexts(pid)``, superuser),
+    which is then read back. Per backend: its client, the grand total and the biggest
+    contexts summed by name (e.g. ``CacheMemoryContext``: the relation and catalog
+    caches; ``CachedPlan``/``CachedPlanSource``: prepared statements), KiB."""
+    import psycopg
+
+    data = home / "postgres"
+    port = int((data / "postmaster.pid").read_text().splitlines()[3])
+    log_path = data / "postgres.log"
+    start = log_path.stat().st_size
+    with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres",
+                         autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid, client_port, pg_log_backend_memory_contexts(pid) FROM "
+            "pg_stat_activity WHERE backend_type = 'client backend' "
+            "AND pid <> pg_backend_pid()").fetchall()
+    time.sleep(2.0)  # each backend logs at its next interrupt check
+    with open(log_path, "rb") as f:
+        f.seek(start)
+        text = f.read().decode(errors="replace")
+    out: dict[str, dict] = {str(pid): {"client": owners.get(port_ or -1, "?"),
+                                       "total_kib": None, "contexts_kib": {}}
+                            for pid, port_, _ in rows}
+    for m in _CONTEXT.finditer(text):
+        entry = out.get(m.group(1))
+        if entry is None:
+            continue
+        if m.group(6):
+            entry["total_kib"] = round(int(m.group(6)) / 1024)
+            continue
+        name = m.group(2) or "(more child contexts)"
+        total = int(m.group(3) or m.group(5))
+        entry["contexts_kib"][name] = entry["contexts_kib"].get(name, 0) + total
+    for entry in out.values():
+        top = sorted(entry["contexts_kib"].items(), key=lambda kv: -kv[1])[:8]
+        entry["contexts_kib"] = {k: round(v / 1024) for k, v in top}
+    return out
+
+
+def by_client(sample: dict) -> dict[str, dict]:
+    """A sample's PostgreSQL processes grouped by role and client: count, summed RSS and
+    Pss_Anon (MiB) and the pids, e.g. ``{"backend of up": {"count": 3, ...}}``."""
+    out: dict[str, dict] = {}
+    for row in sample["postgres processes"]:
+        client = re.sub(r" \d+$", "", row["client"])  # the API workers together
+        key = f"backend of {client}" if row["role"] == "backend" else row["role"]
+        group = out.setdefault(key, {"count": 0, "rss_mib": 0.0, "pss_anon_mib": 0.0,
+                                     "pids": []})
+        group["count"] += 1
+        group["rss_mib"] = round(group["rss_mib"] + row["rss_mib"], 1)
+        group["pss_anon_mib"] = round(group["pss_anon_mib"] + row["pss_anon_mib"], 1)
+        group["pids"].append(row["pid"])
+    return out
 
 
 def _free_port() -> int:

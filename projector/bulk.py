@@ -71,13 +71,41 @@ _STAGING_DDL = (
 )
 
 
-def ensure_staging(conn: psycopg.Connection) -> None:
-    """Create the staging tables of this session (idempotent) and commit.
+STAGED_BYTES_PER_EVENT = 2048
+"""Upper estimate of the staging-table bytes one event of a live batch takes (measured:
+a 500-event batch of the benchmark workload stages 180 KB in its four tables, 360 bytes
+an event), to size the live projector's ``temp_buffers``
+(:func:`live_temp_buffers_kib`)."""
+
+
+def live_temp_buffers_kib(batch_size: int) -> int:
+    """``temp_buffers`` (KiB) for a connection that stages live batches of up to
+    ``batch_size`` events: :data:`STAGED_BYTES_PER_EVENT` per event, at least 1 MiB and
+    at most 8 MiB (PostgreSQL's default).
+
+    Why: a session's temporary-table buffers are allocated as its clock sweep first
+    reaches each of its ``temp_buffers`` slots, and ``ON COMMIT DELETE ROWS`` frees the
+    pages but not the slots' memory, so a long-lived connection that stages one small
+    batch after another ends up holding all of ``temp_buffers`` (8 MiB by default),
+    growing towards it for minutes. Sized to what a batch needs, the projector's backend
+    reaches its bound within seconds. A larger batch still works: its staging pages
+    then go to the temporary file (PostgreSQL's own spilling).
+    """
+    return max(1024, min(8192, batch_size * STAGED_BYTES_PER_EVENT // 1024))
+
+
+def ensure_staging(conn: psycopg.Connection, temp_buffers_kib: int | None = None) -> None:
+    """Create the staging tables of this session (idempotent) and commit; with
+    ``temp_buffers_kib``, first set the session's ``temp_buffers`` to that many KiB
+    (possible only before the session's first use of a temporary table, so pass it the
+    first time; see :func:`live_temp_buffers_kib`).
 
     Must run outside a batch's transaction: it commits, so the tables outlive a batch
     that rolls back.
     """
     with conn.cursor() as cur:
+        if temp_buffers_kib is not None:
+            cur.execute(f"SET temp_buffers = '{int(temp_buffers_kib)}kB'")
         for ddl in _STAGING_DDL:
             cur.execute(ddl)
     conn.commit()
@@ -287,6 +315,7 @@ __all__ = [
     "RETRACTION_COLUMNS", "SOURCE_COLUMNS", "STAGE_BELIEFS", "STAGE_BELIEF_COLUMNS",
     "STAGE_MARKS", "STAGE_OBS", "STAGE_STALE", "TOUCHED_SOURCES", "UPSERT_BELIEFS",
     "UPSERT_OFFSETS",
-    "belief_row", "copy_rows", "ensure_staging", "erasure_row", "observation_row",
+    "belief_row", "copy_rows", "ensure_staging", "erasure_row", "live_temp_buffers_kib",
+    "observation_row",
     "retraction_row", "staged_belief_rows",
 ]

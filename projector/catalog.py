@@ -71,6 +71,12 @@ def _table(base_schema: str) -> sa.Table:
     )
 
 
+def _checked_out(engine: sa.Engine) -> int:
+    """Connections of ``engine``'s pool in use now (0 for a pool that does not count)."""
+    count = getattr(engine.pool, "checkedout", None)
+    return int(count()) if callable(count) else 0
+
+
 class ProjectionCatalog:
     """Lists, registers, switches and drops projections; hands out one engine per schema.
 
@@ -88,6 +94,8 @@ class ProjectionCatalog:
         self._engines: dict[str, sa.Engine] = {}
         self._lock = threading.Lock()
         self._active: tuple[float, ProjectionInfo] | None = None
+        self._active_schema: str | None = None  # the active schema last read
+        self._retired: set[str] = set()  # schemas that were active here and no longer are
 
     @classmethod
     def from_settings(cls, settings) -> ProjectionCatalog:
@@ -109,6 +117,55 @@ class ProjectionCatalog:
             if schema not in self._engines:
                 self._engines[schema] = make_engine(self.database_url, schema)
             return self._engines[schema]
+
+    def engine_schemas(self) -> list[str]:
+        """The schemas this catalog holds an engine (and so maybe pooled connections) for."""
+        with self._lock:
+            return sorted(self._engines)
+
+    def release_retired(self) -> list[str]:
+        """Close the engines of *retired* schemas: projections this catalog saw active that
+        a switch has replaced since. Each held a pool of connections whose backends keep
+        their relation and plan caches (and the projector's, its temporary-table buffers)
+        for as long as they live; after a ``replay --switch`` nothing reads the old schema
+        any more. An engine with a connection checked out (a request still reading the old
+        projection) is left for a later call. Called by :meth:`active` whenever it reads
+        the catalog (at most every ``cache_s`` seconds) and by :meth:`refresh`.
+
+        Returns the retired schemas whose engines are still open (busy).
+        """
+        with self._lock:
+            idle = [s for s in self._retired
+                    if s in self._engines and _checked_out(self._engines[s]) == 0]
+            engines = [self._engines.pop(s) for s in idle]
+            busy = sorted(s for s in self._retired if s in self._engines)
+        for engine in engines:
+            engine.dispose()
+        return busy
+
+    def refresh(self) -> ProjectionInfo:
+        """The active projection read afresh (not from the ``cache_s`` cache); closes the
+        retired schemas' engines (:meth:`release_retired`).
+
+        Raises:
+            CatalogError: the catalog is empty.
+        """
+        self._active = None
+        return self.active()
+
+    def retire_projections(self, active_schema: str) -> list[str]:
+        """After a switch notification, in a process that reads only the active projection
+        (the API), which it learnt as ``active_schema`` by a query of its own: forget the
+        cached active projection and retire every engine but the base schema's and
+        ``active_schema``'s; then :meth:`release_retired`. Returns the retired schemas whose
+        engines are still in use."""
+        self._active = None
+        with self._lock:
+            self._retired.update(s for s in self._engines
+                                 if s not in (self.base_schema, active_schema))
+            self._retired.discard(active_schema)
+            self._active_schema = active_schema
+        return self.release_retired()
 
     def dispose(self) -> None:
         """Close every engine's connections."""
@@ -153,7 +210,9 @@ class ProjectionCatalog:
         return self._info(row)
 
     def active(self) -> ProjectionInfo:
-        """The projection the API serves (cached for ``cache_s`` seconds).
+        """The projection the API serves (cached for ``cache_s`` seconds). When the catalog
+        is read and another projection has become active since the last read, the engine of
+        the one before is closed (:meth:`release_retired`).
 
         Raises:
             CatalogError: the catalog is empty (run ``beliefstore migrate``).
@@ -168,6 +227,13 @@ class ProjectionCatalog:
             raise CatalogError("no active projection: run `beliefstore migrate` first")
         info = self._info(row)
         self._active = (now, info)
+        with self._lock:
+            before = self._active_schema
+            if before is not None and before != info.schema:
+                self._retired.add(before)
+            self._retired.discard(info.schema)  # switched back to it
+            self._active_schema = info.schema
+        self.release_retired()
         return info
 
     def schema_for(self, name: str) -> str:

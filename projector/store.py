@@ -149,14 +149,18 @@ class ProjectionRecorder:
         fold_settings: half-lives and trust used to recompute beliefs.
         keyring: when given, an erasure destroys the subject's data keys (created up to
             its ``occurred_at``) in the batch's transaction (crypto-shredding).
+        temp_buffers_kib: ``temp_buffers`` of a connection whose first staging is a batch
+            of :meth:`apply` (see :func:`beliefstore.projector.bulk.live_temp_buffers_kib`);
+            ``None``: PostgreSQL's setting. The bulk rebuild keeps PostgreSQL's setting.
     """
 
     def __init__(self, engine: sa.Engine, projection: str, fold_settings: FoldSettings,
-                 keyring: Keyring | None = None):
+                 keyring: Keyring | None = None, *, temp_buffers_kib: int | None = None):
         self.engine = engine
         self.projection = projection
         self.fold_settings = fold_settings
         self.keyring = keyring
+        self.temp_buffers_kib = temp_buffers_kib
 
     # -- offsets -----------------------------------------------------------------------
 
@@ -227,7 +231,7 @@ class ProjectionRecorder:
         """
         with self.engine.connect() as conn:
             raw = _driver(conn)
-            self._ensure_staging(conn)
+            self._ensure_staging(conn, self.temp_buffers_kib)
             with conn.begin():
                 if fence is not None and progress:
                     self._check_fence(conn, topic, {p: fence.get(p, -1) for p in progress})
@@ -357,9 +361,9 @@ class ProjectionRecorder:
             load.close()
 
     @staticmethod
-    def _ensure_staging(conn: sa.Connection) -> None:
+    def _ensure_staging(conn: sa.Connection, temp_buffers_kib: int | None = None) -> None:
         if not conn.connection.info.get(_STAGED):
-            bulk.ensure_staging(_driver(conn))
+            bulk.ensure_staging(_driver(conn), temp_buffers_kib)
             conn.connection.info[_STAGED] = True
 
     def _check_fence(self, conn: sa.Connection, topic: str, epochs: dict[int, int]) -> None:

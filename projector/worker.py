@@ -31,7 +31,7 @@ from beliefstore.events.model import ObservationRecorded
 from beliefstore.events.sealing import EventShredded
 from beliefstore.events.serde import AvroSerde, DecodedEvent
 from beliefstore.events.topics import ensure_topics
-from beliefstore.projector import metrics
+from beliefstore.projector import bulk, metrics
 from beliefstore.projector.store import (
     LoggedEvent,
     LogPosition,
@@ -137,7 +137,8 @@ class ProjectorWorker:
         self._in_batch = False
         self.recorder = ProjectionRecorder(
             self._batch_engine(engine), settings.projection, settings.fold_settings,
-            keyring=self.serde.sealer.keyring if self.serde.sealer else None)
+            keyring=self.serde.sealer.keyring if self.serde.sealer else None,
+            temp_buffers_kib=bulk.live_temp_buffers_kib(settings.batch_size))
         self.stats = WorkerStats()
         self._wanted_partitions = partitions
         self.group = group
