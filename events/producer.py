@@ -391,12 +391,14 @@ class BeliefProducer:
         """Produce one run of events (no erasure inside); a receipt per event, or the
         failure for each of them (some may have been stored: a retry with the same
         event ids is safe, the fold counts an event_id once)."""
+        keys = None
         if self.serde.sealer is not None:
-            # one transaction for the data keys of every new subject of the batch
-            self.serde.sealer.keyring.data_keys(
+            # one transaction for the data keys of every new subject of the batch, and the
+            # keys it returns seal the batch (no second lookup per event)
+            keys = self.serde.sealer.keyring.data_keys(
                 {e.subject_id for e in batch if isinstance(e, ObservationRecorded)},
                 now_millis())
-        payloads = [self.serde.encode(e) for e in batch]
+        payloads = [self.serde.encode(e, keys) for e in batch]
         try:
             return list(self._send_payloads(batch, payloads))
         except KafkaTimeoutError as exc:  # the broker is away: no retry past the timeout
