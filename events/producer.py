@@ -426,6 +426,9 @@ class BeliefProducer:
                 self._producer.send(self.topic, key=e.subject_id.encode("utf-8"), value=p)
                 for e, p in zip(batch, payloads, strict=True)
             ]
+            # The whole run is queued: send it now rather than after linger_ms (a group
+            # commit's events all arrive at once; lingering only delayed the group).
+            self._producer.flush(timeout=self.timeout_s)
             receipts = []
             for e, f in zip(batch, futures, strict=True):
                 md = f.get(timeout=self.timeout_s)
