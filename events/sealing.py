@@ -45,9 +45,17 @@ class FieldSealer:
     def __init__(self, keyring: Keyring):
         self.keyring = keyring
 
-    def seal(self, event: ObservationRecorded) -> dict[str, Any]:
-        """The Avro ``SealedFields`` record of ``event``'s value, evidence and metadata."""
-        key_id, key = self.keyring.data_key(event.subject_id, now_millis())
+    def seal(self, event: ObservationRecorded,
+             data_key: tuple[str, bytes] | None = None) -> dict[str, Any]:
+        """The Avro ``SealedFields`` record of ``event``'s value, evidence and metadata.
+
+        Args:
+            data_key: the subject's current ``(key_id, key)`` as
+                :meth:`Keyring.data_keys` just returned it (the producer fetches a whole
+                group's keys in one go); ``None`` looks it up (one query, or a
+                transaction for a new subject).
+        """
+        key_id, key = data_key or self.keyring.data_key(event.subject_id, now_millis())
         nonce = secrets.token_bytes(12)
         plaintext = json.dumps({"value": event.value, "evidence": event.evidence,
                                 "metadata": dict(event.metadata)}).encode()

@@ -52,6 +52,14 @@ DLQ_HEADERS = (
 )
 """Headers (UTF-8 values) of every message on the dead-letter topic."""
 
+LOG_END_CONFIRM_S = 3.0
+"""How long a partition's high watermark must stay below the worker's position before that
+is a log reset, seconds. Tansu 0.6.0 on S3 storage can answer a fetch with a high
+watermark below one it already served (its in-memory copy of the partition's
+``watermark.json`` is overwritten by a concurrent request's older copy; the stored one
+never goes back), and the next fetch reads the right one; a broker that lost its log
+stays below for good."""
+
 
 @dataclass
 class WorkerStats:
@@ -146,6 +154,8 @@ class ProjectorWorker:
         self._epochs: dict[int, int] = {}
         self._consumer: KafkaConsumer | None = None
         self._dlq: KafkaProducer | None = None
+        #: partitions whose high watermark is below the position: since when (monotonic s)
+        self._behind_end: dict[TopicPartition, float] = {}
 
     def _batch_engine(self, engine: sa.Engine) -> sa.Engine:
         """``engine`` for the recorder, whose batch transactions commit asynchronously
@@ -282,7 +292,8 @@ class ProjectorWorker:
 
     def lag(self) -> int | None:
         """Messages between this worker's positions and the high watermarks; ``None`` if a
-        partition's high watermark is not known yet (no fetch response seen) or no
+        partition's high watermark is not known yet (no fetch response seen), is below the
+        position (not yet confirmed as a log reset: :data:`LOG_END_CONFIRM_S`), or no
         partition is assigned (yet)."""
         assert self._consumer is not None
         if not self._consumer.assignment():
@@ -290,7 +301,7 @@ class ProjectorWorker:
         total = 0
         for tp in self._consumer.assignment():
             hw = self._consumer.highwater(tp)
-            if hw is None:
+            if hw is None or tp in self._behind_end:
                 return None
             total += max(0, hw - self._consumer.position(tp))
         return total
@@ -324,10 +335,14 @@ class ProjectorWorker:
             raise self._log_reset(str(exc)) from exc
         for tp in self._consumer.assignment():
             hw = self._consumer.highwater(tp)
-            if hw is not None and self._consumer.position(tp) > hw:
+            if hw is None or self._consumer.position(tp) <= hw:
+                self._behind_end.pop(tp, None)
+                continue
+            since = self._behind_end.setdefault(tp, time.monotonic())
+            if time.monotonic() - since >= LOG_END_CONFIRM_S:
                 raise self._log_reset(
                     f"partition {tp.partition}: stored offset {self._consumer.position(tp)} is "
-                    f"beyond the log end {hw}"
+                    f"beyond the log end {hw} for {LOG_END_CONFIRM_S:.0f} s"
                 )
         metrics.record_lag(self.settings.topic, self.partition_lags())
         if not polled:

@@ -132,3 +132,46 @@ def test_a_process_that_cached_a_key_never_seals_with_it_after_an_erasure(settin
     [row] = [b for k, b in read_beliefs(catalog.engine(catalog.active().schema)).items()
              if k[0] == "dave"]
     assert row.value == "Rue Neuve 2"
+
+
+def test_a_group_is_sealed_with_the_keys_of_one_lookup(settings, catalog):
+    """The producer fetches (or creates) a group's data keys once and seals every event of
+    the group with them: sending 6 observations of 3 subjects that already have keys costs
+    one keyring query, not one per event; each event is sealed with its subject's current
+    key, and the projector opens them all."""
+    with BeliefProducer.from_settings(settings) as producer:
+        assert producer.serde.sealer is not None
+        keyring = producer.serde.sealer.keyring
+        subjects = ["erin", "frank", "gail"]
+        producer.send_many([_obs(s, "warm") for s in subjects])  # creates their keys
+        statements: list[str] = []
+
+        def count(conn, cursor, statement, *rest) -> None:  # noqa: ANN001
+            statements.append(statement)
+
+        sa.event.listen(keyring.engine, "before_cursor_execute", count)
+        try:
+            receipts = producer.send_many([_obs(s, f"v{n}") for n in range(2) for s in subjects])
+        finally:
+            sa.event.remove(keyring.engine, "before_cursor_execute", count)
+    assert len(receipts) == 6
+    assert len(statements) == 1, statements
+    records = read_topic(settings.kafka_bootstrap_servers, settings.topic)
+    serde = AvroSerde.for_settings(settings)
+    key_ids = {s: keyring.data_keys([s], 0)[s][0] for s in subjects}
+    decoded = [serde.decode(r.value, open_sealed=False).record for r in records]
+    assert len(decoded) == 9
+    assert {(d["subject_id"], d["sealed"]["key_id"]) for d in decoded} == set(key_ids.items())
+    project(settings, catalog)
+    assert subjects_of(catalog) >= set(subjects)
+
+
+def _obs(subject: str, value: str):
+    import uuid
+
+    from beliefstore.events.model import ObservationRecorded
+
+    return ObservationRecorded(event_id=str(uuid.uuid4()), subject_id=subject,
+                               source="triage_agent", occurred_at=1767225600000,
+                               context="support", attribute="note", value=value,
+                               confidence=0.8)

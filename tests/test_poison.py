@@ -103,3 +103,43 @@ def test_offsets_beyond_the_log_end_refuse_to_start(settings, engine, producer):
     with ProjectorWorker(settings, engine) as worker, pytest.raises(LogResetError) as info:
         worker.run(until_caught_up=True)
     assert "beyond" in str(info.value) and settings.topic in str(info.value)
+
+
+def test_a_log_end_below_the_stored_offset_for_a_moment_is_not_a_reset(settings, engine,
+                                                                       producer):
+    """Tansu 0.6.0 on S3 storage can answer one fetch with a high watermark below one it
+    already served. Here the stored offset lies 2 beyond the log end, and the log grows
+    past it 0.5 s later (well within LOG_END_CONFIRM_S): the worker waits for it and folds
+    what follows instead of refusing; the test above shows a lasting gap still refuses."""
+    import threading
+    import time
+
+    from beliefstore.projector.worker import LOG_END_CONFIRM_S
+
+    first = producer.observe("user-1", "support", "issue", "refund", 0.9, source="a")
+    with ProjectorWorker(settings, engine) as worker:
+        worker.run(until_caught_up=True)
+    with engine.begin() as conn:
+        conn.execute(sa.update(projection_offsets)
+                     .where(projection_offsets.c.partition == first.partition)
+                     .values(next_offset=first.offset + 3))
+
+    def grow() -> None:
+        time.sleep(0.5)
+        for n in range(4):  # offsets first+1 .. first+4; the worker starts at first+3
+            producer.observe("user-1", "support", f"later{n}", "v", 0.9, source="a")
+
+    grower = threading.Thread(target=grow)
+    started = time.monotonic()
+    grower.start()
+    try:
+        with ProjectorWorker(settings, engine) as worker:
+            stats = worker.run(until_caught_up=True)
+    finally:
+        grower.join()
+    assert stats.events == 2
+    assert time.monotonic() - started < LOG_END_CONFIRM_S + 5
+    with engine.connect() as conn:
+        stored = conn.execute(sa.select(projection_offsets.c.next_offset).where(
+            projection_offsets.c.partition == first.partition)).scalar_one()
+    assert stored == first.offset + 5

@@ -656,6 +656,84 @@ def test_durable_broker_concurrent_idempotent_producers_lose_nothing(tmp_path: P
             assert sorted(stored) == sorted(acked)
 
 
+def test_durable_broker_separate_producers_on_one_partition_exactly_once(tmp_path: Path) -> None:
+    """Four separate idempotent producers (``acks=all``, as the API processes have) on one
+    partition of the durable broker: every acknowledged record is read back exactly once
+    at its acknowledged offset, the offsets are contiguous from 0, and the partition's
+    stored ``watermark.json`` ends exactly there (its conditional writes lost no update:
+    two batches never share an offset and the log end never goes back on disk). A producer
+    that Tansu 0.6.0 answers OutOfOrderSequenceNumber is replaced by a new one, as an API
+    process would; what it did not acknowledge may or may not be stored, but once at most."""
+    import json
+    import threading
+
+    from kafka.errors import KafkaError
+
+    with EmbeddedKafka(tmp_path / "kafka") as kafka:
+        bootstrap = kafka.bootstrap_servers
+        create_topic(bootstrap, "one", partitions=1)
+        stop = time.monotonic() + 6
+        acked: dict[str, int] = {}
+        failed: set[str] = set()
+
+        def produce_loop(i: int) -> None:
+            n = 0
+            while time.monotonic() < stop:
+                producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all",
+                                         enable_idempotence=True, linger_ms=2,
+                                         max_in_flight_requests_per_connection=1)
+                try:
+                    while time.monotonic() < stop:
+                        values = [f"{i}-{n}-{j}" for j in range(3)]
+                        futures = [producer.send("one", v.encode(), partition=0) for v in values]
+                        n += 1
+                        broken = False
+                        for value, future in zip(values, futures, strict=True):
+                            try:
+                                acked[value] = future.get(30).offset
+                            except KafkaError:
+                                failed.add(value)
+                                broken = True
+                        if broken:
+                            break
+                finally:
+                    producer.close(timeout=5)
+
+        threads = [threading.Thread(target=produce_loop, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(acked) > 100
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        tp = TopicPartition("one", 0)
+        consumer.assign([tp])
+        consumer.seek(tp, 0)
+        got: list[tuple[int, str]] = []
+        deadline = time.monotonic() + 20
+        try:
+            while time.monotonic() < deadline:
+                polled = consumer.poll(timeout_ms=500)
+                for records in polled.values():
+                    got += [(r.offset, r.value.decode()) for r in records]
+                end = consumer.highwater(tp)
+                if not polled and end is not None and got and got[-1][0] + 1 >= end \
+                        and set(acked) <= {v for _, v in got}:
+                    break
+        finally:
+            consumer.close()
+        offsets = [o for o, _ in got]
+        assert offsets == list(range(len(got))), "offsets are not contiguous from 0"
+        values = [v for _, v in got]
+        assert len(set(values)) == len(values), "a record is stored twice"
+        at = dict((v, o) for o, v in got)
+        assert {v: at.get(v) for v in acked} == acked, "an acknowledged record is missing"
+        assert set(values) <= set(acked) | failed
+        watermarks = list((tmp_path / "kafka").rglob("topics/one/partitions/*/watermark.json"))
+        assert len(watermarks) == 1
+        assert json.loads(watermarks[0].read_bytes())["high"] == len(got)
+
+
 def _start_up(home: Path, port: int) -> tuple[subprocess.Popen[str], list[str]]:
     import threading
 
