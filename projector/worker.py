@@ -52,6 +52,17 @@ DLQ_HEADERS = (
 )
 """Headers (UTF-8 values) of every message on the dead-letter topic."""
 
+FETCH_MAX_WAIT_MS = 20
+"""Default longest wait of a projector fetch at the broker, ms (``BELIEFSTORE_FETCH_MAX_WAIT_MS``
+unset). Tansu does not answer a waiting fetch when a record arrives: it looks at its
+storage, sleeps the rest of the wait and looks again (``tansu-broker`` ``fetch.rs``), so
+on the embedded ``memory://`` broker a lone event waits for up to this long before the
+projector sees it. Measured here (one record at a time, kafka-python consumer): ack →
+consumer p50 16 ms, max 50 ms with 100 ms; 2 ms, max 6 ms with 10 ms; an idle consumer
+costs 1.7 % of a core (and Tansu 1.3 %) with 100 ms, 7 % (3.5 %) with 20 ms, 12 %
+(4.5 %) with 10 ms. A broker that answers a waiting fetch at once (Apache Kafka) only
+sees more empty fetches while the topic is idle."""
+
 
 @dataclass
 class WorkerStats:
@@ -189,9 +200,9 @@ class ProjectorWorker:
             # Never jump silently: a stored offset outside the log is a LogResetError.
             auto_offset_reset="none",
             max_poll_records=s.batch_size,
-            # Freshness: a fetch returns within 100 ms even when the batch is not full
-            # (500 ms on the durable embedded broker, whose fetch lists the whole log).
-            fetch_max_wait_ms=s.fetch_max_wait_ms or 100,
+            # Freshness: see FETCH_MAX_WAIT_MS (500 ms on the durable embedded broker,
+            # whose fetch lists the whole log).
+            fetch_max_wait_ms=s.fetch_max_wait_ms or FETCH_MAX_WAIT_MS,
             session_timeout_ms=10_000,
             heartbeat_interval_ms=3_000,
             **s.kafka_client_config(),
