@@ -391,12 +391,14 @@ class BeliefProducer:
         """Produce one run of events (no erasure inside); a receipt per event, or the
         failure for each of them (some may have been stored: a retry with the same
         event ids is safe, the fold counts an event_id once)."""
+        keys = None
         if self.serde.sealer is not None:
-            # one transaction for the data keys of every new subject of the batch
-            self.serde.sealer.keyring.data_keys(
+            # one transaction for the data keys of every new subject of the batch, and
+            # the events sealed with them (no query per event)
+            keys = self.serde.sealer.keyring.data_keys(
                 {e.subject_id for e in batch if isinstance(e, ObservationRecorded)},
                 now_millis())
-        payloads = [self.serde.encode(e) for e in batch]
+        payloads = [self.serde.encode(e, keys) for e in batch]
         try:
             return list(self._send_payloads(batch, payloads))
         except KafkaTimeoutError as exc:  # the broker is away: no retry past the timeout
@@ -424,6 +426,10 @@ class BeliefProducer:
                 self._producer.send(self.topic, key=e.subject_id.encode("utf-8"), value=p)
                 for e, p in zip(batch, payloads, strict=True)
             ]
+            # The group is whole: send it now instead of after ``linger_ms`` (a lone
+            # event waited the whole linger for nothing; measured 5 ms of a POST's
+            # 8 ms produce). One record batch per partition all the same.
+            self._producer.flush(timeout=self.timeout_s)
             receipts = []
             for e, f in zip(batch, futures, strict=True):
                 md = f.get(timeout=self.timeout_s)

@@ -45,9 +45,14 @@ class FieldSealer:
     def __init__(self, keyring: Keyring):
         self.keyring = keyring
 
-    def seal(self, event: ObservationRecorded) -> dict[str, Any]:
-        """The Avro ``SealedFields`` record of ``event``'s value, evidence and metadata."""
-        key_id, key = self.keyring.data_key(event.subject_id, now_millis())
+    def seal(self, event: ObservationRecorded,
+             data_key: tuple[str, bytes] | None = None) -> dict[str, Any]:
+        """The Avro ``SealedFields`` record of ``event``'s value, evidence and metadata.
+
+        ``data_key``: the subject's current ``(key_id, key)`` when the caller just got it
+        from :meth:`Keyring.data_keys` (one query for a whole group of events); by default
+        it is looked up (:meth:`Keyring.data_key`, a query)."""
+        key_id, key = data_key or self.keyring.data_key(event.subject_id, now_millis())
         nonce = secrets.token_bytes(12)
         plaintext = json.dumps({"value": event.value, "evidence": event.evidence,
                                 "metadata": dict(event.metadata)}).encode()

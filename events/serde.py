@@ -17,7 +17,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime
 from importlib import resources
@@ -238,9 +238,12 @@ class AvroSerde:
 
         return cls(sealer=FieldSealer(Keyring.from_settings(settings)))
 
-    def encode(self, event: Event) -> bytes:
+    def encode(self, event: Event,
+               data_keys: Mapping[str, tuple[str, bytes]] | None = None) -> bytes:
         """The single-object encoding of ``event`` under its current schema (observations
-        sealed when this serde has a sealer).
+        sealed when this serde has a sealer, with the subject's key from ``data_keys``,
+        ``{subject_id: (key_id, key)}`` as :meth:`Keyring.data_keys` returns it, when given
+        there, else looked up).
 
         Raises:
             ValidationError: the event is invalid (see :func:`validate`).
@@ -250,7 +253,8 @@ class AvroSerde:
         record = {f.name: getattr(event, f.name) for f in fields(event)}
         if self.sealer is not None and isinstance(event, ObservationRecorded):
             record |= {"value": "", "evidence": None, "metadata": {},
-                       "sealed": self.sealer.seal(event)}
+                       "sealed": self.sealer.seal(
+                           event, (data_keys or {}).get(event.subject_id))}
         return encode_record(record, schema)
 
     def decode(self, data: bytes, *, open_sealed: bool = True) -> DecodedEvent:
