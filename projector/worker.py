@@ -130,6 +130,17 @@ class ProjectorWorker:
     Every worker claims its partitions (bumping their epoch) and presents the epochs at
     each commit: a worker that lost a partition, to a rebalance or to a second worker,
     cannot commit for it any more (:class:`~beliefstore.errors.FencedError`).
+
+    The batch transactions (claims and everything else stay synchronous) commit
+    asynchronously (``SET LOCAL synchronous_commit TO off``,
+    :attr:`ProjectionRecorder.asynchronous_commit`). Why: freshness. A batch's commit
+    then returns without waiting for the WAL flush (an fsync: milliseconds, and far more
+    on a busy disk), and the NOTIFY that tells the API is delivered at once. Exactly once
+    still holds: a batch's rows and its partitions' next offsets are in one transaction,
+    so a PostgreSQL crash loses both (at most the last ~3 × ``wal_writer_delay``, 0.6 s by
+    default) or neither, and the projector re-reads the lost events from Kafka, where
+    they are kept. Only an answer read in that window may revert until they are
+    re-applied.
     """
 
     def __init__(
@@ -145,10 +156,11 @@ class ProjectorWorker:
             raise ValueError("settings.kafka_bootstrap_servers is not set")
         self.settings = settings
         self.serde = serde or AvroSerde.for_settings(settings)
-        self._in_batch = False
         self.recorder = ProjectionRecorder(
-            self._batch_engine(engine), settings.projection, settings.fold_settings,
+            engine, settings.projection, settings.fold_settings,
             keyring=self.serde.sealer.keyring if self.serde.sealer else None)
+        # Freshness: the batch transactions (only they) commit asynchronously.
+        self.recorder.asynchronous_commit = True
         self.stats = WorkerStats()
         self._wanted_partitions = partitions
         self.group = group
@@ -156,28 +168,6 @@ class ProjectorWorker:
         self._epochs: dict[int, int] = {}
         self._consumer: KafkaConsumer | None = None
         self._dlq: KafkaProducer | None = None
-
-    def _batch_engine(self, engine: sa.Engine) -> sa.Engine:
-        """``engine`` for the recorder, whose batch transactions commit asynchronously
-        (``SET LOCAL synchronous_commit TO off``; claims and everything else stay
-        synchronous).
-
-        Why: freshness. A batch's commit then returns without waiting for the WAL flush
-        (an fsync: milliseconds, and far more on a busy disk), and the NOTIFY that tells
-        the API is delivered at once. Exactly once still holds: a batch's rows and its
-        partitions' next offsets are in one transaction, so a PostgreSQL crash loses both
-        (at most the last ~3 × ``wal_writer_delay``, 0.6 s by default) or neither, and the
-        projector re-reads the lost events from Kafka, where they are kept. Only an
-        answer read in that window may revert until they are re-applied.
-        """
-        engine = engine.execution_options()  # a proxy: this listener is the worker's own
-
-        @sa.event.listens_for(engine, "begin")
-        def _asynchronous_commit(conn: sa.Connection) -> None:
-            if self._in_batch:
-                conn.exec_driver_sql("SET LOCAL synchronous_commit TO off")
-
-        return engine
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -371,12 +361,7 @@ class ProjectorWorker:
 
     def _commit(self, p: _Prepared) -> int:
         """Apply a prepared batch in one transaction (PostgreSQL only); return its messages."""
-        self._in_batch = True  # only the batch's transaction commits asynchronously
-        try:
-            recomputed = self.recorder.apply(self.settings.topic, p.batch, p.progress,
-                                             p.epochs)
-        finally:
-            self._in_batch = False
+        recomputed = self.recorder.apply(self.settings.topic, p.batch, p.progress, p.epochs)
         self.stats.batches += 1
         self.stats.events += len(p.batch)
         self.stats.poison += p.poison
