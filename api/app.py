@@ -6,6 +6,7 @@ document is served at ``/openapi.json`` and browsable at ``/docs``.
 
 from __future__ import annotations
 
+import gc
 from contextlib import asynccontextmanager
 
 import psycopg
@@ -59,6 +60,10 @@ def create_app(settings: Settings, catalog: ProjectionCatalog,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await state.live.start()  # the async pool and the LISTEN connection
+        # Everything built so far (modules, routes, models) lives as long as the process:
+        # out of the garbage collector's sight, so a full collection during a read scans
+        # only what requests made (a 1-connection p99 of milliseconds, not tens of them).
+        gc.freeze()
         try:
             async with mcp_route.running(app):
                 yield
