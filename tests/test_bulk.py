@@ -253,3 +253,58 @@ def test_a_fenced_copy_batch_leaves_nothing_and_its_successor_applies_it_once(tw
         stored = conn.execute(sa.select(sa.func.count()).select_from(observations)).scalar()
     assert stored == len({e.event_id for e in events if e.type == "observed"})
     assert compare(read_beliefs(two[0]), expected_of(events, FoldSettings())) == []
+
+
+def test_a_fenced_small_batch_on_the_direct_path_leaves_nothing(two):
+    """The direct path checks the fence after its one pipeline has run the batch's
+    statements: a refused batch must still leave no row behind, and the owner applies
+    it once."""
+    events = generate(60, seed=4, subjects=5)
+    items = logged(events, partitions=1)
+    old = ProjectionRecorder(two[0], "p", FoldSettings())
+    first = old.claim(TOPIC, [0], "old")[0]
+    old.apply(TOPIC, items[:40], progress_of(items[:40]), {0: first.epoch})
+    before = rows_of(two[0]), changes_of(two[0])
+    new = ProjectionRecorder(two[0], "p", FoldSettings())
+    second = new.claim(TOPIC, [0], "new")[0]
+    small = items[40:50]
+    assert len(small) <= old.small_batch
+    with pytest.raises(FencedError):
+        old.apply(TOPIC, small, progress_of(small), {0: first.epoch})
+    assert (rows_of(two[0]), changes_of(two[0])) == before
+    for i in range(40, len(items), 10):
+        new.apply(TOPIC, items[i:i + 10], progress_of(items[i:i + 10]), {0: second.epoch})
+    assert compare(read_beliefs(two[0]), expected_of(events, FoldSettings())) == []
+
+
+def test_a_batch_notifies_its_subjects_or_null_when_they_do_not_fit(two, database_url):
+    """The NOTIFY sent with a batch's belief_changes (one statement on both paths) names
+    the schema and the subjects; when they would not fit in a NOTIFY payload it says
+    null (every subject may have changed)."""
+    import psycopg
+
+    from beliefstore.db import psycopg_conninfo
+    from beliefstore.events.model import ObservationRecorded
+    from beliefstore.projector.changes import CHANNEL, parse_payload
+
+    def observation(subject: str, n: int) -> Event:
+        return ObservationRecorded(event_id=f"00000000-0000-4000-8000-{n:012d}",
+                                   subject_id=subject, source="triage_agent",
+                                   occurred_at=1_700_000_000_000, context="support",
+                                   attribute="issue", value="refund", confidence=0.8)
+
+    recorder = ProjectionRecorder(two[0], "p", FoldSettings())
+    truncate(two[0])
+    with psycopg.connect(psycopg_conninfo(database_url), autocommit=True) as listener:
+        listener.execute(f"LISTEN {CHANNEL}")
+        few = logged([observation(f"user-{i}", i) for i in range(3)])
+        recorder.apply(TOPIC, few, progress_of(few))
+        many = logged([observation(f"subject-with-a-long-name-{i:05d}", 100 + i)
+                       for i in range(400)])  # ~13 KB of names: over the limit
+        recorder.apply(TOPIC, many, progress_of(many))
+        heard = [parse_payload(n.payload) for n in listener.notifies(timeout=5, stop_after=2)]
+    with two[0].connect() as conn:
+        schema = conn.execute(sa.text("SELECT current_schema()")).scalar()
+        top = conn.execute(sa.select(sa.func.max(belief_changes.c.id))).scalar()
+    assert heard[0][0] == schema and heard[0][2] == frozenset({"user-0", "user-1", "user-2"})
+    assert heard[1] == (schema, top, None)
