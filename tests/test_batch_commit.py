@@ -48,14 +48,14 @@ def test_batches_commit_without_waiting_for_the_wal_flush(settings, engine, prod
     worker = ProjectorWorker(settings, engine)
     trace = tmp_path / "libpq.trace"
     sink = trace.open("w")
-    traced: set[int] = set()
+    traced: list = []
 
-    @sa.event.listens_for(worker.recorder.engine, "checkout")
     def _trace(dbapi_conn, record, proxy) -> None:
-        if id(dbapi_conn) not in traced:
-            traced.add(id(dbapi_conn))
+        if not any(c is dbapi_conn for c in traced):
+            traced.append(dbapi_conn)
             dbapi_conn.pgconn.trace(sink.fileno())
 
+    sa.event.listen(worker.recorder.engine, "checkout", _trace)
     try:
         with worker:
             receipt = producer.observe("user-sc", "support", "issue", "refund", 0.8,
@@ -63,7 +63,11 @@ def test_batches_commit_without_waiting_for_the_wal_flush(settings, engine, prod
             while not worker.process_batch():
                 pass
     finally:
-        sink.flush()
+        sa.event.remove(worker.recorder.engine, "checkout", _trace)
+        for conn in traced:
+            if not conn.closed:
+                conn.pgconn.untrace()
+        sink.close()
     transactions = transactions_of(trace)
     claims = [t for t in transactions if any("owner" in s and "projection_offsets" in s
                                               for s in t)]
