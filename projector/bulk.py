@@ -280,6 +280,25 @@ ON CONFLICT (projection, topic, partition) DO UPDATE SET
   updated_at = now()
 """
 
+LOCK_OFFSETS = """
+SELECT partition, epoch FROM projection_offsets
+WHERE projection = %s AND topic = %s AND partition = ANY(%s)
+FOR UPDATE
+"""
+"""The fence of a batch: lock its partitions' offset rows (a concurrent claim waits for the
+batch's transaction) and read their epochs. Params: projection, topic, partitions."""
+
+ASYNCHRONOUS_COMMIT = "SET LOCAL synchronous_commit TO off"
+"""First statement of a batch transaction that commits without waiting for the WAL flush
+(see :class:`~beliefstore.projector.worker.ProjectorWorker`)."""
+
+
+def insert_sql(table: str, columns: Sequence[str]) -> str:
+    """``INSERT INTO table (columns) VALUES (%s, ...)``: the direct path's stand-in for
+    :func:`copy_rows` (pipelined with ``executemany``; the same rows, the same values)."""
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))})"
+
+
 APPLY_MARKS = f"""
 UPDATE observations o SET retracted_by = m.retracted_by, erased_by = m.erased_by,
   value = CASE WHEN m.erased_by IS NULL THEN o.value END,
@@ -309,7 +328,8 @@ def staged_belief_rows(keys: Iterable[Key], folded: dict[Key, Belief],
 
 
 __all__ = [
-    "ADVANCE_SOURCES", "APPLY_MARKS", "BELIEF_COLUMNS", "DELETE_GONE_BELIEFS", "ERASURE_COLUMNS",
+    "ADVANCE_SOURCES", "APPLY_MARKS", "ASYNCHRONOUS_COMMIT", "LOCK_OFFSETS", "insert_sql",
+    "BELIEF_COLUMNS", "DELETE_GONE_BELIEFS", "ERASURE_COLUMNS",
     "INSERT_OBSERVATIONS", "MARK_ERASED", "NESTED_LOOPS_ONLY", "MARK_RETRACTED", "OBS_COLUMNS",
     "REFRESH_STALE",
     "RETRACTION_COLUMNS", "SOURCE_COLUMNS", "STAGE_BELIEFS", "STAGE_BELIEF_COLUMNS",

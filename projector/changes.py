@@ -119,19 +119,30 @@ WITH added AS (
          kafka_partition, kafka_offset
   FROM {stage} ORDER BY subject_id, context, attribute
   RETURNING id)
-SELECT max(id), current_schema() FROM added
+SELECT pg_notify(%s, json_build_object('schema', current_schema(),
+                                       'max_id', coalesce(max(id), 0),
+                                       'subjects', CAST(%s AS json))::text)
+FROM added
 """
 
+_PAYLOAD_OVERHEAD = 160
+"""Bytes of a payload besides its subjects list, at most: the keys and spaces
+``json_build_object`` writes, a schema name (≤ 63 bytes) and a change id (≤ 19 digits)."""
 
-def record_staged_changes(cursor: Any, stage: str) -> tuple[int | None, str]:
-    """The bulk form of :func:`record_changes`, on a psycopg ``cursor``: one
+
+def record_staged_changes(cursor: Any, stage: str, subjects: Iterable[str]) -> None:
+    """The bulk form of :func:`record_changes`, on a psycopg ``cursor``, in one statement
+    (it needs no answer, so it can be pipelined with the rest of a batch): one
     ``belief_changes`` row per row of the staging table ``stage``, which holds each
     recomputed key's belief as it now stands (NULL value: gone) with the columns of
-    ``belief_changes`` (see :mod:`beliefstore.projector.bulk`). Ids are allocated in key
-    order. Returns ``(highest id or None, current schema)``; :func:`notify` follows."""
-    cursor.execute(_RECORD_STAGED.format(stage=stage))
-    max_id, schema = cursor.fetchone()
-    return max_id, schema
+    ``belief_changes`` (see :mod:`beliefstore.projector.bulk`), ids allocated in key
+    order; then NOTIFY :data:`CHANNEL` with the :func:`notify_payload` fields (the
+    schema, the highest id, ``subjects`` sorted, or ``null`` when they would not fit in
+    :data:`NOTIFY_LIMIT` bytes), delivered when the transaction commits."""
+    listed = json.dumps(sorted(set(subjects)), separators=(",", ":"))
+    if len(listed.encode("utf-8")) + _PAYLOAD_OVERHEAD > NOTIFY_LIMIT:
+        listed = "null"
+    cursor.execute(_RECORD_STAGED.format(stage=stage), (CHANNEL, listed))
 
 
 def notify(cursor: Any, schema: str, max_id: int, subjects: Iterable[str]) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
@@ -46,7 +46,14 @@ if TYPE_CHECKING:
     from beliefstore.access.datakeys import Keyring
 
 _CHUNK = 1000
+SMALL_BATCH = 32
+"""Most observations of a batch applied on the direct path: its rows go into the staging
+tables with pipelined ``INSERT``s instead of ``COPY`` (which ends a pipeline), so a lone
+event costs three round trips (fence and events, beliefs and offsets, commit) instead of
+about ten. The statements after the staging tables are the same on both paths."""
 _STAGED = "beliefstore_staging"
+_STAGE_OBS_INSERT = bulk.insert_sql(bulk.STAGE_OBS, bulk.OBS_COLUMNS)
+_STAGE_BELIEFS_INSERT = bulk.insert_sql(bulk.STAGE_BELIEFS, bulk.STAGE_BELIEF_COLUMNS)
 """Key of a pooled connection's ``info``: its staging tables exist."""
 
 
@@ -114,6 +121,34 @@ class PartitionProgress:
     high_watermark: int | None = None
 
 
+@dataclass
+class _BatchRows:
+    """A batch's events as the rows of their tables (:mod:`~beliefstore.projector.bulk`'s
+    row builders), in batch order; ``erased``: its erasures."""
+
+    observations: list[tuple] = field(default_factory=list)
+    retractions: list[tuple] = field(default_factory=list)
+    erasures: list[tuple] = field(default_factory=list)
+    erased: list[SubjectErased] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, batch: Sequence[LoggedEvent]) -> _BatchRows:
+        rows = cls()
+        for item in batch:
+            e = item.event
+            if isinstance(e, ObservationRecorded):
+                rows.observations.append(bulk.observation_row(e, item.position))
+            elif isinstance(e, ObservationRetracted):
+                rows.retractions.append(bulk.retraction_row(e, item.position))
+            elif isinstance(e, SubjectErased):
+                rows.erasures.append(bulk.erasure_row(e, item.position))
+                rows.erased.append(e)
+        return rows
+
+    def __bool__(self) -> bool:
+        return bool(self.observations or self.retractions or self.erasures)
+
+
 def _position_columns(p: LogPosition) -> dict:
     return {
         "kafka_topic": p.topic,
@@ -161,6 +196,12 @@ class ProjectionRecorder:
         self.fold_settings = fold_settings
         self.keyring = keyring
         self.temp_buffers_kib = temp_buffers_kib
+        self.small_batch = SMALL_BATCH
+        """Most observations of a batch :meth:`apply` takes on the direct path."""
+        self.asynchronous_commit = False
+        """Whether :meth:`apply`'s transactions commit without waiting for the WAL flush
+        (``SET LOCAL synchronous_commit TO off``; the worker's choice, see
+        :class:`~beliefstore.projector.worker.ProjectorWorker`)."""
 
     # -- offsets -----------------------------------------------------------------------
 
@@ -228,84 +269,96 @@ class ProjectionRecorder:
         bring ``belief_sources`` up to date (an upsert for new observations, a refresh
         from ``observations`` for pairs a retraction or erasure touched); refold every
         touched key from its ``belief_sources`` rows; store the offsets.
+
+        Two paths, the same statements: a batch of at most :attr:`small_batch`
+        (:data:`SMALL_BATCH`) observations fills the staging tables with pipelined ``INSERT``s (three round
+        trips in all: fence and events, beliefs and offsets, commit); a larger one with
+        ``COPY``, which is faster per row but ends a pipeline.
         """
+        rows = _BatchRows.of(batch)
+        small = len(rows.observations) <= self.small_batch
+        epochs = {p: fence.get(p, -1) for p in progress} if fence is not None and progress \
+            else None
         with self.engine.connect() as conn:
             raw = _driver(conn)
             self._ensure_staging(conn, self.temp_buffers_kib)
-            with conn.begin():
-                if fence is not None and progress:
-                    self._check_fence(conn, topic, {p: fence.get(p, -1) for p in progress})
-                recomputed = self._apply_bulk(conn, raw, batch)
-                with raw.cursor() as cur:
+            with conn.begin(), raw.cursor() as cur, raw.cursor() as locked:
+                # The fence first (its row locks before anything else), then, for a small
+                # batch, its events too: one round trip.
+                with raw.pipeline():
+                    if self.asynchronous_commit:
+                        cur.execute(bulk.ASYNCHRONOUS_COMMIT)
+                    if epochs is not None:
+                        locked.execute(bulk.LOCK_OFFSETS,
+                                       (self.projection, topic, sorted(epochs)))
+                    if small and rows:
+                        self._write_events(cur, rows, staged=False)
+                if epochs is not None:
+                    self._check_epochs(dict(locked.fetchall()), epochs)
+                if rows and not small:
+                    bulk.copy_rows(cur, bulk.STAGE_OBS, bulk.OBS_COLUMNS, rows.observations)
+                    with raw.pipeline():
+                        self._write_events(cur, rows, staged=True)
+                touched = cur.fetchall() if rows else []
+                if rows.erased and self.keyring is not None:
+                    for x in rows.erased:
+                        self.keyring.destroy(x.subject_id, x.occurred_at, now_millis(), conn)
+                keys, folded = self._refold(touched)
+                staged = bulk.staged_belief_rows(keys, folded, subject_positions(batch)) \
+                    if keys else []
+                if staged and not small:
+                    bulk.copy_rows(cur, bulk.STAGE_BELIEFS, bulk.STAGE_BELIEF_COLUMNS, staged)
+                with raw.pipeline():
+                    if staged:
+                        if small:
+                            cur.executemany(_STAGE_BELIEFS_INSERT, staged)
+                        cur.execute(bulk.UPSERT_BELIEFS)
+                        cur.execute(bulk.DELETE_GONE_BELIEFS)
+                        # + NOTIFY, delivered at commit
+                        record_staged_changes(cur, bulk.STAGE_BELIEFS, (k[0] for k in keys))
                     if progress:
                         cur.executemany(bulk.UPSERT_OFFSETS, [
                             (self.projection, topic, partition, p.next_offset,
                              p.high_watermark)
                             for partition, p in sorted(progress.items())
                         ])
-        return recomputed
-
-    def _apply_bulk(self, conn: sa.Connection, raw: psycopg.Connection,
-                    batch: Sequence[LoggedEvent]) -> int:
-        """The batch's rows in bulk: ``COPY`` the observations into the staging table, then
-        set-based statements in one pipeline; refold the touched keys in Python (one query
-        loads their ``belief_sources``); ``COPY`` the beliefs back, upsert/delete them and
-        record the changes. Returns the number of keys recomputed."""
-        obs_rows, retraction_rows, erasure_rows, obs_ids = [], [], [], []
-        erased: list[SubjectErased] = []
-        for item in batch:
-            e = item.event
-            if isinstance(e, ObservationRecorded):
-                obs_rows.append(bulk.observation_row(e, item.position))
-                obs_ids.append(e.event_id)
-            elif isinstance(e, ObservationRetracted):
-                retraction_rows.append(bulk.retraction_row(e, item.position))
-            elif isinstance(e, SubjectErased):
-                erasure_rows.append(bulk.erasure_row(e, item.position))
-                erased.append(e)
-        if not (obs_rows or retraction_rows or erasure_rows):
-            return 0
-        if erased and self.keyring is not None:
-            for x in erased:
-                self.keyring.destroy(x.subject_id, x.occurred_at, now_millis(), conn)
-        with raw.cursor() as cur:
-            if obs_rows:
-                bulk.copy_rows(cur, bulk.STAGE_OBS, bulk.OBS_COLUMNS, obs_rows)
-            with raw.pipeline():
-                # Every statement below is driven by at most a batch of rows (the staging
-                # tables, which have no statistics): probe indexes, never hash a whole table.
-                cur.execute(bulk.NESTED_LOOPS_ONLY)
-                if retraction_rows:
-                    cur.executemany(_insert_sql("retractions", bulk.RETRACTION_COLUMNS),
-                                    retraction_rows)
-                if erasure_rows:
-                    cur.executemany(_insert_sql("erasures", bulk.ERASURE_COLUMNS),
-                                    erasure_rows)
-                if obs_rows:
-                    cur.execute(bulk.INSERT_OBSERVATIONS)
-                if retraction_rows:
-                    cur.execute(bulk.MARK_RETRACTED, ([r[0] for r in retraction_rows],))
-                if erasure_rows:
-                    cur.execute(bulk.MARK_ERASED, ([r[0] for r in erasure_rows],))
-                if obs_ids:
-                    cur.execute(bulk.ADVANCE_SOURCES, (obs_ids,))
-                if retraction_rows or erasure_rows:
-                    for statement in bulk.REFRESH_STALE:
-                        cur.execute(statement)
-                cur.execute(bulk.TOUCHED_SOURCES)
-            rows = cur.fetchall()
-            keys, folded = self._refold(rows)
-            if not keys:
-                return 0
-            bulk.copy_rows(cur, bulk.STAGE_BELIEFS, bulk.STAGE_BELIEF_COLUMNS,
-                           bulk.staged_belief_rows(keys, folded, subject_positions(batch)))
-            with raw.pipeline():
-                cur.execute(bulk.UPSERT_BELIEFS)
-                cur.execute(bulk.DELETE_GONE_BELIEFS)
-                max_id, schema = record_staged_changes(cur, bulk.STAGE_BELIEFS)
-                # + NOTIFY, delivered at commit
-                notify(cur, schema, max_id or 0, (k[0] for k in keys))
         return len(keys)
+
+    @staticmethod
+    def _write_events(cur: psycopg.Cursor, rows: _BatchRows, *, staged: bool) -> None:
+        """Queue (in the caller's pipeline) the batch's rows and the set-based statements
+        that bring ``observations`` and ``belief_sources`` up to date, ending with
+        ``TOUCHED_SOURCES`` (whose rows the caller fetches). ``staged``: the observations
+        are already in the staging table (``COPY``); else they are inserted into it here,
+        row by row (the direct path of a small batch)."""
+        # Every statement below is driven by at most a batch of rows (the staging
+        # tables, which have no statistics): probe indexes, never hash a whole table.
+        cur.execute(bulk.NESTED_LOOPS_ONLY)
+        if rows.observations and not staged:
+            cur.executemany(_STAGE_OBS_INSERT, rows.observations)
+        if rows.retractions:
+            cur.executemany(_insert_sql("retractions", bulk.RETRACTION_COLUMNS),
+                            rows.retractions)
+        if rows.erasures:
+            cur.executemany(_insert_sql("erasures", bulk.ERASURE_COLUMNS), rows.erasures)
+        if rows.observations:
+            cur.execute(bulk.INSERT_OBSERVATIONS)
+        if rows.retractions:
+            cur.execute(bulk.MARK_RETRACTED, ([r[0] for r in rows.retractions],))
+        if rows.erasures:
+            cur.execute(bulk.MARK_ERASED, ([r[0] for r in rows.erasures],))
+        if rows.observations:
+            cur.execute(bulk.ADVANCE_SOURCES, ([r[0] for r in rows.observations],))
+        if rows.retractions or rows.erasures:
+            for statement in bulk.REFRESH_STALE:
+                cur.execute(statement)
+        cur.execute(bulk.TOUCHED_SOURCES)
+
+    @staticmethod
+    def _check_epochs(current: dict[int, int], epochs: dict[int, int]) -> None:
+        lost = sorted(part for part, epoch in epochs.items() if current.get(part) != epoch)
+        if lost:
+            raise FencedError(lost, f"stored epochs {current}, this worker's {epochs}")
 
     def _refold(self, rows: Sequence[tuple]) -> tuple[list[Key], dict[Key, Belief]]:
         """Fold ``TOUCHED_SOURCES`` rows: the sorted touched keys and their beliefs."""
@@ -373,10 +426,7 @@ class ProjectionRecorder:
             p.c.projection == self.projection, p.c.topic == topic,
             p.c.partition.in_(sorted(epochs)),
         ).with_for_update())
-        current = {r.partition: r.epoch for r in rows}
-        lost = sorted(part for part, epoch in epochs.items() if current.get(part) != epoch)
-        if lost:
-            raise FencedError(lost, f"stored epochs {current}, this worker's {epochs}")
+        self._check_epochs({r.partition: r.epoch for r in rows}, epochs)
 
 
 def load_events(conn: sa.Connection, keys: Sequence[Key]) -> list[LoggedEvent]:

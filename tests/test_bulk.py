@@ -154,6 +154,43 @@ def test_bulk_paths_yield_the_pure_fold(two, seed, count, subjects, profile, lar
     assert rows_of(two[0]) == rows_of(two[1])
 
 
+def changes_of(engine: sa.Engine) -> list[tuple]:
+    """``belief_changes`` in id order (what a watch streams), without the commit time."""
+    c = belief_changes
+    with engine.connect() as conn:
+        return [tuple(x) for x in conn.execute(sa.select(
+            c.c.id, c.c.subject_id, c.c.context, c.c.attribute, c.c.value, c.c.confidence,
+            c.c.alternatives, c.c.sources, c.c.kafka_partition, c.c.kafka_offset,
+        ).order_by(c.c.id))]
+
+
+@given(seed=st.integers(0, 10_000), count=st.integers(1, 300), subjects=st.integers(1, 30),
+       profile=st.sampled_from(["hot-key", "realistic"]), largest=st.integers(1, 60))
+@hsettings(max_examples=10, deadline=None,
+           suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_the_direct_path_of_small_batches_equals_the_copy_path(two, seed, count, subjects,
+                                                               profile, largest):
+    """The same batches applied on the direct path (pipelined INSERTs into the staging
+    tables) and on the COPY path give the pure fold, the same tables row by row, and the
+    same belief_changes in the same order (what watchers see)."""
+    events = generate(count, seed=seed, subjects=subjects, profile=profile)
+    items = logged(events)
+    direct, copy = (ProjectionRecorder(e, "p", FoldSettings()) for e in two)
+    direct.small_batch = 10**9  # every batch on the direct path
+    copy.small_batch = 0  # every batch with an observation through COPY
+    for engine in two:
+        truncate(engine)
+        with engine.begin() as conn:
+            conn.execute(sa.text("ALTER SEQUENCE belief_changes_id_seq RESTART"))
+    for recorder in (direct, copy):
+        apply_in_batches(recorder, items, random.Random(seed), largest)
+    expected = expected_of(events, FoldSettings())
+    assert compare(read_beliefs(two[0]), expected) == []
+    assert compare(read_beliefs(two[1]), expected) == []
+    assert rows_of(two[0]) == rows_of(two[1])
+    assert changes_of(two[0]) == changes_of(two[1])
+
+
 @pytest.mark.parametrize("profile", ["hot-key", "realistic"])
 def test_bulk_replay_equals_the_incremental_projection(settings, catalog, engine, profile):
     """The real pipeline: the live projector folds the log batch by batch; `replay`
@@ -216,3 +253,58 @@ def test_a_fenced_copy_batch_leaves_nothing_and_its_successor_applies_it_once(tw
         stored = conn.execute(sa.select(sa.func.count()).select_from(observations)).scalar()
     assert stored == len({e.event_id for e in events if e.type == "observed"})
     assert compare(read_beliefs(two[0]), expected_of(events, FoldSettings())) == []
+
+
+def test_a_fenced_small_batch_on_the_direct_path_leaves_nothing(two):
+    """The direct path checks the fence after its one pipeline has run the batch's
+    statements: a refused batch must still leave no row behind, and the owner applies
+    it once."""
+    events = generate(60, seed=4, subjects=5)
+    items = logged(events, partitions=1)
+    old = ProjectionRecorder(two[0], "p", FoldSettings())
+    first = old.claim(TOPIC, [0], "old")[0]
+    old.apply(TOPIC, items[:40], progress_of(items[:40]), {0: first.epoch})
+    before = rows_of(two[0]), changes_of(two[0])
+    new = ProjectionRecorder(two[0], "p", FoldSettings())
+    second = new.claim(TOPIC, [0], "new")[0]
+    small = items[40:50]
+    assert len(small) <= old.small_batch
+    with pytest.raises(FencedError):
+        old.apply(TOPIC, small, progress_of(small), {0: first.epoch})
+    assert (rows_of(two[0]), changes_of(two[0])) == before
+    for i in range(40, len(items), 10):
+        new.apply(TOPIC, items[i:i + 10], progress_of(items[i:i + 10]), {0: second.epoch})
+    assert compare(read_beliefs(two[0]), expected_of(events, FoldSettings())) == []
+
+
+def test_a_batch_notifies_its_subjects_or_null_when_they_do_not_fit(two, database_url):
+    """The NOTIFY sent with a batch's belief_changes (one statement on both paths) names
+    the schema and the subjects; when they would not fit in a NOTIFY payload it says
+    null (every subject may have changed)."""
+    import psycopg
+
+    from beliefstore.db import psycopg_conninfo
+    from beliefstore.events.model import ObservationRecorded
+    from beliefstore.projector.changes import CHANNEL, parse_payload
+
+    def observation(subject: str, n: int) -> Event:
+        return ObservationRecorded(event_id=f"00000000-0000-4000-8000-{n:012d}",
+                                   subject_id=subject, source="triage_agent",
+                                   occurred_at=1_700_000_000_000, context="support",
+                                   attribute="issue", value="refund", confidence=0.8)
+
+    recorder = ProjectionRecorder(two[0], "p", FoldSettings())
+    truncate(two[0])
+    with psycopg.connect(psycopg_conninfo(database_url), autocommit=True) as listener:
+        listener.execute(f"LISTEN {CHANNEL}")
+        few = logged([observation(f"user-{i}", i) for i in range(3)])
+        recorder.apply(TOPIC, few, progress_of(few))
+        many = logged([observation(f"subject-with-a-long-name-{i:05d}", 100 + i)
+                       for i in range(400)])  # ~13 KB of names: over the limit
+        recorder.apply(TOPIC, many, progress_of(many))
+        heard = [parse_payload(n.payload) for n in listener.notifies(timeout=5, stop_after=2)]
+    with two[0].connect() as conn:
+        schema = conn.execute(sa.text("SELECT current_schema()")).scalar()
+        top = conn.execute(sa.select(sa.func.max(belief_changes.c.id))).scalar()
+    assert heard[0][0] == schema and heard[0][2] == frozenset({"user-0", "user-1", "user-2"})
+    assert heard[1] == (schema, top, None)

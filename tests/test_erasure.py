@@ -175,3 +175,22 @@ def _obs(subject: str, value: str):
                                source="triage_agent", occurred_at=1767225600000,
                                context="support", attribute="note", value=value,
                                confidence=0.8)
+def test_a_group_s_events_are_sealed_with_the_keys_it_looked_up(settings, catalog):
+    """The producer looks a group's data keys up once (``Keyring.data_keys``) and seals
+    every event with them, instead of one keyring query per event: ``encode`` must use the
+    key it is given (here another subject's, to tell them apart), and the event must open."""
+    from beliefstore.events.model import ObservationRecorded
+    from beliefstore.timefmt import now_millis
+
+    serde = AvroSerde.for_settings(settings)
+    assert serde.sealer is not None
+    given = serde.sealer.keyring.data_keys({"frank"}, now_millis())["frank"]
+    event = ObservationRecorded(event_id="5f0c4a52-4f43-4a8e-9d0b-0d6f8a3f4c11",
+                                subject_id="erin", source="triage_agent",
+                                occurred_at=now_millis(), context="support",
+                                attribute="address", value=SECRET, confidence=0.9)
+    data = serde.encode(event, {"erin": given})
+    assert serde.decode(data, open_sealed=False).record["sealed"]["key_id"] == given[0]
+    assert serde.decode(data).event.value == SECRET
+    own = serde.decode(serde.encode(event), open_sealed=False).record["sealed"]["key_id"]
+    assert own != given[0]  # without a key given, erin's own

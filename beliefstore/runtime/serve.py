@@ -263,6 +263,7 @@ class ApiServer:
             if threading.current_thread() is threading.main_thread() \
                     and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
                 signal.signal(signal.SIGTERM, _exit_on_sigterm)
+            self.app.state.freeze_gc = True  # served in the foreground: for good
             self.server.run(sockets=[self._socket])
             return
         assert self._config is not None
