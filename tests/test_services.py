@@ -822,3 +822,70 @@ def test_up_keeps_the_event_log_across_a_restart(tmp_path: Path) -> None:
         assert {b["offset"] for b in before if b["partition"] == receipt["partition"]} <= offsets
     finally:
         _stop_up(proc)
+
+
+def test_s3_store_bounds_its_etag_and_listing_caches(tmp_path: Path) -> None:
+    """The S3 store keeps at most ETAG_CACHE_SIZE ETags (localbucket 1.2.1 keeps every
+    file's it ever hashed, in ``localbucket._etag_cache``) and FRAGMENT_CACHE_SIZE listing
+    fragments per bucket, so its memory does not grow with every record batch the log
+    gains; the objects past the bounds still answer with their right ETag and are listed
+    byte-for-byte as localbucket lists them. Fails if localbucket stops keeping its ETags
+    in ``_etag_cache`` (another version) or the bounds stop holding."""
+    import hashlib
+    import re
+    import threading
+    from http.server import ThreadingHTTPServer
+    from urllib.parse import quote
+
+    import localbucket
+
+    from beliefstore.embedded import s3server
+
+    server = _serve_s3(tmp_path)  # configure() bounds localbucket's cache
+    assert isinstance(localbucket._etag_cache, s3server.LRUCache)
+    assert localbucket._etag_cache.maxsize == s3server.ETAG_CACHE_SIZE
+    (tmp_path / "bkt").mkdir()
+    port = int(server.server_address[1])
+    count = s3server.ETAG_CACHE_SIZE + 300
+    prefix = "clusters/c/topics/t/partitions/0000000000/records/"
+
+    class Reference(localbucket.S3Handler):  # type: ignore[misc, name-defined]
+        data_root = tmp_path
+
+    reference = ThreadingHTTPServer(("127.0.0.1", 0), Reference)
+    threading.Thread(target=reference.serve_forever, daemon=True).start()
+    try:
+        for offset in range(count):
+            body = f"batch {offset}".encode()
+            status, headers, _ = _raw(port, "PUT", f"/bkt/{prefix}{offset:020d}.batch", body)
+            assert status == 200
+        assert len(localbucket._etag_cache) <= s3server.ETAG_CACHE_SIZE
+        # localbucket fills it (the test fails if 1.2.x stops using this cache)
+        path = tmp_path / "bkt" / "lone"
+        path.write_bytes(b"lone")
+        assert localbucket.object_etag(path) == hashlib.md5(b"lone").hexdigest()
+        assert str(path) in localbucket._etag_cache
+        path.unlink()
+        # listing all of them fills at most FRAGMENT_CACHE_SIZE fragments, and the pages
+        # (evicted fragments recomputed) are still localbucket's own bytes
+        listing = f"/bkt?list-type=2&prefix={prefix}&max-keys=1000"
+        for _ in range(2):
+            path_ = listing
+            while True:
+                mine = _raw(port, "GET", path_)
+                theirs = _raw(int(reference.server_address[1]), "GET", path_)
+                assert mine == theirs
+                token = re.search(rb"<NextContinuationToken>([^<]*)<", theirs[2])
+                if token is None:
+                    break
+                path_ = f"{listing}&continuation-token={quote(token[1].decode())}"
+        index = s3server._index(tmp_path / "bkt")
+        assert len(index._fragments) <= s3server.FRAGMENT_CACHE_SIZE
+        first = f"/bkt/{prefix}{0:020d}.batch"
+        status, headers, body = _raw(port, "GET", first)
+        assert status == 200 and body == b"batch 0"
+        assert hashlib.md5(b"batch 0").hexdigest() in str(headers)
+    finally:
+        for s in (server, reference):
+            s.shutdown()
+            s.server_close()

@@ -88,9 +88,11 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 from xml.sax.saxutils import escape
 
+from cachetools import LRUCache
 from sortedcontainers import SortedList
 
-__all__ = ["BARRIER_TIMEOUT_S", "LOCALBUCKET_VERSION", "BucketIndex", "configure", "main"]
+__all__ = ["BARRIER_TIMEOUT_S", "ETAG_CACHE_SIZE", "FRAGMENT_CACHE_SIZE", "LOCALBUCKET_VERSION",
+           "BucketIndex", "configure", "main"]
 
 #: The localbucket release this module was written and measured against.
 LOCALBUCKET_VERSION = "1.2.1"
@@ -125,10 +127,13 @@ class BucketIndex:
     bytes (localbucket's order) in a :class:`sortedcontainers.SortedList`; each key's
     ``<Contents>`` fragment after its ``<Key>`` (LastModified, ETag, Size, StorageClass, as
     localbucket writes them) is computed on its first listing and reused until the key is
-    written or deleted again; the ``<Key>`` element is built per page (it is most of the
-    fragment, and the log's keys are what grows). Built by walking the folder on first
-    use, skipping localbucket's temporary files. Thread-safe (one lock). Memory: about
-    300 bytes per key plus about 250 bytes per listed key.
+    written or deleted again, for the :data:`FRAGMENT_CACHE_SIZE` most recently listed
+    keys (a fetch lists the tail of a partition; a replay reads it once, in order); the
+    ``<Key>`` element is built per page (it is most of the fragment, and the log's keys
+    are what grows). Built by walking the folder on first use, skipping localbucket's
+    temporary files. Thread-safe (one lock). Memory: about 140 bytes per key (its UTF-8
+    bytes in the sorted list), plus at most :data:`FRAGMENT_CACHE_SIZE` fragments of about
+    250 bytes.
     """
 
     def __init__(self, folder: Path) -> None:
@@ -139,8 +144,9 @@ class BucketIndex:
         self._lock = threading.Lock()
         self._built = False
         self._keys: SortedList = SortedList()
-        #: key bytes -> cached fragment after <Key> (through </Contents>) or None
-        self._fragments: dict[bytes, str | None] = {}
+        #: key bytes -> cached fragment after <Key> (through </Contents>), the most
+        #: recently listed keys only (an index of every key is ``_keys``)
+        self._fragments: LRUCache[bytes, str] = LRUCache(maxsize=FRAGMENT_CACHE_SIZE)
         #: a partition's records/ prefix -> {allocated offset without its batch: when}
         self._pending: dict[str, dict[int, float]] = {}
 
@@ -156,9 +162,9 @@ class BucketIndex:
         with self._lock:
             self._build()
             raw = key.encode()
-            if raw not in self._fragments:
+            if raw not in self._keys:
                 self._keys.add(raw)
-            self._fragments[raw] = None
+            self._fragments.pop(raw, None)
             if self._pending and (batch := _BATCH_KEY.fullmatch(key)):
                 pending = self._pending.get(batch[1])
                 if pending is not None:
@@ -171,8 +177,8 @@ class BucketIndex:
         with self._lock:
             self._build()
             raw = key.encode()
-            if self._fragments.pop(raw, False) is not False:
-                self._keys.remove(raw)
+            self._fragments.pop(raw, None)
+            self._keys.discard(raw)
 
     def page(self, prefix: str, delimiter: str, marker: str, marker_is_prefix: bool,
              max_keys: int, encode: Callable[[str], str] | None = None,
@@ -283,9 +289,23 @@ class BucketIndex:
                 except UnicodeEncodeError:  # not UTF-8 on disk: localbucket fails on it too
                     continue
         self._keys = SortedList(keys)
-        self._fragments = dict.fromkeys(keys)
+        self._fragments.clear()
         self._built = True
 
+
+#: How many listed keys' ``<Contents>`` fragments a :class:`BucketIndex` keeps (LRU). A
+#: fetch lists a partition from the consumer's position, so the keys listed again are the
+#: log's tail; an older key's fragment is computed again (a stat and an MD5 of a batch
+#: object of a few KB) when it is listed again. About 250 bytes each: ~1 MiB per bucket.
+FRAGMENT_CACHE_SIZE = 4096
+
+#: How many files' ETags localbucket keeps (LRU), instead of every file it ever hashed.
+#: localbucket 1.2.1 caches each file's MD5 ETag with its stat signature in the module
+#: dict ``localbucket._etag_cache``, with no bound: about 600 bytes per object, for every
+#: record batch the log ever gained (the S3 store grew ×1.19 in a 10-minute soak). A
+#: miss costs an MD5 of the object (record batches are a few KB); the objects hashed
+#: again and again (``watermark.json``, ``meta.json``, on every produce) stay cached.
+ETAG_CACHE_SIZE = 4096
 
 #: How long a listing may leave out the record batches after an allocated offset whose
 #: batch is not written yet, seconds (a produce writes it within milliseconds; longer
@@ -526,7 +546,30 @@ def configure() -> Any:
     import localbucket
 
     localbucket.S3Handler.disable_nagle_algorithm = True
+    _bound_etag_cache(localbucket)
     return _handler_class()
+
+
+def _bound_etag_cache(localbucket: Any) -> None:
+    """Replace localbucket's unbounded ETag cache by an LRU of :data:`ETAG_CACHE_SIZE`
+    entries (see there), keeping what it holds. The one private name of localbucket this
+    module touches: 1.2.1 reads and writes ``_etag_cache`` only with ``get`` and item
+    assignment under ``_etag_lock``, which :class:`cachetools.LRUCache` supports;
+    ``tests/test_services.py`` fails if that changes.
+
+    Raises:
+        RuntimeError: localbucket has no ``_etag_cache`` mapping (another version).
+    """
+    current = getattr(localbucket, "_etag_cache", None)
+    if isinstance(current, LRUCache):
+        return
+    if not isinstance(current, dict):
+        raise RuntimeError(f"localbucket {localbucket.__version__} has no _etag_cache dict; "
+                           f"beliefstore's S3 store is written for {LOCALBUCKET_VERSION}")
+    bounded: LRUCache[str, Any] = LRUCache(maxsize=ETAG_CACHE_SIZE)
+    with localbucket._etag_lock:
+        bounded.update(list(current.items())[-ETAG_CACHE_SIZE:])
+        localbucket._etag_cache = bounded
 
 
 def main(argv: list[str] | None = None) -> None:
