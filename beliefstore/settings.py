@@ -17,7 +17,7 @@ half_lives                         BELIEFSTORE_HALF_LIVES           none; ``ctx=
 trust                              BELIEFSTORE_TRUST                none; ``source=weight,...``
 batch_size                         BELIEFSTORE_BATCH_SIZE           500 events per transaction
 poll_timeout_ms                    BELIEFSTORE_POLL_TIMEOUT_MS      500 ms
-fetch_max_wait_ms                  BELIEFSTORE_FETCH_MAX_WAIT_MS    unset → 20 ms; 500 ms on ``up``'s
+fetch_max_wait_ms                  BELIEFSTORE_FETCH_MAX_WAIT_MS    unset → 20 ms; 100 ms on ``up``'s
                                                                     durable embedded broker
 produce_timeout_s                  BELIEFSTORE_PRODUCE_TIMEOUT      30 s until a send must be acked
 api_host                           BELIEFSTORE_API_HOST             ``127.0.0.1``

@@ -201,8 +201,8 @@ class ProjectorWorker:
             # Never jump silently: a stored offset outside the log is a LogResetError.
             auto_offset_reset="none",
             max_poll_records=s.batch_size,
-            # Freshness: see FETCH_MAX_WAIT_MS (500 ms on the durable embedded broker,
-            # whose fetch lists the whole log).
+            # Freshness: see FETCH_MAX_WAIT_MS (100 ms on `up`'s durable embedded broker,
+            # whose fetch lists the partition's objects: runtime/startup.py).
             fetch_max_wait_ms=s.fetch_max_wait_ms or FETCH_MAX_WAIT_MS,
             session_timeout_ms=10_000,
             heartbeat_interval_ms=3_000,
