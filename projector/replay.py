@@ -92,8 +92,11 @@ def read_log(settings: Settings, serde: AvroSerde | None = None,
 
     ``until`` maps partition → end offset (exclusive), e.g. a projection's stored
     offsets, so the fold covers exactly the events that projection applied even while
-    agents keep writing; a partition it does not name is read to its high watermark as
-    of the first fetch (as is every partition when ``until`` is ``None``).
+    agents keep writing; a partition it does not name is read to the highest high
+    watermark its fetches reported (as is every partition when ``until`` is ``None``),
+    confirmed by one more fetch once reached: Tansu 0.6.0 can answer a fetch with a stale,
+    lower high watermark (see ``LOG_END_CONFIRM_S`` in the projector's worker), which
+    alone would end the read before acknowledged events.
     """
     serde = serde or AvroSerde.for_settings(settings)
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
@@ -108,15 +111,17 @@ def read_log(settings: Settings, serde: AvroSerde | None = None,
             consumer.seek(tp, 0)
         events: list[Event] = []
         poison = 0
-        ends: dict[TopicPartition, int] = {
+        fixed: dict[TopicPartition, int] = {
             tp: until[tp.partition] for tp in tps if until and tp.partition in until}
+        ends = dict(fixed)
+        confirming = False
         deadline = time.monotonic() + timeout_s
         while True:
             polled = consumer.poll(timeout_ms=200)
             for records in polled.values():
                 for record in records:
-                    if record.offset >= ends.get(TopicPartition(record.topic, record.partition),
-                                                 1 << 62):
+                    if record.offset >= fixed.get(TopicPartition(record.topic, record.partition),
+                                                  1 << 62):
                         continue
                     try:
                         events.append(serde.decode(record.value).event)
@@ -126,10 +131,14 @@ def read_log(settings: Settings, serde: AvroSerde | None = None,
                         pass  # erased subject: its sealed fields are gone for good
             for tp in tps:
                 hw = consumer.highwater(tp)
-                if hw is not None:
-                    ends.setdefault(tp, hw)
+                if hw is not None and tp not in fixed:
+                    ends[tp] = max(ends.get(tp, 0), hw)
             if len(ends) == len(tps) and all(consumer.position(tp) >= ends[tp] for tp in tps):
-                return events, poison
+                if confirming or len(fixed) == len(tps):
+                    return events, poison
+                confirming = True  # one more fetch: a stale high watermark ends nothing
+                continue
+            confirming = False
             if polled:
                 deadline = time.monotonic() + timeout_s
             elif time.monotonic() > deadline:

@@ -548,8 +548,8 @@ def test_tailing_consumer_misses_nothing_with_concurrent_producers(tmp_path: Pat
         bootstrap = kafka.bootstrap_servers
         create_topic(bootstrap, "gap", partitions=1)
         stop = time.monotonic() + 8
-        acked: set[int] = set()
-        seen: set[int] = set()
+        acked: dict[bytes, int] = {}  # value -> acknowledged offset (-1: see below)
+        seen: dict[int, bytes] = {}  # offset -> value, as the tailing consumer read them
         done = threading.Event()
 
         def produce_loop(i: int) -> None:
@@ -559,11 +559,13 @@ def test_tailing_consumer_misses_nothing_with_concurrent_producers(tmp_path: Pat
             try:
                 n = 0
                 while time.monotonic() < stop:
-                    futures = [producer.send("gap", f"{i}-{n}-{j}".encode(), partition=0)
-                               for j in range(5)]
-                    for future in futures:
+                    values = [f"{i}-{n}-{j}".encode() for j in range(5)]
+                    futures = [producer.send("gap", v, partition=0) for v in values]
+                    for value, future in zip(values, futures, strict=True):
                         try:
-                            acked.add(future.get(30).offset)
+                            # offset -1: a retried batch the broker had already written
+                            # (DuplicateSequenceNumber counts as acknowledged, offset unknown)
+                            acked[value] = future.get(30).offset
                         except KafkaError:
                             pass  # Tansu's occasional OutOfOrderSequenceNumber: not acked
                     n += 1
@@ -578,7 +580,7 @@ def test_tailing_consumer_misses_nothing_with_concurrent_producers(tmp_path: Pat
             try:
                 while not done.is_set():
                     for records in consumer.poll(200).values():
-                        seen.update(r.offset for r in records)
+                        seen.update((r.offset, r.value) for r in records)
             finally:
                 consumer.close()
 
@@ -590,7 +592,11 @@ def test_tailing_consumer_misses_nothing_with_concurrent_producers(tmp_path: Pat
         for t in producers:
             t.join()
         deadline = time.monotonic() + 15
-        while not acked <= seen and time.monotonic() < deadline:
+        def missing() -> list[bytes]:
+            read = set(seen.values())
+            return [v for v in list(acked) if v not in read]
+
+        while missing() and time.monotonic() < deadline:
             time.sleep(0.2)
         done.set()
         tailer.join()
@@ -602,8 +608,11 @@ def test_tailing_consumer_misses_nothing_with_concurrent_producers(tmp_path: Pat
                 for f in (tmp_path / "kafka").rglob("*") if f.is_file()]
         assert any(s3server._WATERMARK_KEY.fullmatch(k) and "/gap/" in k for k in keys), keys
         assert sum(bool(s3server._BATCH_KEY.fullmatch(k)) for k in keys) > 20, keys[:20]
-        missed = sorted(acked - seen)
-        assert not missed, f"the tailing consumer skipped acknowledged offsets {missed[:10]}"
+        missed = sorted((acked[v], v) for v in missing())
+        assert not missed, f"the tailing consumer skipped acknowledged records {missed[:10]}"
+        # and each acknowledged offset holds the record it was acknowledged for
+        wrong = [(o, v) for v, o in acked.items() if o >= 0 and seen.get(o) != v]
+        assert not wrong, f"acknowledged offsets holding other records: {wrong[:10]}"
 
 
 def test_durable_broker_concurrent_idempotent_producers_lose_nothing(tmp_path: Path) -> None:
