@@ -32,7 +32,7 @@ from beliefstore.api.models import (
     ObservationIn,
     ReceiptOut,
 )
-from beliefstore.api.routes.reads import _error
+from beliefstore.api.routes.reads import _error, bearer_credentials
 from beliefstore.api.security import (
     WRITE_RESPONSES,
     forbidden,
@@ -284,9 +284,7 @@ def _headers(scope: Scope) -> tuple[str | None, bool]:
     for name, value in scope["headers"]:
         if name == b"authorization" and not seen_auth:
             seen_auth = True
-            scheme, _, credentials = value.decode("latin-1").partition(" ")
-            credentials = credentials.strip()
-            token = credentials if scheme.lower() == "bearer" and credentials else None
+            token = bearer_credentials(value)
         elif name == b"content-type":
             json_body = value.split(b";", 1)[0].strip().lower() == b"application/json"
     return token, json_body

@@ -285,10 +285,17 @@ def _bearer(scope: Scope) -> str | None:
     FastAPI's ``HTTPBearer`` reads it), else ``None``."""
     for name, value in scope["headers"]:
         if name == b"authorization":
-            scheme, _, credentials = value.decode("latin-1").partition(" ")
-            credentials = credentials.strip()
-            return credentials if scheme.lower() == "bearer" and credentials else None
+            return bearer_credentials(value)
     return None
+
+
+def bearer_credentials(value: bytes) -> str | None:
+    """The credentials of an ``Authorization`` header's raw value if it is
+    ``Bearer <credentials>`` (scheme case-insensitive, as FastAPI's ``HTTPBearer``), else
+    ``None``."""
+    scheme, _, credentials = value.decode("latin-1").partition(" ")
+    credentials = credentials.strip()
+    return credentials if scheme.lower() == "bearer" and credentials else None
 
 
 def _query(raw: bytes, beliefs: bool) -> dict[str, Any] | None:
