@@ -87,19 +87,27 @@ def test_restart_after_poison_does_not_reprocess(settings, engine):
     assert len(read_topic(settings.kafka_bootstrap_servers, settings.dlq_topic)) == 1
 
 
-def test_offsets_beyond_the_log_end_refuse_to_start(settings, engine, producer):
-    """A log reset (topic recreated, broker lost its log) is named, not skipped."""
-    import pytest
-
-    from beliefstore.errors import LogResetError
-
+def _project_one_and_store_offset(settings, engine, producer, beyond: int):  # noqa: ANN202
+    """Produce and project one observation, then store its partition's next offset as
+    ``beyond`` past the observation's (as a broker that lost its log, or answered with a
+    stale high watermark, would leave it); return the observation's receipt."""
     receipt = producer.observe("user-1", "support", "issue", "refund", 0.9, source="a")
     with ProjectorWorker(settings, engine) as worker:
         worker.run(until_caught_up=True)
     with engine.begin() as conn:
         conn.execute(sa.update(projection_offsets)
                      .where(projection_offsets.c.partition == receipt.partition)
-                     .values(next_offset=receipt.offset + 1000))
+                     .values(next_offset=receipt.offset + beyond))
+    return receipt
+
+
+def test_offsets_beyond_the_log_end_refuse_to_start(settings, engine, producer):
+    """A log reset (topic recreated, broker lost its log) is named, not skipped."""
+    import pytest
+
+    from beliefstore.errors import LogResetError
+
+    _project_one_and_store_offset(settings, engine, producer, beyond=1000)
     with ProjectorWorker(settings, engine) as worker, pytest.raises(LogResetError) as info:
         worker.run(until_caught_up=True)
     assert "beyond" in str(info.value) and settings.topic in str(info.value)
@@ -116,13 +124,7 @@ def test_a_log_end_below_the_stored_offset_for_a_moment_is_not_a_reset(settings,
 
     from beliefstore.projector.worker import LOG_END_CONFIRM_S
 
-    first = producer.observe("user-1", "support", "issue", "refund", 0.9, source="a")
-    with ProjectorWorker(settings, engine) as worker:
-        worker.run(until_caught_up=True)
-    with engine.begin() as conn:
-        conn.execute(sa.update(projection_offsets)
-                     .where(projection_offsets.c.partition == first.partition)
-                     .values(next_offset=first.offset + 3))
+    first = _project_one_and_store_offset(settings, engine, producer, beyond=3)
 
     def grow() -> None:
         time.sleep(0.5)
