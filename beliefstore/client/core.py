@@ -1,5 +1,7 @@
-"""What the sync and async clients share: request bodies, the retry policy, error
-mapping, the batch answer and the server-sent-events parser. No I/O here.
+"""What the sync and async clients share: each request as a :class:`Call` (method, path,
+parameters, body, and how to read the answer), the retry policy, error mapping, the
+batch answer and the server-sent-events parser. No I/O here ("sans-I/O", as in h11): the
+two clients differ only in how they send a :class:`Call` and wait.
 """
 
 from __future__ import annotations
@@ -8,16 +10,34 @@ import email.utils
 import json
 import random
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 import httpx
 
-from beliefstore.client.errors import APIError, error_for
-from beliefstore.client.models import BatchResult, Receipt, WatchEvent
+from beliefstore.client.errors import (
+    APIError,
+    ClientError,
+    ConnectionFailed,
+    NotSupported,
+    error_for,
+)
+from beliefstore.client.models import (
+    BatchResult,
+    Beliefs,
+    ContextInfo,
+    History,
+    Receipt,
+    SchemaInfo,
+    SelfModel,
+    Trace,
+    WatchEvent,
+)
+
+T = TypeVar("T")
 
 BATCH_PATH = "/v1/observations:batch"
 """The batch ingest endpoint (where the server has it; else one POST per observation)."""
@@ -60,6 +80,14 @@ class RetryPolicy:
     def should_retry(self, attempt: int) -> bool:
         """Whether try number ``attempt`` (1-based) may be followed by another."""
         return attempt < self.attempts
+
+    def wait_after(self, attempt: int, response: httpx.Response) -> float | None:
+        """Seconds to wait before trying again after ``response`` to try ``attempt``
+        (1-based), or ``None`` when the response is final (not retryable, or no tries
+        left)."""
+        if response.status_code in self.RETRY_STATUSES and self.should_retry(attempt):
+            return self.wait_s(attempt, retry_after_s(response))
+        return None
 
     def wait_s(self, attempt: int, retry_after_s: float | None) -> float:
         """Seconds to wait after failed try ``attempt`` (1-based)."""
@@ -185,6 +213,120 @@ def single_result(receipt: Receipt | None = None, error: APIError | None = None)
     return BatchResult(status=201, receipt=receipt)
 
 
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One API request and how to read its 2xx answer.
+
+    Attributes:
+        method: the HTTP method.
+        path: the path, its segments percent-encoded.
+        parse: the answer's JSON body → the typed result (a 4xx/5xx raises instead).
+        params: query parameters, the unset ones left out.
+        json: the JSON body of a POST.
+    """
+
+    method: str
+    path: str
+    parse: Callable[[Any], T]
+    params: Mapping[str, Any] | None = None
+    json: Any = None
+
+
+def whoami_call() -> Call[dict[str, Any]]:
+    """``GET /v1/whoami``: the key's agent and scopes."""
+    return Call("GET", "/v1/whoami", dict)
+
+
+def observe_call(body: Mapping[str, Any]) -> Call[Receipt]:
+    """``POST /v1/observations`` with an :func:`observation_body`."""
+    return Call("POST", "/v1/observations", Receipt.model_validate, json=body)
+
+
+def retract_call(body: Mapping[str, Any]) -> Call[Receipt]:
+    """``POST /v1/retractions`` with a :func:`retraction_body`."""
+    return Call("POST", "/v1/retractions", Receipt.model_validate, json=body)
+
+
+def self_model_call(subject_id: str, *, max_age_s: float | None = None,
+                    as_of: datetime | str | None = None,
+                    time: str | None = None) -> Call[SelfModel]:
+    """``GET /v1/subjects/{id}/self-model``."""
+    return Call("GET", subject_path(subject_id, "self-model"), SelfModel.model_validate,
+                params=read_params(max_age_s=max_age_s, as_of=as_of, time=time))
+
+
+def beliefs_call(subject_id: str, *, context: str | None = None,
+                 min_confidence: float | None = None, max_age_s: float | None = None,
+                 as_of: datetime | str | None = None,
+                 time: str | None = None) -> Call[Beliefs]:
+    """``GET /v1/subjects/{id}/beliefs``."""
+    return Call("GET", subject_path(subject_id, "beliefs"), Beliefs.model_validate,
+                params=read_params(context, min_confidence, max_age_s, as_of, time))
+
+
+def trace_call(subject_id: str, context: str, attribute: str) -> Call[Trace]:
+    """``GET /v1/subjects/{id}/beliefs/{context}/{attribute}/trace``."""
+    return Call("GET", subject_path(subject_id, "beliefs", context, attribute, "trace"),
+                Trace.model_validate)
+
+
+def history_call(subject_id: str, context: str, attribute: str) -> Call[History]:
+    """``GET /v1/subjects/{id}/beliefs/{context}/{attribute}/history``."""
+    return Call("GET", subject_path(subject_id, "beliefs", context, attribute, "history"),
+                History.model_validate)
+
+
+def contexts_call() -> Call[list[ContextInfo]]:
+    """``GET /v1/contexts``."""
+    return Call("GET", "/v1/contexts",
+                lambda body: [ContextInfo.model_validate(c) for c in body["contexts"]])
+
+
+def schemas_call() -> Call[list[SchemaInfo]]:
+    """``GET /v1/schemas``."""
+    return Call("GET", "/v1/schemas",
+                lambda body: [SchemaInfo.model_validate(s) for s in body["schemas"]])
+
+
+def schema_call(fingerprint: str) -> Call[SchemaInfo]:
+    """``GET /v1/schemas/{fingerprint}``."""
+    return Call("GET", f"/v1/schemas/{quote(fingerprint, safe='')}", SchemaInfo.model_validate)
+
+
+def batch_call(bodies: list[dict[str, Any]]) -> Call[list[BatchResult]]:
+    """``POST /v1/observations:batch`` with :func:`prepare_observation` bodies."""
+    return Call("POST", BATCH_PATH, batch_results, json={"observations": bodies})
+
+
+def watch_headers(last_event_id: str | None) -> dict[str, str]:
+    """The watch request's headers: SSE, and ``Last-Event-ID`` to resume."""
+    headers = {"Accept": "text/event-stream"}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = last_event_id
+    return headers
+
+
+def watch_refused(response: httpx.Response) -> ClientError:
+    """The error for a watch answered 4xx/5xx (its body read):
+    :class:`~beliefstore.client.errors.NotSupported` when the server has no watch route."""
+    if route_missing(response):
+        return NotSupported("GET /v1/subjects/{subject_id}/watch",
+                            "this beliefstore API has no watch stream; poll "
+                            "self_model() instead")
+    return api_error(response)
+
+
+def unreachable(base_url: str, exc: Exception) -> ConnectionFailed:
+    """The error when the API cannot be reached after the retries."""
+    return ConnectionFailed(f"cannot reach the API at {base_url} ({exc!r}): "
+                            "check BELIEFSTORE_API_URL and that the API runs")
+
+
+def bearer_headers(api_key: str | None) -> dict[str, str]:
+    """``Authorization: Bearer`` for a key (none without one)."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 class SSEParser:
     """Incremental parser of a ``text/event-stream`` (WHATWG HTML, "Server-sent events":
     ``field: value`` lines, events ended by a blank line, ``data`` lines joined with
@@ -228,6 +370,7 @@ class SSEParser:
 __all__ = [
     "BATCH_PATH",
     "NO_RETRY",
+    "Call",
     "RetryPolicy",
     "SSEParser",
     "api_error",

@@ -5,18 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 from beliefstore.client import core
-from beliefstore.client.errors import (
-    APIError,
-    ConnectionFailed,
-    InvalidRequest,
-    NotSupported,
-    PermissionDenied,
-)
+from beliefstore.client.errors import APIError, InvalidRequest, PermissionDenied
 from beliefstore.client.models import (
     BatchResult,
     Beliefs,
@@ -29,6 +23,8 @@ from beliefstore.client.models import (
     WatchEvent,
 )
 from beliefstore.client.settings import client_defaults
+
+T = TypeVar("T")
 
 
 class BeliefClient:
@@ -47,6 +43,9 @@ class BeliefClient:
     whose acknowledgement was lost and that is sent again is not counted twice (the log
     may then hold the event twice; the read model does not).
 
+    Each method builds its request with :mod:`beliefstore.client.core` (shared with
+    :class:`~beliefstore.client.AsyncBeliefClient`) and sends it.
+
     Raises (every method): the typed errors of :mod:`beliefstore.client.errors`, each with
     the API's message.
     """
@@ -55,11 +54,10 @@ class BeliefClient:
                  timeout_s: float = 10.0, retry: core.RetryPolicy | None = None,
                  transport: httpx.BaseTransport | None = None):
         url, key = client_defaults(base_url, api_key)
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.base_url = url
         self.retry = retry or core.RetryPolicy()
-        self._http = httpx.Client(base_url=url, headers=headers, timeout=timeout_s,
-                                  transport=transport)
+        self._http = httpx.Client(base_url=url, headers=core.bearer_headers(key),
+                                  timeout=timeout_s, transport=transport)
         self._agent: str | None = None
         self._batch: bool | None = None
 
@@ -74,38 +72,37 @@ class BeliefClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _send(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
-              json: Any = None, retry: core.RetryPolicy | None = None) -> httpx.Response:
-        """One request with retries; returns the final response (any status)."""
+    def _send(self, call: core.Call[Any], retry: core.RetryPolicy | None = None) -> httpx.Response:
+        """``call`` with retries; returns the final response (any status)."""
         policy = retry or self.retry
         attempt = 1
         while True:
             try:
-                response = self._http.request(method, path, params=params, json=json)
+                response = self._http.request(call.method, call.path, params=call.params,
+                                              json=call.json)
             except httpx.TransportError as exc:
                 if not policy.should_retry(attempt):
-                    raise ConnectionFailed(f"cannot reach the API at {self.base_url} ({exc!r}): "
-                                           "check BELIEFSTORE_API_URL and that the API runs") from exc
+                    raise core.unreachable(self.base_url, exc) from exc
                 time.sleep(policy.wait_s(attempt, None))
-                attempt += 1
-                continue
-            if response.status_code in policy.RETRY_STATUSES and policy.should_retry(attempt):
-                time.sleep(policy.wait_s(attempt, core.retry_after_s(response)))
-                attempt += 1
-                continue
-            return response
+            else:
+                wait = policy.wait_after(attempt, response)
+                if wait is None:
+                    return response
+                time.sleep(wait)
+            attempt += 1
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self._send(method, path, **kwargs)
+    def _run(self, call: core.Call[T]) -> T:
+        """``call``'s typed result; an error answer raises its typed error."""
+        response = self._send(call)
         if response.status_code >= 400:
             raise core.api_error(response)
-        return response.json()
+        return call.parse(response.json())
 
     # -- who -----------------------------------------------------------------------------
 
     def whoami(self) -> dict[str, Any]:
         """The key's agent and scopes (``GET /v1/whoami``)."""
-        return self._call("GET", "/v1/whoami")
+        return self._run(core.whoami_call())
 
     @property
     def agent(self) -> str:
@@ -124,10 +121,9 @@ class BeliefClient:
         """Record one observation (``POST /v1/observations``); returns its receipt once the
         broker acknowledged it. ``source`` defaults to the key's agent (the only one the
         API accepts); ``event_id`` defaults to a new UUID4, fixed across retries."""
-        body = core.observation_body(subject_id, context, attribute, value, confidence,
-                                     source or self.agent, evidence, metadata, occurred_at,
-                                     event_id)
-        return Receipt.model_validate(self._call("POST", "/v1/observations", json=body))
+        return self._run(core.observe_call(core.observation_body(
+            subject_id, context, attribute, value, confidence, source or self.agent,
+            evidence, metadata, occurred_at, event_id)))
 
     def observe_many(self, observations: Iterable[Mapping[str, Any]]) -> list[BatchResult]:
         """Record several observations, each a mapping of :meth:`observe`'s arguments.
@@ -142,18 +138,17 @@ class BeliefClient:
         if not bodies:
             return []
         if self._batch is not False:
-            response = self._send("POST", core.BATCH_PATH, json={"observations": bodies})
-            if core.route_missing(response):
-                self._batch = False
-            elif response.status_code >= 400:
-                raise core.api_error(response)
-            else:
-                self._batch = True
-                return core.batch_results(response.json())
+            batch = core.batch_call(bodies)
+            response = self._send(batch)
+            self._batch = not core.route_missing(response)
+            if self._batch:
+                if response.status_code >= 400:
+                    raise core.api_error(response)
+                return batch.parse(response.json())
         results = []
         for body in bodies:
             try:
-                receipt = Receipt.model_validate(self._call("POST", "/v1/observations", json=body))
+                receipt = self._run(core.observe_call(body))
                 results.append(core.single_result(receipt))
             except (InvalidRequest, PermissionDenied) as exc:
                 results.append(core.single_result(error=exc))
@@ -165,8 +160,8 @@ class BeliefClient:
         """Withdraw this agent's observation ``event_id`` (``POST /v1/retractions``);
         returns the retraction's receipt. ``retraction_id`` (default a new UUID4, fixed
         across retries) is the retraction event's own id."""
-        body = core.retraction_body(subject_id, event_id, reason, occurred_at, retraction_id)
-        return Receipt.model_validate(self._call("POST", "/v1/retractions", json=body))
+        return self._run(core.retract_call(
+            core.retraction_body(subject_id, event_id, reason, occurred_at, retraction_id)))
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -174,39 +169,36 @@ class BeliefClient:
                    as_of: datetime | str | None = None, time: str | None = None) -> SelfModel:
         """Everything believed about the subject that the key may read, by context;
         ``max_age_s`` leaves out beliefs older than that (seconds)."""
-        params = core.read_params(max_age_s=max_age_s, as_of=as_of, time=time)
-        return SelfModel.model_validate(
-            self._call("GET", core.subject_path(subject_id, "self-model"), params=params))
+        return self._run(core.self_model_call(subject_id, max_age_s=max_age_s, as_of=as_of,
+                                              time=time))
 
     def beliefs(self, subject_id: str, *, context: str | None = None,
                 min_confidence: float | None = None, max_age_s: float | None = None,
                 as_of: datetime | str | None = None, time: str | None = None) -> Beliefs:
         """The subject's beliefs, filtered by context, confidence and age."""
-        params = core.read_params(context, min_confidence, max_age_s, as_of, time)
-        return Beliefs.model_validate(
-            self._call("GET", core.subject_path(subject_id, "beliefs"), params=params))
+        return self._run(core.beliefs_call(subject_id, context=context,
+                                           min_confidence=min_confidence,
+                                           max_age_s=max_age_s, as_of=as_of, time=time))
 
     def trace(self, subject_id: str, context: str, attribute: str) -> Trace:
         """Every event behind one belief, counting or not, and why."""
-        return Trace.model_validate(self._call(
-            "GET", core.subject_path(subject_id, "beliefs", context, attribute, "trace")))
+        return self._run(core.trace_call(subject_id, context, attribute))
 
     def history(self, subject_id: str, context: str, attribute: str) -> History:
         """How one belief evolved, event by event."""
-        return History.model_validate(self._call(
-            "GET", core.subject_path(subject_id, "beliefs", context, attribute, "history")))
+        return self._run(core.history_call(subject_id, context, attribute))
 
     def contexts(self) -> list[ContextInfo]:
         """The contexts the key may read, with attributes, counts, half-life, restriction."""
-        return [ContextInfo.model_validate(c) for c in self._call("GET", "/v1/contexts")["contexts"]]
+        return self._run(core.contexts_call())
 
     def schemas(self) -> list[SchemaInfo]:
         """Every Avro schema the API knows."""
-        return [SchemaInfo.model_validate(s) for s in self._call("GET", "/v1/schemas")["schemas"]]
+        return self._run(core.schemas_call())
 
     def schema(self, fingerprint: str) -> SchemaInfo:
         """One schema by its fingerprint (16 hex digits)."""
-        return SchemaInfo.model_validate(self._call("GET", f"/v1/schemas/{fingerprint}"))
+        return self._run(core.schema_call(fingerprint))
 
     def watch(self, subject_id: str, *, last_event_id: str | None = None,
               read_timeout_s: float | None = None) -> Iterator[WatchEvent]:
@@ -218,19 +210,12 @@ class BeliefClient:
         Raises:
             NotSupported: the server has no watch endpoint.
         """
-        headers = {"Accept": "text/event-stream"}
-        if last_event_id is not None:
-            headers["Last-Event-ID"] = last_event_id
-        path = core.watch_path(subject_id)
         timeout = httpx.Timeout(self._http.timeout.connect, read=read_timeout_s)
-        with self._http.stream("GET", path, headers=headers, timeout=timeout) as response:
+        with self._http.stream("GET", core.watch_path(subject_id), timeout=timeout,
+                               headers=core.watch_headers(last_event_id)) as response:
             if response.status_code >= 400:
                 response.read()
-                if core.route_missing(response):
-                    raise NotSupported("GET /v1/subjects/{subject_id}/watch",
-                                       "this beliefstore API has no watch stream; poll "
-                                       "self_model() instead")
-                raise core.api_error(response)
+                raise core.watch_refused(response)
             parser = core.SSEParser()
             for line in response.iter_lines():
                 event = parser.feed(line)
