@@ -192,8 +192,20 @@ def test_self_model_and_trace_commands(settings, engine, producer, projector, ap
         producer.observe(s, "billing", "plan_status", "cancelled_in_march", 0.95,
                          "billing_agent", occurred_at=T0),
     ]
-    wait_caught_up(settings, receipts)
+    odd = "user cli?#%2F 1"  # characters that mean something in a URL
+    odd_receipt = producer.observe(odd, "support", "tone", "calm", 0.8, "triage_agent",
+                                   occurred_at=T0)
+    wait_caught_up(settings, [*receipts, odd_receipt])
     env = cli_env(settings, tmp_path, api_url, BELIEFSTORE_API_KEY=api_key)
+
+    # Subject ids are percent-encoded in the API's paths: an id with a space, ?, # or %
+    # reads its own beliefs.
+    result = run(["self-model", odd, "--json"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["subject_id"] == odd
+    result = run(["trace", odd, "support", "tone", "--json"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [e["event_id"] for e in json.loads(result.stdout)["events"]] == [odd_receipt.event_id]
 
     result = run(["self-model", s], env, tmp_path)
     assert result.returncode == 0, result.stderr

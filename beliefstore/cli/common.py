@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import httpx
 import typer
@@ -28,6 +28,13 @@ console = Console(width=None if sys.stdout.isatty() else 150)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 """Standard error: progress, warnings and errors."""
 log = logging.getLogger("beliefstore")
+
+SubjectArg = Annotated[str, typer.Argument(help="Subject id.")]
+"""The ``SUBJECT`` argument of the commands that read one subject."""
+ContextArg = Annotated[str, typer.Argument(help="Context, e.g. support.")]
+"""The ``CONTEXT`` argument of the commands that read one belief."""
+AttributeArg = Annotated[str, typer.Argument(help="Attribute, e.g. emotional_state.")]
+"""The ``ATTRIBUTE`` argument of the commands that read one belief."""
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -10,18 +10,39 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from beliefstore.cli.common import api_get, console, print_self_model, print_trace
+from beliefstore.cli.common import (
+    AttributeArg,
+    ContextArg,
+    SubjectArg,
+    api_get,
+    console,
+    print_self_model,
+    print_trace,
+)
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the API's JSON.")]
+
+
+def _print_json(body: Any) -> None:
+    sys.stdout.write(json.dumps(body, indent=2) + "\n")
+
+
+def _subject_get(subject: str, *segments: str, params: dict[str, Any] | None = None) -> Any:
+    """GET ``/v1/subjects/{subject}/{segments...}``, each segment percent-encoded."""
+    from beliefstore.client.core import subject_path  # the client's models load on use only
+
+    return api_get(subject_path(subject, *segments), params)
 
 
 def self_model(
-    subject: Annotated[str, typer.Argument(help="Subject id.")],
+    subject: SubjectArg,
     as_of: Annotated[str | None, typer.Option(
         help="A past instant, ISO 8601 with timezone (e.g. 2026-01-05T12:00Z): what was "
         "believed then.")] = None,
     time: Annotated[str, typer.Option(
         help="Time axis of --as-of: recorded (appended to the log by then) or occurred "
         "(observed by then).")] = "recorded",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Print a subject's self-model, now or as of a past instant (through the API at
     BELIEFSTORE_API_URL, or the one `beliefstore up` runs here)."""
@@ -40,37 +61,27 @@ def self_model(
         if time not in ("recorded", "occurred"):
             raise typer.BadParameter("must be recorded or occurred", param_hint="--time")
         params = {"as_of": instant.isoformat(), "time": time}
-    model = api_get(f"/v1/subjects/{subject}/self-model", params)
-    if as_json:
-        sys.stdout.write(json.dumps(model, indent=2) + "\n")
-    else:
-        print_self_model(model)
+    model = _subject_get(subject, "self-model", params=params)
+    (_print_json if as_json else print_self_model)(model)
 
 
 def trace(
-    subject: Annotated[str, typer.Argument(help="Subject id.")],
-    context: Annotated[str, typer.Argument(help="Context, e.g. support.")],
-    attribute: Annotated[str, typer.Argument(help="Attribute, e.g. emotional_state.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
+    subject: SubjectArg, context: ContextArg, attribute: AttributeArg,
+    as_json: JsonOption = False,
 ) -> None:
     """Print every event behind one belief, counting or not and why, with Kafka positions."""
-    body = api_get(f"/v1/subjects/{subject}/beliefs/{context}/{attribute}/trace")
-    if as_json:
-        sys.stdout.write(json.dumps(body, indent=2) + "\n")
-    else:
-        print_trace(body)
+    body = _subject_get(subject, "beliefs", context, attribute, "trace")
+    (_print_json if as_json else print_trace)(body)
 
 
 def history(
-    subject: Annotated[str, typer.Argument(help="Subject id.")],
-    context: Annotated[str, typer.Argument(help="Context, e.g. support.")],
-    attribute: Annotated[str, typer.Argument(help="Attribute, e.g. emotional_state.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
+    subject: SubjectArg, context: ContextArg, attribute: AttributeArg,
+    as_json: JsonOption = False,
 ) -> None:
     """Print how one belief evolved: value and confidence after each event that changed it."""
-    body = api_get(f"/v1/subjects/{subject}/beliefs/{context}/{attribute}/history")
+    body = _subject_get(subject, "beliefs", context, attribute, "history")
     if as_json:
-        sys.stdout.write(json.dumps(body, indent=2) + "\n")
+        _print_json(body)
         return
     table = Table(title=f"history of {subject} {context}/{attribute}", title_justify="left")
     for column in ("recorded_at", "value", "confidence", "event", "source", "kafka"):

@@ -15,7 +15,14 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from beliefstore.cli.common import console, err, fail, fmt_alternatives, load_settings
+from beliefstore.cli.common import (
+    SubjectArg,
+    console,
+    err,
+    fail,
+    fmt_alternatives,
+    load_settings,
+)
 
 
 def _line(change: dict[str, Any]) -> str:
@@ -32,7 +39,7 @@ def _line(change: dict[str, Any]) -> str:
 
 
 def watch(
-    subject: Annotated[str, typer.Argument(help="Subject id.")],
+    subject: SubjectArg,
     as_json: Annotated[bool, typer.Option("--json", help="Print each change as one JSON "
                                                          "line (with its event id).")] = False,
     last_event_id: Annotated[str | None, typer.Option(
@@ -48,8 +55,10 @@ def watch(
     in the contexts the key may read; reconnects and resumes if the connection drops."""
     from httpx_sse import SSEError, connect_sse
 
+    from beliefstore.client.core import watch_path
+
     settings = load_settings()
-    url = f"{settings.api_url}/v1/subjects/{subject}/watch"
+    url = settings.api_url + watch_path(subject)
     headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
     seen = 0
     delay = 0.5
