@@ -63,6 +63,7 @@ class AppState:
         self.console = ConsoleSessions.of_catalog(catalog)
         # The async read path: pool, LISTEN connection and NOTIFY-invalidated caches.
         self.live = LiveReads(catalog.database_url, catalog.base_schema,
+                              cache_size=settings.read_cache_size,
                               on_switch=self.follow_switch)
         self._producer = producer
         self._lock = threading.Lock()

@@ -31,9 +31,10 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import itertools
 import logging
+import marshal
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -74,7 +75,8 @@ LISTEN_CHECK_S = 2.0
 """Seconds between liveness checks of the LISTEN connection when no notification comes."""
 
 DEFAULT_CACHE_SIZE = 100_000
-"""Self-models kept per API process (least recently used dropped first)."""
+"""Self-models kept per API process (least recently used dropped first; settable with
+``BELIEFSTORE_READ_CACHE_SIZE``). About 4 KiB each for a subject of 10 beliefs."""
 
 MAX_LOADERS = 4
 """Self-model queries in flight at once per API process; misses arriving meanwhile wait
@@ -87,9 +89,33 @@ SWITCH_RETRY_S = 5.0
 """Seconds between attempts of ``on_switch`` (see :class:`LiveReads`) while it reports that
 the old projection's connections are still in use."""
 
-_BELIEF_COLUMNS = ("context, attribute, value, confidence, alternatives, sources, support, "
-                   "source_count, last_observed_at, updated_at")
-_NAMES = tuple(_BELIEF_COLUMNS.split(", "))  # BeliefOut's fields, in its order
+def _utc_z(column: str) -> str:
+    """SQL text of a ``timestamptz`` column as pydantic writes a UTC datetime in JSON
+    (``2026-11-27T02:14:59.687174Z``; no fraction when the microseconds are 0)."""
+    return (f"replace(to_char({column} AT TIME ZONE 'UTC', "
+            """'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), '.000000Z', 'Z')""")
+
+
+SELF_MODEL_SQL = (
+    "SELECT subject_id, context, confidence, date_part('epoch', last_observed_at), "
+    """'{{"context":' || to_json(context) || ',"attribute":' || to_json(attribute) """
+    """|| ',"value":' || to_json(value) || ',"confidence":' || confidence """
+    """|| ',"alternatives":' || alternatives || ',"sources":' || sources """
+    """|| ',"support":' || support || ',"source_count":' || source_count """
+    f"""|| ',"last_observed_at":"' || {_utc_z("last_observed_at")} """
+    f"""|| '","updated_at":"' || {_utc_z("updated_at")} || '"' """
+    'FROM "{schema}".beliefs WHERE subject_id = ANY(%s) ORDER BY subject_id, context, attribute')
+"""The self-models of a list of subjects (``{schema}``: the projection's schema): per
+belief ``(subject_id, context, confidence, last_observed_at in epoch seconds, its
+BeliefOut JSON without age_s and the closing brace)``, written by PostgreSQL.
+
+The JSON is the API model's (:class:`beliefstore.api.models.BeliefOut`, same fields in the
+same order): strings through ``to_json``, ``confidence`` as float8 text (shortest exact
+form: the pool's sessions set ``extra_float_digits = 3``), the JSONB columns as their
+text, timestamps as :func:`_utc_z`. Measured against building it in Python from decoded
+rows (psycopg's JSONB and timestamp loaders, then orjson): 18–30 µs of Python per subject
+of 10 beliefs instead of 110–125 µs, for about 30 µs more of PostgreSQL
+(``bench/README.md``, issue 10)."""
 
 
 class Unavailable(Exception):
@@ -128,78 +154,88 @@ class Change:
 
 @dataclass(slots=True)
 class SelfModel:
-    """A subject's beliefs in one projection, rendered to JSON once.
+    """A subject's beliefs in one projection, each rendered to JSON once (by PostgreSQL,
+    :data:`SELF_MODEL_SQL`).
 
-    Each belief is kept as ``(context, confidence, last observed, JSON bytes)`` —
-    strings, floats and bytes only, so a cache of 100,000 subjects adds almost nothing
-    for the garbage collector to scan (dicts and lists per belief made its full
-    collections stall reads for tens of milliseconds). The JSON of a belief is kept
-    open (without its closing brace): its ``age_s`` depends on the read's instant and is
-    appended when the answer is written.
+    The cache keeps it as one ``bytes`` object (:meth:`to_bytes`, :func:`marshal.dumps`
+    of :attr:`groups`), so a cache of 100,000 subjects is a ``dict`` of ``str`` → ``bytes``
+    that the garbage collector never tracks (its full collections used to scan every
+    cached belief and stall reads for 50–130 ms; ``bench/README.md``, issue 10); each read
+    unpacks its subject's model (about 2 µs) and writes the answer for its key's scope.
+    The JSON of a belief is kept open (without its closing brace): its ``age_s`` depends
+    on the read's instant and is appended when the answer is written.
 
     Attributes:
         subject_id: the subject.
-        items: every belief as ``(context, confidence, last_observed_at in epoch
-            seconds, BeliefOut JSON without age_s and the closing brace)``, by (context,
-            attribute).
-        observed: the contexts the subject has observations in (loaded on demand, for
-            the 404 of a subject whose beliefs the caller may not see).
-        groups: the same beliefs by context, as the self-model answer writes them:
-            ``(context, context as a JSON string, ((last_observed_at, JSON), ...))``
-            (tuples of strings, floats and bytes only; built by :meth:`of_rows`).
+        groups: the beliefs by context, in (context, attribute) order, as the answers
+            write them: ``(context, context as a JSON string, ((last_observed_at in epoch
+            seconds, confidence, BeliefOut JSON without age_s and the closing brace),
+            ...))``.
     """
 
     subject_id: str
-    items: list[tuple[str, float, float, bytes]]
-    observed: frozenset[str] | None = None
-    groups: tuple[tuple[str, bytes, tuple[tuple[float, bytes], ...]], ...] = ()
+    groups: tuple[tuple[str, bytes, tuple[tuple[float, float, bytes], ...]], ...] = ()
 
     @classmethod
     def of_rows(cls, subject_id: str, rows: Sequence[Sequence[Any]]) -> SelfModel:
-        """From ``SELECT {_BELIEF_COLUMNS}`` rows: each belief serialised as the API's
-        ``BeliefOut`` (same field order; datetimes as pydantic writes them, UTC as Z)."""
-        observed_at = _NAMES.index("last_observed_at")
-        items = [(row[0], row[3], row[observed_at].timestamp(),
-                  orjson.dumps(dict(zip(_NAMES, row, strict=True)),
-                               option=orjson.OPT_UTC_Z)[:-1]) for row in rows]
-        by_context: dict[str, list[tuple[float, bytes]]] = {}
-        for context, _, observed_s, body in items:
-            by_context.setdefault(context, []).append((observed_s, body))
-        groups = tuple((c, orjson.dumps(c), tuple(b)) for c, b in by_context.items())
-        return cls(subject_id, items, None, groups)
+        """From rows ``(context, confidence, last_observed_at in epoch seconds, open
+        BeliefOut JSON as str or bytes)`` in (context, attribute) order, as
+        :data:`SELF_MODEL_SQL` returns them (after its ``subject_id``)."""
+        by_context: dict[str, list[tuple[float, float, bytes]]] = {}
+        for context, confidence, observed_s, body in rows:
+            by_context.setdefault(context, []).append(
+                (observed_s, confidence, body.encode() if isinstance(body, str) else body))
+        return cls(subject_id, tuple((c, orjson.dumps(c), tuple(b))
+                                     for c, b in by_context.items()))
+
+    def to_bytes(self) -> bytes:
+        """The model as one bytes object (:func:`marshal.dumps`; read back with
+        :meth:`of_bytes` in the same interpreter)."""
+        return marshal.dumps((self.subject_id, self.groups))
+
+    @classmethod
+    def of_bytes(cls, blob: bytes) -> SelfModel:
+        """The model :meth:`to_bytes` made."""
+        subject_id, groups = marshal.loads(blob)
+        return cls(subject_id, groups)
+
+    @property
+    def items(self) -> list[tuple[str, float, float, bytes]]:
+        """Every belief as ``(context, confidence, last_observed_at in epoch seconds, open
+        JSON)``, in (context, attribute) order."""
+        return [(c, confidence, observed_s, body) for c, _, beliefs in self.groups
+                for observed_s, confidence, body in beliefs]
 
     def count(self, scope: ContextScope) -> int:
         """How many beliefs ``scope`` allows (whatever their age)."""
         return sum(len(beliefs) for context, _, beliefs in self.groups if scope.allows(context))
-
-    def _chosen(self, scope: ContextScope, now_s: float, max_age_s: float | None,
-                context: str | None = None,
-                min_confidence: float | None = None) -> list[tuple[str, bytes]]:
-        """``(context, closed JSON with age_s)`` of the beliefs the filters keep, in order.
-
-        ``age_s`` is ``now_s − last_observed_at`` in seconds (≥ 0), rounded to ms, as
-        :func:`beliefstore.api.staleness.with_age` computes it for past views."""
-        out = []
-        for c, confidence, observed_s, body in self.items:
-            if not scope.allows(c) or (context is not None and c != context):
-                continue
-            if min_confidence is not None and confidence < min_confidence:
-                continue
-            age = max(0.0, now_s - observed_s)
-            if max_age_s is not None and age > max_age_s:
-                continue
-            out.append((c, body + b',"age_s":' + orjson.dumps(round(age, 3)) + b"}"))
-        return out
 
     def beliefs_json(self, scope: ContextScope, context: str | None = None,
                      min_confidence: float | None = None, now_s: float | None = None,
                      max_age_s: float | None = None) -> tuple[bytes, list[str]]:
         """The JSON array of the beliefs ``scope`` allows (optionally of one context, at
         least ``min_confidence`` and at most ``max_age_s`` seconds old at ``now_s``,
-        epoch seconds, default now), and their contexts."""
-        chosen = self._chosen(scope, time.time() if now_s is None else now_s, max_age_s,
-                              context, min_confidence)
-        return b"[" + b",".join(body for _, body in chosen) + b"]", [c for c, _ in chosen]
+        epoch seconds, default now), and their contexts (one per belief).
+
+        ``age_s`` is ``now_s − last_observed_at`` in seconds (≥ 0), rounded to ms, as
+        :func:`beliefstore.api.staleness.with_age` computes it for past views."""
+        now_s = time.time() if now_s is None else now_s
+        contexts: list[str] = []
+        bodies: list[bytes] = []
+        for c, _, beliefs in self.groups:
+            if (context is not None and c != context) or not scope.allows(c):
+                continue
+            for observed_s, confidence, body in beliefs:
+                if min_confidence is not None and confidence < min_confidence:
+                    continue
+                age = now_s - observed_s
+                if age < 0.0:
+                    age = 0.0
+                elif max_age_s is not None and age > max_age_s:
+                    continue
+                contexts.append(c)
+                bodies.append(body + b',"age_s":' + orjson.dumps(round(age, 3)) + b"}")
+        return b"[" + b",".join(bodies) + b"]", contexts
 
     def self_model_json(self, scope: ContextScope, now_s: float | None = None,
                         max_age_s: float | None = None) -> tuple[bytes, list[str], int]:
@@ -214,7 +250,7 @@ class SelfModel:
             if not scope.allows(context):
                 continue
             bodies = []
-            for observed_s, body in beliefs:
+            for observed_s, _, body in beliefs:
                 age = now_s - observed_s
                 if age < 0.0:
                     age = 0.0
@@ -237,7 +273,8 @@ class LiveReads:
     Args:
         database_url: the PostgreSQL URL.
         base_schema: the catalog's base schema (keys, restricted contexts, projections).
-        cache_size: self-models kept (LRU).
+        cache_size: self-models kept (least recently used dropped first, see
+            :func:`_bound`; 0: none).
         pool_size: most pooled connections for reads.
         on_switch: called in a worker thread when a projection switch is notified, with
             the new active projection's schema (read through this pool) and
@@ -266,9 +303,13 @@ class LiveReads:
         self._verified: dict[str, tuple[bytes, bytes]] = {}
         self._restricted: frozenset[str] | None = None
         self._active: Active | None = None
-        self._models: OrderedDict[tuple[str, str], SelfModel] = OrderedDict()
-        self._loads: dict[tuple[str, str], asyncio.Future[SelfModel]] = {}
-        self._queued: list[tuple[str, str]] = []
+        # "<schema>\0<subject>" -> SelfModel.to_bytes(), least recently used first: str
+        # keys and bytes values, so the garbage collector never tracks this dict
+        self._models: dict[str, bytes] = {}
+        # the same keys -> the contexts the subject has observations in, "\n"-joined
+        self._observed: dict[str, str] = {}
+        self._loads: dict[str, asyncio.Future[SelfModel]] = {}
+        self._queued: list[str] = []
         self._loaders: set[asyncio.Task] = set()
         self._watchers: dict[str, set[asyncio.Event]] = {}
         self._listener: asyncio.Task | None = None
@@ -376,12 +417,16 @@ class LiveReads:
                 log.warning("ignoring a malformed %s payload %r", channel, payload[:200])
                 return
             if subjects is None:
-                for key in [k for k in self._models if k[0] == schema]:
-                    del self._models[key]
+                prefix = schema + "\0"
+                for cache in (self._models, self._observed):
+                    for key in [k for k in cache if k.startswith(prefix)]:
+                        del cache[key]
                 self._wake_all()
                 return
             for subject in subjects:
-                self._models.pop((schema, subject), None)
+                key = f"{schema}\0{subject}"
+                self._models.pop(key, None)
+                self._observed.pop(key, None)
                 for event in self._watchers.get(subject, ()):
                     event.set()
         elif channel == ACCESS_CHANNEL:
@@ -397,6 +442,7 @@ class LiveReads:
         elif channel == CATALOG_CHANNEL and payload == self.base:
             self._active = None
             self._models.clear()
+            self._observed.clear()
             self._wake_all()
             self._follow_switch()
 
@@ -428,6 +474,7 @@ class LiveReads:
         self._restricted = None
         self._active = None
         self._models.clear()
+        self._observed.clear()
         self._wake_all()
 
     def _wake_all(self) -> None:
@@ -552,14 +599,15 @@ class LiveReads:
         Raises:
             Unavailable: the database did not answer within :data:`QUERY_TIMEOUT_S`.
         """
-        key = (schema, subject_id)
+        key = f"{schema}\0{subject_id}"
         if self.listening:
-            hit = self._models.get(key)
+            models = self._models
+            hit = models.pop(key, None)
             if hit is not None:
-                self._models.move_to_end(key)
+                models[key] = hit  # the most recently used last
                 self.stats["hits"] += 1
                 record_cache("self_model", True)
-                return hit
+                return SelfModel.of_bytes(hit)
         self.stats["misses"] += 1
         record_cache("self_model", False)
         future = self._loads.get(key)
@@ -579,19 +627,17 @@ class LiveReads:
         while self._queued:
             batch, self._queued = self._queued[:MAX_LOAD_BATCH], self._queued[MAX_LOAD_BATCH:]
             by_schema: dict[str, list[str]] = {}
-            for schema, subject in batch:
+            for key in batch:
+                schema, _, subject = key.partition("\0")
                 by_schema.setdefault(schema, []).append(subject)
             for schema, subjects in by_schema.items():
                 # The futures leave _loads as the query starts: a read arriving from now
                 # on queues a load of its own, so it never gets an answer older than itself.
-                futures = {s: self._loads.pop((schema, s)) for s in subjects}
+                futures = {s: self._loads.pop(f"{schema}\0{s}") for s in subjects}
                 generation = self.generation
                 self.stats["loads"] += 1
                 try:
-                    rows = await self._fetch(
-                        f'SELECT subject_id, {_BELIEF_COLUMNS} FROM "{schema}".beliefs '
-                        "WHERE subject_id = ANY(%s) ORDER BY subject_id, context, attribute",
-                        (subjects,))
+                    rows = await self._fetch(SELF_MODEL_SQL.format(schema=schema), (subjects,))
                 except BaseException as exc:
                     for future in futures.values():
                         if not future.done():
@@ -606,25 +652,31 @@ class LiveReads:
                 for subject in subjects:
                     model = SelfModel.of_rows(subject, found.get(subject, ()))
                     if keep:
-                        self._models[(schema, subject)] = model
+                        self._models[f"{schema}\0{subject}"] = model.to_bytes()
                     future = futures[subject]
                     if not future.done():
                         future.set_result(model)
-                while len(self._models) > self.cache_size:
-                    self._models.popitem(last=False)
+                if keep:
+                    _bound(self._models, self.cache_size)
 
     async def known(self, schema: str, model: SelfModel, scope: ContextScope) -> bool:
         """Whether the subject has any belief or observation in a context ``scope`` allows
-        (a second query, only for subjects whose visible beliefs are none)."""
+        (a second query, only for subjects whose visible beliefs are none; its answer is
+        kept like the self-model's)."""
         if model.count(scope):
             return True
-        observed = model.observed
+        key = f"{schema}\0{model.subject_id}"
+        observed = self._observed.get(key) if self.listening else None
         if observed is None:
+            generation = self.generation
             rows = await self._fetch(
                 f'SELECT DISTINCT context FROM "{schema}".observations WHERE subject_id = %s',
                 (model.subject_id,))
-            observed = model.observed = frozenset(r[0] for r in rows)
-        return any(scope.allows(c) for c in observed)
+            observed = "\n".join(r[0] for r in rows)
+            if self.listening and generation == self.generation:
+                self._observed[key] = observed
+                _bound(self._observed, self.cache_size)
+        return any(scope.allows(c) for c in observed.split("\n") if c)
 
     # -- watch -----------------------------------------------------------------------------
 
@@ -664,6 +716,17 @@ class LiveReads:
                        changed_at=r[9].isoformat()) for r in rows]
 
 
+def _bound(cache: dict[str, Any], size: int) -> None:
+    """Drop the least recently used entries of ``cache`` (oldest first in its order) when
+    it holds more than ``size``: down to ``size`` less a sixteenth, so that the scan past
+    the holes that deleted entries leave at the front of a ``dict`` is paid once per
+    ``size / 16`` insertions, not at each."""
+    excess = len(cache) - size
+    if excess > 0:
+        for key in list(itertools.islice(cache, excess + size // 16)):
+            del cache[key]
+
+
 def _quiet(task: asyncio.Future) -> None:
     """Retrieve an abandoned query's outcome, so asyncio does not log it."""
     if not task.cancelled():
@@ -676,6 +739,9 @@ def _configure_sync(conn: Any) -> None:
 
 async def _configure(conn: psycopg.AsyncConnection) -> None:
     _configure_sync(conn)
+    # float8 as text in its shortest exact form, whatever the server's default
+    # (SELF_MODEL_SQL writes confidence so)
+    await conn.execute("SET extra_float_digits = 3")
 
 
 __all__ = ["Active", "Change", "LiveReads", "SelfModel", "Unavailable"]

@@ -34,6 +34,8 @@ max_body_bytes                     BELIEFSTORE_MAX_BODY_BYTES       65536 (large
 rate_limit                         BELIEFSTORE_RATE_LIMIT           50 requests/s per key (0: no limit)
 rate_burst                         BELIEFSTORE_RATE_BURST           100 requests (token bucket size)
 access_topic                       BELIEFSTORE_ACCESS_TOPIC         ``beliefstore.access`` (read log)
+read_cache_size                    BELIEFSTORE_READ_CACHE_SIZE      100000 self-models cached per API process
+                                                                    (least recently used dropped; 0: none)
 kafka_security_protocol            KAFKA_SECURITY_PROTOCOL          ``PLAINTEXT`` (or SSL, SASL_SSL, ...)
 kafka_sasl_mechanism               KAFKA_SASL_MECHANISM             none (PLAIN, SCRAM-SHA-256/512)
 kafka_sasl_username                KAFKA_SASL_USERNAME              none
@@ -93,6 +95,7 @@ ENV_VARS = (
     "BELIEFSTORE_RATE_LIMIT",
     "BELIEFSTORE_RATE_BURST",
     "BELIEFSTORE_ACCESS_TOPIC",
+    "BELIEFSTORE_READ_CACHE_SIZE",
     "KAFKA_SECURITY_PROTOCOL",
     "KAFKA_SASL_MECHANISM",
     "KAFKA_SASL_USERNAME",
@@ -157,6 +160,15 @@ def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name}={raw!r} must be on or off")
 
 
+def _whole(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    if not (raw.isascii() and raw.isdigit()):
+        raise SettingsError(f"{name}={raw!r} must be a whole number >= 0 (0 turns it off)")
+    return int(raw)
+
+
 def _non_negative(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -209,6 +221,7 @@ class Settings:
     rate_limit: float = 50.0
     rate_burst: int = 100
     access_topic: str = "beliefstore.access"
+    read_cache_size: int = 100_000
     kafka_security_protocol: str | None = None
     kafka_sasl_mechanism: str | None = None
     kafka_sasl_username: str | None = None
@@ -270,6 +283,7 @@ class Settings:
             rate_limit=_non_negative(env, "BELIEFSTORE_RATE_LIMIT", 50.0),
             rate_burst=int(_number(env, "BELIEFSTORE_RATE_BURST", 100)),
             access_topic=env.get("BELIEFSTORE_ACCESS_TOPIC") or "beliefstore.access",
+            read_cache_size=_whole(env, "BELIEFSTORE_READ_CACHE_SIZE", 100_000),
             kafka_security_protocol=_choice(env, "KAFKA_SECURITY_PROTOCOL", SECURITY_PROTOCOLS),
             kafka_sasl_mechanism=_choice(env, "KAFKA_SASL_MECHANISM", SASL_MECHANISMS),
             kafka_sasl_username=env.get("KAFKA_SASL_USERNAME") or None,
