@@ -185,13 +185,16 @@ def replay(
     switch: bool = False,
     on_progress: Callable[[int, int | None], None] | None = None,
     bulk: bool = True,
+    workers: int | None = None,
 ) -> ReplayReport:
     """Rebuild projection ``name`` from offset 0, compare it, optionally switch to it.
 
     With ``bulk`` (the default) the fresh projection is loaded in one transaction
     (:meth:`ProjectorWorker.rebuild`: large polls, the marks and beliefs computed in
     memory, every table filled with ``COPY``); without it, batch by batch as the live
-    projector does (:meth:`ProjectorWorker.run`). Both give the same rows.
+    projector does (:meth:`ProjectorWorker.run`). Both give the same rows. ``workers``:
+    the bulk path's decoding processes (see :meth:`ProjectorWorker.rebuild`; ``None``:
+    one per CPU for a large log, ``0``: none).
 
     ``on_progress(done, total)`` is called after every batch (``total`` is ``None``
     until every partition's high watermark is known). The switch happens only when
@@ -214,7 +217,7 @@ def replay(
                 if on_progress is not None:
                     on_progress(stats.events + stats.poison + stats.shredded, total)
 
-            stats = worker.rebuild(loaded)
+            stats = worker.rebuild(loaded, workers=workers)
         else:
 
             def progress(stats: WorkerStats) -> None:

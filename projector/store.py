@@ -13,7 +13,6 @@ This module touches PostgreSQL only; :mod:`beliefstore.projector.worker` brings 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -29,9 +28,10 @@ from beliefstore.events.model import (
     ObservationRetracted,
     SubjectErased,
 )
-from beliefstore.projector import bulk
+from beliefstore.projector import bulk, copytext
 from beliefstore.projector.changes import notify, record_staged_changes, subject_positions
-from beliefstore.projector.fold import Belief, FoldSettings, Key, fold
+from beliefstore.projector.fold import Belief, Counting, FoldSettings, Key, fold, fold_counting
+from beliefstore.projector.rebuild_pool import ERASED, OBSERVED, RETRACTED, Item
 from beliefstore.projector.tables import (
     erasures,
     observations,
@@ -485,12 +485,15 @@ class FreshLoad:
     """One bulk rebuild in progress (from :meth:`ProjectionRecorder.fresh_load`).
 
     Observation rows stream into ``observations`` through one ``COPY`` as they are
-    added, without marks; retractions, erasures and the observations themselves are
-    kept in memory until :meth:`finish`, which sets the marks with the rules of
+    added, without marks; retractions, erasures and each observation's counting fields
+    are kept in memory until :meth:`finish`, which sets the marks with the rules of
     :meth:`ProjectionRecorder.apply` (an observation is retracted by the first
     own-source retraction of it in log order, and erased by the first erasure in log
     order of its subject that occurred at or after it; the first delivery of an
-    ``event_id`` is the one stored), then ``COPY``s the other tables.
+    ``event_id`` is the one stored), then ``COPY``s the other tables. Rows are
+    ``COPY`` text lines (:mod:`beliefstore.projector.copytext`): built here from
+    events (:meth:`add`) or by the worker processes of
+    :mod:`beliefstore.projector.rebuild_pool` (:meth:`add_items`).
     """
 
     def __init__(self, recorder: ProjectionRecorder, conn: sa.Connection, topic: str):
@@ -503,34 +506,71 @@ class FreshLoad:
             f"COPY observations ({', '.join(bulk.OBS_COLUMNS)}) FROM STDIN")
         self._writer = self._copy.__enter__()
         self._seen: set[str] = set()
-        self._observed: list[ObservationRecorded] = []
+        self._observed: list[Counting] = []
         self._own: dict[tuple[str, str], str] = {}  # (retracted id, source) → retraction
-        self._erased: dict[str, list[SubjectErased]] = {}
-        self._retraction_rows: list[tuple] = []
-        self._erasure_rows: list[tuple] = []
+        self._erased: dict[str, list[tuple[str, int]]] = {}  # subject → (id, occurred_at)
+        self._retraction_lines: list[bytes] = []
+        self._erasure_lines: list[bytes] = []
         self._where: dict[str, tuple[int, int]] = {}
         self._open = True
 
     def add(self, logged: Iterable[LoggedEvent]) -> None:
         """Add events in log order (per partition); duplicates of an ``event_id`` skipped."""
-        write = self._writer.write_row
+        items: list[tuple[int, list[Item]]] = []
         for item in logged:
             e, p = item.event, item.position
-            seen = self._where.get(e.subject_id)
-            if seen is None or p.offset > seen[1]:
-                self._where[e.subject_id] = (p.partition, p.offset)
-            if e.event_id in self._seen:
-                continue
-            self._seen.add(e.event_id)
+            if not items or items[-1][0] != p.partition:
+                items.append((p.partition, []))
+            args = (p.topic, p.partition, p.offset, p.recorded_at, p.writer_fingerprint)
             if isinstance(e, ObservationRecorded):
-                write(bulk.observation_row(e, p))
-                self._observed.append(e)
+                items[-1][1].append((OBSERVED, p.offset, copytext.observation(
+                    e.event_id, e.subject_id, e.context, e.attribute, e.value, e.confidence,
+                    e.source, e.occurred_at, e.evidence, e.metadata, *args),
+                    (e.subject_id, e.context, e.attribute, e.source, e.event_id,
+                     e.occurred_at, e.value, e.confidence)))
             elif isinstance(e, ObservationRetracted):
-                self._own.setdefault((e.retracted_event_id, e.source), e.event_id)
-                self._retraction_rows.append(bulk.retraction_row(e, p))
+                items[-1][1].append((RETRACTED, p.offset, copytext.retraction(
+                    e.event_id, e.subject_id, e.source, e.occurred_at, e.retracted_event_id,
+                    e.reason, *args), e.event_id, e.subject_id, e.retracted_event_id,
+                    e.source))
             elif isinstance(e, SubjectErased):
-                self._erased.setdefault(e.subject_id, []).append(e)
-                self._erasure_rows.append(bulk.erasure_row(e, p))
+                items[-1][1].append((ERASED, p.offset, copytext.erasure(
+                    e.event_id, e.subject_id, e.source, e.occurred_at, e.reason, *args),
+                    e.event_id, e.subject_id, e.occurred_at))
+        for partition, part in items:
+            self.add_items(partition, part)
+
+    def add_items(self, partition: int, items: Iterable[Item]) -> None:
+        """Add decoded records of ``partition`` in log order (:data:`rebuild_pool.Item
+        <beliefstore.projector.rebuild_pool.Item>` s; poison and shredded ones are
+        ignored here, the caller handles them); duplicates of an ``event_id`` skipped."""
+        seen, where, out = self._seen, self._where, []
+        for item in items:
+            kind = item[0]
+            if kind == OBSERVED:
+                c = item[3]
+                subject, event_id = c[0], c[4]
+            elif kind == RETRACTED or kind == ERASED:
+                subject, event_id = item[4], item[3]
+            else:
+                continue
+            held = where.get(subject)
+            if held is None or item[1] > held[1]:
+                where[subject] = (partition, item[1])
+            if event_id in seen:
+                continue
+            seen.add(event_id)
+            if kind == OBSERVED:
+                out.append(item[2])
+                self._observed.append(c)
+            elif kind == RETRACTED:
+                self._own.setdefault((item[5], item[6]), event_id)
+                self._retraction_lines.append(item[2])
+            else:
+                self._erased.setdefault(subject, []).append((event_id, item[5]))
+                self._erasure_lines.append(item[2])
+        if out:
+            self._writer.write(b"".join(out))
 
     def finish(self, progress: dict[int, PartitionProgress]) -> int:
         """End the load: marks, ``belief_sources``, beliefs, one ``belief_changes`` row per
@@ -538,39 +578,38 @@ class FreshLoad:
         self._copy.__exit__(None, None, None)
         self._open = False
         recorder, cur = self.recorder, self._cursor
-        if self._erasure_rows and recorder.keyring is not None:
-            for x in self._erasure_rows:
-                recorder.keyring.destroy(x[1], to_millis(x[3]), now_millis(), self.conn)
+        if self._erased and recorder.keyring is not None:
+            for subject, erased in self._erased.items():
+                for _, occurred_at in erased:
+                    recorder.keyring.destroy(subject, occurred_at, now_millis(), self.conn)
         marks: list[tuple[str, str | None, str | None]] = []
-        latest: dict[tuple[str, str, str, str], ObservationRecorded] = {}
+        latest: dict[tuple[str, str, str, str], Counting] = {}
+        own, erasures_of = self._own, self._erased
         for o in self._observed:
-            retracted_by = self._own.get((o.event_id, o.source))
-            erased_by = next((x.event_id for x in self._erased.get(o.subject_id, ())
-                              if o.occurred_at <= x.occurred_at), None)
+            retracted_by = own.get((o[4], o[3])) if own else None
+            erased_by = next((x for x, at in erasures_of.get(o[0], ()) if o[5] <= at),
+                             None) if erasures_of else None
             if retracted_by is not None or erased_by is not None:
-                marks.append((o.event_id, retracted_by, erased_by))
+                marks.append((o[4], retracted_by, erased_by))
                 continue
-            pair = (o.subject_id, o.context, o.attribute, o.source)
+            pair = (o[0], o[1], o[2], o[3])
             held = latest.get(pair)
-            if held is None or (held.occurred_at, held.event_id) < (o.occurred_at, o.event_id):
+            if held is None or (held[5], held[4]) < (o[5], o[4]):
                 latest[pair] = o
         counting = list(latest.values())
-        folded = fold(counting, recorder.fold_settings)
-        bulk.copy_rows(cur, "retractions", bulk.RETRACTION_COLUMNS, self._retraction_rows)
-        bulk.copy_rows(cur, "erasures", bulk.ERASURE_COLUMNS, self._erasure_rows)
+        folded = fold_counting(counting, recorder.fold_settings)
+        _copy_lines(cur, "retractions", bulk.RETRACTION_COLUMNS, self._retraction_lines)
+        _copy_lines(cur, "erasures", bulk.ERASURE_COLUMNS, self._erasure_lines)
         if marks:
             bulk.copy_rows(cur, bulk.STAGE_MARKS, ("event_id", "retracted_by", "erased_by"),
                            marks)
             cur.execute(bulk.APPLY_MARKS)
-        bulk.copy_rows(cur, "belief_sources", bulk.SOURCE_COLUMNS, (
-            (o.subject_id, o.context, o.attribute, o.source, o.event_id,
-             from_millis(o.occurred_at), o.value, o.confidence) for o in counting))
-        bulk.copy_rows(cur, "beliefs", bulk.BELIEF_COLUMNS, map(bulk.belief_row, folded))
-        bulk.copy_rows(cur, "belief_changes", _CHANGE_COLUMNS, (
-            (b.subject_id, b.context, b.attribute, b.value, b.confidence,
-             json.dumps(b.alternatives), json.dumps(list(b.sources)),
-             *self._where.get(b.subject_id, (None, None)))
-            for b in folded))
+        _copy_lines(cur, "belief_sources", bulk.SOURCE_COLUMNS,
+                    map(copytext.source, counting))
+        _copy_lines(cur, "beliefs", bulk.BELIEF_COLUMNS, map(copytext.belief, folded))
+        where = self._where
+        _copy_lines(cur, "belief_changes", _CHANGE_COLUMNS,
+                    (copytext.change(b, where.get(b.subject_id)) for b in folded))
         if folded:
             cur.execute("SELECT max(id), current_schema() FROM belief_changes")
             max_id, schema = cur.fetchone()  # type: ignore[misc]
@@ -589,3 +628,18 @@ class FreshLoad:
             with suppress(Exception):
                 self._copy.__exit__(RuntimeError, RuntimeError("rebuild abandoned"), None)
         self._cursor.close()
+
+
+def _copy_lines(cur: psycopg.Cursor, table: str, columns: Sequence[str],
+                lines: Iterable[bytes], chunk: int = 4096) -> None:
+    """``COPY table (columns) FROM STDIN`` of ready ``COPY`` text lines, written in
+    chunks of ``chunk`` lines."""
+    with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+        buffer: list[bytes] = []
+        for data in lines:
+            buffer.append(data)
+            if len(buffer) >= chunk:
+                copy.write(b"".join(buffer))
+                buffer.clear()
+        if buffer:
+            copy.write(b"".join(buffer))
