@@ -327,6 +327,12 @@ def fold_counting(counting: Iterable[Counting],
     trust_of = settings.trust_of
     for key in sorted(by_key):
         group = by_key[key]
+        if len(group) == 1:  # one source: its weight is trust · log-odds (decay 2^0 = 1)
+            c = group[0]
+            score = math.fsum((trust_of(c[3]) * logit(c[7]) * 1.0,))
+            out.append(Belief(key[0], key[1], key[2], c[6], sigmoid(score - 0.0), score, {},
+                              (c[4],), (c[3],), 1, c[5]))
+            continue
         t_ref = max(c[5] for c in group)
         half_life_ms = half_lives.get(key[1])
         if half_life_ms is None:

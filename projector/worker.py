@@ -453,7 +453,7 @@ class ProjectorWorker:
                 except OffsetOutOfRangeError as exc:
                     raise self._log_reset(str(exc)) from exc
                 lag = self.lag()
-                if not decided and (polled or lag):
+                if not decided and lag is not None:  # every high watermark known
                     decided = True
                     count = default_workers()
                     if count > 1 and sum(map(len, polled.values())) + (lag or 0) >= MIN_EVENTS:

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import signal
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import replace
 
 import pytest
 import sqlalchemy as sa
@@ -21,6 +22,7 @@ from beliefstore.events.validation import from_dict
 from beliefstore.events.workload import generate
 from beliefstore.projector.fold import fold
 from beliefstore.projector.replay import BeliefRow, compare, read_beliefs, replay
+from beliefstore.projector.store import LoggedEvent, LogPosition, PartitionProgress
 from beliefstore.projector.tables import belief_changes, observations
 from beliefstore.projector.worker import DLQ_HEADERS, ProjectorWorker
 from tests.conftest import load_cases, read_topic
@@ -150,3 +152,41 @@ def test_a_replay_that_dies_half_way_leaves_the_live_projection_untouched(settin
     assert _live_rows(catalog) == before
     doomed = catalog.get("doomed")
     assert count_rows(catalog.engine(doomed.schema), observations) == 0
+
+
+def test_a_live_projection_ahead_by_a_restatement_differs_in_support_only(settings, catalog):
+    """What the soak's `replay --switch` showed (one belief "different" with the same
+    value, confidence and source count): the live projection had applied one more event,
+    a source restating its value. The report names the field (support, with the event ids
+    only one side counts) and that the live projection was one message ahead."""
+    first = ObservationRecorded(
+        event_id="00000000-0000-4000-8000-000000000001", subject_id="soak-100",
+        source="checker", occurred_at=1_767_225_600_000, context="support",
+        attribute="mood", value="calm", confidence=0.8)
+    with BeliefProducer.from_settings(settings) as producer:
+        producer.send_many([first])
+    live = catalog.active()
+    with ProjectorWorker(settings, catalog.engine(live.schema)) as worker:
+        worker.run(until_caught_up=True)
+        offsets = worker.recorder.stored_offsets(settings.topic)
+        # one more event applied by the live projection only (written after the rebuild
+        # read the log, as in the soak): the same source restates the same value
+        again = replace(first, event_id="00000000-0000-4000-8000-000000000002",
+                        occurred_at=first.occurred_at + 1000)
+        [(partition, offset)] = [(p, o) for p, o in offsets.items() if o > 0]
+        worker.recorder.apply(settings.topic, [LoggedEvent(again, LogPosition(
+            settings.topic, partition, offset, None, "00" * 8))],
+            {partition: PartitionProgress(offset + 1)})
+    report = replay(settings, catalog, "after", workers=0)
+    assert report.vs_fold == []
+    [diff] = report.vs_live
+    assert diff.left is not None and diff.right is not None
+    assert (diff.left.value, diff.left.confidence) == (diff.right.value, diff.right.confidence)
+    assert diff.fields == ("support",)
+    assert diff.detail() == (f"support: rebuilt only ['{first.event_id}'], other only "
+                             f"['{again.event_id}']")
+    assert report.live_lead == 1 and not report.same_offsets
+    same = replay(settings, catalog, "again", workers=0)  # two rebuilds: same offsets
+    assert [d.fields for d in compare(read_beliefs(catalog.engine(same.projection.schema)),
+                                      read_beliefs(catalog.engine(report.projection.schema)))
+            ] == []
