@@ -30,6 +30,7 @@ from beliefstore.events.model import ObservationRecorded, ObservationRetracted
 from beliefstore.events.sealing import EventShredded, FieldSealer
 from beliefstore.events.serde import AvroSerde, DecodedEvent, SchemaRegistry
 from beliefstore.projector import copytext
+from beliefstore.projector.fold import Counting, FoldSettings, fold_counting
 
 OBSERVED, RETRACTED, ERASED, POISON, SHREDDED = range(5)
 """Kinds of :data:`Item`."""
@@ -171,6 +172,14 @@ class RebuildPool:
         list of :data:`Item` s."""
         return self._executor.submit(decode_chunk, topic, partition, list(records))
 
+    def fold(self, counting: list[Counting], settings: FoldSettings,
+             where: dict[str, tuple[int, int]]) -> list[Folded]:
+        """:func:`fold_chunk` of ``counting`` split by subject over the workers."""
+        parts = split_by_subject(counting, where, self.workers)
+        futures = [self._executor.submit(fold_chunk, group, settings, w)
+                   for group, w in parts if group]
+        return [f.result() for f in futures]
+
     def close(self) -> None:
         """Stop the worker processes (queued chunks cancelled)."""
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -180,3 +189,36 @@ class RebuildPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+Folded = tuple[int, bytes, bytes, bytes, list[str]]
+"""What :func:`fold_chunk` returns: ``(beliefs, belief_sources lines, beliefs lines,
+belief_changes lines, subjects with a belief)``."""
+
+
+def fold_chunk(counting: list[Counting], settings: FoldSettings,
+               where: dict[str, tuple[int, int]]) -> Folded:
+    """The end of a rebuild for some keys (every counting observation of each of them):
+    :func:`~beliefstore.projector.fold.fold_counting`, then the ``COPY`` lines of their
+    ``belief_sources``, ``beliefs`` and ``belief_changes`` rows (``where``: subject →
+    its latest ``(partition, offset)``). Pure; runs in a worker or in the caller."""
+    folded = fold_counting(counting, settings)
+    return (len(folded), b"".join(map(copytext.source, counting)),
+            b"".join(map(copytext.belief, folded)),
+            b"".join(copytext.change(b, where.get(b.subject_id)) for b in folded),
+            [b.subject_id for b in folded])
+
+
+def split_by_subject(counting: list[Counting], where: dict[str, tuple[int, int]],
+                     parts: int) -> list[tuple[list[Counting], dict[str, tuple[int, int]]]]:
+    """``counting`` cut into ``parts`` groups by subject (so every key lies in one), each
+    with the ``where`` entries of its subjects: the arguments of :func:`fold_chunk`."""
+    groups: list[list[Counting]] = [[] for _ in range(parts)]
+    wheres: list[dict[str, tuple[int, int]]] = [{} for _ in range(parts)]
+    for c in counting:
+        i = hash(c[0]) % parts
+        groups[i].append(c)
+        w = where.get(c[0])
+        if w is not None:
+            wheres[i][c[0]] = w
+    return list(zip(groups, wheres, strict=True))

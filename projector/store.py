@@ -30,8 +30,15 @@ from beliefstore.events.model import (
 )
 from beliefstore.projector import bulk, copytext
 from beliefstore.projector.changes import notify, record_staged_changes, subject_positions
-from beliefstore.projector.fold import Belief, Counting, FoldSettings, Key, fold, fold_counting
-from beliefstore.projector.rebuild_pool import ERASED, OBSERVED, RETRACTED, Item
+from beliefstore.projector.fold import Belief, Counting, FoldSettings, Key, fold
+from beliefstore.projector.rebuild_pool import (
+    ERASED,
+    OBSERVED,
+    RETRACTED,
+    Item,
+    RebuildPool,
+    fold_chunk,
+)
 from beliefstore.projector.tables import (
     erasures,
     observations,
@@ -572,9 +579,13 @@ class FreshLoad:
         if out:
             self._writer.write(b"".join(out))
 
-    def finish(self, progress: dict[int, PartitionProgress]) -> int:
+    def finish(self, progress: dict[int, PartitionProgress],
+               pool: RebuildPool | None = None) -> int:
         """End the load: marks, ``belief_sources``, beliefs, one ``belief_changes`` row per
-        belief, one NOTIFY, and every partition's offsets. Returns the number of beliefs."""
+        belief, one NOTIFY, and every partition's offsets. Returns the number of beliefs.
+        With ``pool``, the fold and its rows are computed in its worker processes, split
+        by subject (:meth:`RebuildPool.fold
+        <beliefstore.projector.rebuild_pool.RebuildPool.fold>`)."""
         self._copy.__exit__(None, None, None)
         self._open = False
         recorder, cur = self.recorder, self._cursor
@@ -597,29 +608,30 @@ class FreshLoad:
             if held is None or (held[5], held[4]) < (o[5], o[4]):
                 latest[pair] = o
         counting = list(latest.values())
-        folded = fold_counting(counting, recorder.fold_settings)
+        if pool is not None:
+            parts = pool.fold(counting, recorder.fold_settings, self._where)
+        else:
+            parts = [fold_chunk(counting, recorder.fold_settings, self._where)]
         _copy_lines(cur, "retractions", bulk.RETRACTION_COLUMNS, self._retraction_lines)
         _copy_lines(cur, "erasures", bulk.ERASURE_COLUMNS, self._erasure_lines)
         if marks:
             bulk.copy_rows(cur, bulk.STAGE_MARKS, ("event_id", "retracted_by", "erased_by"),
                            marks)
             cur.execute(bulk.APPLY_MARKS)
-        _copy_lines(cur, "belief_sources", bulk.SOURCE_COLUMNS,
-                    map(copytext.source, counting))
-        _copy_lines(cur, "beliefs", bulk.BELIEF_COLUMNS, map(copytext.belief, folded))
-        where = self._where
-        _copy_lines(cur, "belief_changes", _CHANGE_COLUMNS,
-                    (copytext.change(b, where.get(b.subject_id)) for b in folded))
-        if folded:
+        _copy_lines(cur, "belief_sources", bulk.SOURCE_COLUMNS, (p[1] for p in parts))
+        _copy_lines(cur, "beliefs", bulk.BELIEF_COLUMNS, (p[2] for p in parts))
+        _copy_lines(cur, "belief_changes", _CHANGE_COLUMNS, (p[3] for p in parts))
+        count = sum(p[0] for p in parts)
+        if count:
             cur.execute("SELECT max(id), current_schema() FROM belief_changes")
             max_id, schema = cur.fetchone()  # type: ignore[misc]
-            notify(cur, schema, max_id or 0, (b.subject_id for b in folded))
+            notify(cur, schema, max_id or 0, (s for p in parts for s in p[4]))
         if progress:
             cur.executemany(bulk.UPSERT_OFFSETS, [
                 (recorder.projection, self.topic, partition, p.next_offset, p.high_watermark)
                 for partition, p in sorted(progress.items())
             ])
-        return len(folded)
+        return count
 
     def close(self) -> None:
         """Abandon an unfinished ``COPY`` (the transaction then rolls back) and the cursor."""

@@ -453,10 +453,11 @@ class ProjectorWorker:
                 except OffsetOutOfRangeError as exc:
                     raise self._log_reset(str(exc)) from exc
                 lag = self.lag()
-                if not decided and lag is not None:  # every high watermark known
+                ahead = sum(map(len, polled.values())) + sum(self.partition_lags().values())
+                if not decided and (lag is not None or ahead >= MIN_EVENTS):
                     decided = True
                     count = default_workers()
-                    if count > 1 and sum(map(len, polled.values())) + (lag or 0) >= MIN_EVENTS:
+                    if count > 1 and ahead >= MIN_EVENTS:
                         pool = stack.enter_context(RebuildPool(
                             self.settings, self.serde, count))
                 for tp, records in polled.items():
@@ -485,7 +486,7 @@ class ProjectorWorker:
             for tp, position in started.items():
                 progress.setdefault(tp.partition, PartitionProgress(
                     next_offset=position, high_watermark=self._consumer.highwater(tp)))
-            self.stats.beliefs_recomputed += load.finish(progress)
+            self.stats.beliefs_recomputed += load.finish(progress, pool)
         self.stats.batches += 1
         return self.stats
 
