@@ -103,6 +103,7 @@ def _measure(ctx: common.Context, key: common.WorkloadKey, settings, runs: int,
             results.append({"run": number, "seconds": round(report.seconds, 3),
                             "events": messages, "batches": report.stats.batches,
                             "events_per_second": round(report.rate, 1),
+                            "phases_s": {k: round(v, 3) for k, v in report.phases.items()},
                             "fold_check": "ok" if not problems else f"{len(problems)} differences"})
             common.console.print(f"  {label} run {number}: {messages:,} events in "
                                  f"{report.seconds:.1f} s = {report.rate:,.0f} events/s (fold "

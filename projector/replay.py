@@ -228,6 +228,10 @@ class ReplayReport:
         vs_live: differences rebuilt ↔ live (the live one may be behind: lag).
         vs_fold: differences rebuilt ↔ pure fold of the log (``None`` when skipped).
         switched: whether the rebuilt projection was made active.
+        rebuilt_offsets, live_offsets: partition → next offset of each projection when
+            they were compared (read with its beliefs, in one snapshot).
+        phases: seconds of each phase of a bulk rebuild (see
+            :meth:`ProjectorWorker.rebuild`), empty for the batch-by-batch path.
     """
 
     projection: ProjectionInfo
@@ -238,6 +242,7 @@ class ReplayReport:
     vs_fold: list[Difference] | None = None
     switched: bool = False
     rebuilt_offsets: dict[int, int] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)
     live_offsets: dict[int, int] = field(default_factory=dict)
 
     @property
@@ -313,7 +318,8 @@ def replay(
             stats = worker.run(until_caught_up=True, on_batch=progress)
     seconds = time.monotonic() - started
     catalog.mark(name, "built")
-    report = ReplayReport(catalog.get(name), stats, seconds, live)
+    report = ReplayReport(catalog.get(name), stats, seconds, live,
+                          phases=dict(getattr(worker, "rebuild_timings", {})))
     rebuilt, report.rebuilt_offsets = read_projection(engine, info.name, settings.topic)
     live_beliefs, report.live_offsets = read_projection(catalog.engine(live.schema), live.name,
                                                         settings.topic)

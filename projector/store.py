@@ -13,6 +13,7 @@ This module touches PostgreSQL only; :mod:`beliefstore.projector.worker` brings 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -509,6 +510,7 @@ class FreshLoad:
         self.topic = topic
         self._raw = _driver(conn)
         self._cursor = self._raw.cursor()
+        self._indexes = _drop_indexes(self._cursor, "observations")
         self._copy = self._cursor.copy(
             f"COPY observations ({', '.join(bulk.OBS_COLUMNS)}) FROM STDIN")
         self._writer = self._copy.__enter__()
@@ -520,6 +522,8 @@ class FreshLoad:
         self._erasure_lines: list[bytes] = []
         self._where: dict[str, tuple[int, int]] = {}
         self._open = True
+        self.timings: dict[str, float] = {}
+        """Seconds of each phase of :meth:`finish` (for benchmarks and logs)."""
 
     def add(self, logged: Iterable[LoggedEvent]) -> None:
         """Add events in log order (per partition); duplicates of an ``event_id`` skipped."""
@@ -586,13 +590,16 @@ class FreshLoad:
         With ``pool``, the fold and its rows are computed in its worker processes, split
         by subject (:meth:`RebuildPool.fold
         <beliefstore.projector.rebuild_pool.RebuildPool.fold>`)."""
+        clock = time.perf_counter()
         self._copy.__exit__(None, None, None)
         self._open = False
         recorder, cur = self.recorder, self._cursor
+        self.timings["observations_copy_end_s"] = time.perf_counter() - clock
         if self._erased and recorder.keyring is not None:
             for subject, erased in self._erased.items():
                 for _, occurred_at in erased:
                     recorder.keyring.destroy(subject, occurred_at, now_millis(), self.conn)
+        clock = time.perf_counter()
         marks: list[tuple[str, str | None, str | None]] = []
         latest: dict[tuple[str, str, str, str], Counting] = {}
         own, erasures_of = self._own, self._erased
@@ -612,16 +619,26 @@ class FreshLoad:
             parts = pool.fold(counting, recorder.fold_settings, self._where)
         else:
             parts = [fold_chunk(counting, recorder.fold_settings, self._where)]
+        self.timings["marks_and_fold_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         _copy_lines(cur, "retractions", bulk.RETRACTION_COLUMNS, self._retraction_lines)
         _copy_lines(cur, "erasures", bulk.ERASURE_COLUMNS, self._erasure_lines)
         if marks:
             bulk.copy_rows(cur, bulk.STAGE_MARKS, ("event_id", "retracted_by", "erased_by"),
                            marks)
             cur.execute(bulk.APPLY_MARKS)
+        self.timings["retractions_erasures_marks_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        cur.execute(f"SET LOCAL maintenance_work_mem = '{INDEX_BUILD_MEMORY_MB}MB'")
+        for statement in self._indexes:
+            cur.execute(statement)
+        self.timings["observation_indexes_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         _copy_lines(cur, "belief_sources", bulk.SOURCE_COLUMNS, (p[1] for p in parts))
         _copy_lines(cur, "beliefs", bulk.BELIEF_COLUMNS, (p[2] for p in parts))
         _copy_lines(cur, "belief_changes", _CHANGE_COLUMNS, (p[3] for p in parts))
         count = sum(p[0] for p in parts)
+        self.timings["beliefs_copy_s"] = time.perf_counter() - clock
         if count:
             cur.execute("SELECT max(id), current_schema() FROM belief_changes")
             max_id, schema = cur.fetchone()  # type: ignore[misc]
@@ -640,6 +657,38 @@ class FreshLoad:
             with suppress(Exception):
                 self._copy.__exit__(RuntimeError, RuntimeError("rebuild abandoned"), None)
         self._cursor.close()
+
+
+INDEX_BUILD_MEMORY_MB = 256
+"""``maintenance_work_mem`` of a bulk rebuild's index builds (one sort of the whole
+``observations`` table per index: 1M observations sort in about 100 MB)."""
+
+
+def _drop_indexes(cur: psycopg.Cursor, table: str) -> list[str]:
+    """Drop every index of ``table`` (its primary key too) in the current schema, in the
+    caller's transaction, and return the statements that recreate them (PostgreSQL's
+    own definitions: ``pg_get_constraintdef``, ``pg_indexes.indexdef``).
+
+    Why (PostgreSQL documentation, "Populating a Database", 14.4.3 "Remove Indexes"):
+    loading rows into a table without indexes and building each index in one sort
+    afterwards is much cheaper than updating four b-trees row by row, and a fresh
+    projection has no reader until it is switched to. The drop and the rebuild are in
+    the load's transaction: a failed load rolls both back."""
+    cur.execute("SELECT conname, pg_get_constraintdef(c.oid), conindid::regclass::text "
+                "FROM pg_constraint c WHERE conrelid = %s::regclass AND contype = 'p'",
+                (table,))
+    primary = cur.fetchall()
+    cur.execute("SELECT indexname, indexdef FROM pg_indexes "
+                "WHERE schemaname = current_schema() AND tablename = %s", (table,))
+    owned = {name for _, _, name in primary}
+    indexes = [(name, definition) for name, definition in cur.fetchall()
+               if name not in owned]
+    for name, _, _ in primary:
+        cur.execute(f'ALTER TABLE {table} DROP CONSTRAINT "{name}"')
+    for name, _ in indexes:
+        cur.execute(f'DROP INDEX "{name}"')
+    return ([f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {definition}'
+             for name, definition, _ in primary] + [definition for _, definition in indexes])
 
 
 def _copy_lines(cur: psycopg.Cursor, table: str, columns: Sequence[str],

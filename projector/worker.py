@@ -419,7 +419,10 @@ class ProjectorWorker:
         there is more than one CPU, else ``0``. Both give the same rows.
 
         ``on_progress(stats, total)`` is called after every poll (``total``: messages to
-        read, ``None`` until every high watermark is known). Without a crash the result
+        read, ``None`` until every high watermark is known). Afterwards
+        ``rebuild_timings`` holds the seconds of each phase (reading and streaming the
+        log, then those of :attr:`FreshLoad.timings
+        <beliefstore.projector.store.FreshLoad.timings>`). Without a crash the result
         equals what :meth:`run` would have built; a crash leaves the projection empty.
 
         Raises:
@@ -436,6 +439,7 @@ class ProjectorWorker:
         assert self._consumer is not None
         started = {tp: self._consumer.position(tp) for tp in self._consumer.assignment()}
         progress: dict[int, PartitionProgress] = {}
+        clock = time.perf_counter()
         with contextlib.ExitStack() as stack:
             load = stack.enter_context(self.recorder.fresh_load(self.settings.topic,
                                                                 self._epochs))
@@ -443,6 +447,7 @@ class ProjectorWorker:
             pending: collections.deque[tuple[list[ConsumerRecord], Future]] = \
                 collections.deque()
             decided = workers is not None
+            held: list[dict[Any, list[ConsumerRecord]]] = []
             if workers:
                 pool = stack.enter_context(RebuildPool(self.settings, self.serde,
                                                        workers))
@@ -453,19 +458,27 @@ class ProjectorWorker:
                 except OffsetOutOfRangeError as exc:
                     raise self._log_reset(str(exc)) from exc
                 lag = self.lag()
-                ahead = sum(map(len, polled.values())) + sum(self.partition_lags().values())
-                if not decided and (lag is not None or ahead >= MIN_EVENTS):
-                    decided = True
-                    count = default_workers()
-                    if count > 1 and ahead >= MIN_EVENTS:
-                        pool = stack.enter_context(RebuildPool(
-                            self.settings, self.serde, count))
                 for tp, records in polled.items():
                     progress[tp.partition] = PartitionProgress(
                         next_offset=records[-1].offset + 1,
                         high_watermark=self._consumer.highwater(tp))
-                if polled and pool is not None:
-                    for tp, records in polled.items():
+                if polled:
+                    held.append(polled)
+                if not decided:  # hold the polls until the size of the log is known
+                    ahead = sum(len(r) for h in held for r in h.values()) + sum(
+                        self.partition_lags().values())
+                    if lag is not None or ahead >= MIN_EVENTS:
+                        decided = True
+                        count = default_workers()
+                        if count > 1 and ahead >= MIN_EVENTS:
+                            pool = stack.enter_context(RebuildPool(
+                                self.settings, self.serde, count))
+                while decided and held:
+                    ready = held.pop(0)
+                    if pool is None:
+                        self._load_polled(load, ready)
+                        continue
+                    for tp, records in ready.items():
                         for i in range(0, len(records), _CHUNK):
                             chunk = records[i:i + _CHUNK]
                             pending.append((chunk, pool.submit(tp.topic, tp.partition, [
@@ -473,12 +486,11 @@ class ProjectorWorker:
                     while pending and (len(pending) > 2 * pool.workers
                                        or pending[0][1].done()):
                         self._load_chunk(load, *pending.popleft())
-                elif polled:
-                    self._load_polled(load, polled)
                 if on_progress is not None:
                     done = self.stats.events + self.stats.poison + self.stats.shredded
                     on_progress(self.stats, None if lag is None else done + lag
-                                + sum(len(c) for c, _ in pending))
+                                + sum(len(c) for c, _ in pending)
+                                + sum(len(r) for h in held for r in h.values()))
                 if not polled and lag == 0:
                     break
             while pending:
@@ -486,7 +498,12 @@ class ProjectorWorker:
             for tp, position in started.items():
                 progress.setdefault(tp.partition, PartitionProgress(
                     next_offset=position, high_watermark=self._consumer.highwater(tp)))
+            read_s = time.perf_counter() - clock
             self.stats.beliefs_recomputed += load.finish(progress, pool)
+            self.rebuild_timings: dict[str, float] = {"read_and_stream_s": read_s, **load.timings,
+                                    "workers": pool.workers if pool else 0}
+        self.rebuild_timings["total_s"] = time.perf_counter() - clock
+        log.info("rebuild phases: %s", self.rebuild_timings)
         self.stats.batches += 1
         return self.stats
 

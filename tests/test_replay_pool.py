@@ -57,6 +57,14 @@ def dead_letters(settings) -> list[str]:
                   for m in read_topic(settings.kafka_bootstrap_servers, settings.dlq_topic))
 
 
+def indexes(engine: sa.Engine, schema: str) -> set[tuple[str, str, str]]:
+    """(table, index, definition without the schema) of every index in ``schema``."""
+    with engine.connect() as conn:
+        return {(t, i, d.replace(f"{schema}.", "")) for t, i, d in conn.execute(sa.text(
+            "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = :s"),
+            {"s": schema})}
+
+
 def count_rows(engine: sa.Engine, table: sa.Table) -> int:
     with engine.connect() as conn:
         return conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
@@ -78,6 +86,15 @@ def test_the_worker_processes_give_the_rows_of_one_process_and_the_pure_fold(set
     assert compare(read_beliefs(b), expected) == []
     assert rows_of(a) == rows_of(b)
     assert count_rows(b, belief_changes) == len(expected)
+    # the rebuild dropped the observations' indexes and primary key during its COPY and
+    # built them again: the same as a migrated projection's
+    live = catalog.active().schema
+    want = indexes(catalog.engine(live), live)
+    assert {("observations", "observations_pkey"), ("observations", "observations_key")} <= {
+        (t, i) for t, i, _ in want}
+    for report in (serial, parallel):
+        schema = report.projection.schema
+        assert indexes(catalog.engine(schema), schema) == want
     # each replay sent the poison to the dead-letter topic, as the projector does
     assert dead_letters(settings) == ["invalid_event"] * 4 + ["truncated"] * 2
 
