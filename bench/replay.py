@@ -12,7 +12,8 @@ table loaded with ``COPY`` in one transaction). The figure is the report's ``sec
 (the rebuild, not the comparison with the live projection that follows) and events/s,
 with the seconds of each phase (``phases_s``), and its ratio to the storage's raw read
 rate measured first in the same run (a bare kafka-python consumer reading the topic from
-offset 0 without decoding).
+offset 0 without decoding). ``BENCH_REPLAY_WORKERS=0,auto`` alternates the runs between
+a one-process rebuild and the default, for an A/B on the same topic.
 After each run the rebuilt beliefs are checked against the pure fold here (outside the
 clock), and the projection is dropped.
 
@@ -28,6 +29,7 @@ Storages:
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import tempfile
 from dataclasses import replace
@@ -91,6 +93,10 @@ def _measure(ctx: common.Context, key: common.WorkloadKey, settings, runs: int,
     expected = ctx.expected(key)
     catalog = ProjectionCatalog.from_settings(settings)
     results, failures = [], []
+    # BENCH_REPLAY_WORKERS=0,auto alternates the runs between a one-process rebuild and
+    # the default (worker processes on a large log): an A/B on the same topic, back to back
+    modes = [None if m.strip() == "auto" else int(m)
+             for m in os.environ.get("BENCH_REPLAY_WORKERS", "auto").split(",")]
     # The limit on this storage, in the same run: a bare kafka-python consumer reading
     # the topic from offset 0 without decoding (the replay's poll size and fetch wait).
     raw_s = raw_upsert_limit.consume_all(settings.kafka_bootstrap_servers, settings.topic,
@@ -104,14 +110,16 @@ def _measure(ctx: common.Context, key: common.WorkloadKey, settings, runs: int,
             name = f"r{number}"
             with common.progress() as bar:
                 task = bar.add_task(f"{label} replay run {number}/{runs}", total=key.count)
-                report = replay(settings, catalog, name, check_fold=False,
+                workers = modes[(number - 1) % len(modes)]
+                report = replay(settings, catalog, name, check_fold=False, workers=workers,
                                 on_progress=lambda done, _total, t=task: bar.update(t, completed=done))
             info = catalog.get(name)
             problems = projector_throughput.compare(
                 expected, projector_throughput.read_beliefs(catalog.engine(info.schema)))
             failures.extend(f"run {number}: {p}" for p in problems)
             messages = report.stats.events + report.stats.poison
-            results.append({"run": number, "seconds": round(report.seconds, 3),
+            results.append({"run": number, "workers": "auto" if workers is None else workers,
+                            "seconds": round(report.seconds, 3),
                             "events": messages, "batches": report.stats.batches,
                             "events_per_second": round(report.rate, 1),
                             "phases_s": {k: round(v, 3) for k, v in report.phases.items()},

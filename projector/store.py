@@ -605,8 +605,9 @@ class FreshLoad:
         own, erasures_of = self._own, self._erased
         for o in self._observed:
             retracted_by = own.get((o[4], o[3])) if own else None
-            erased_by = next((x for x, at in erasures_of.get(o[0], ()) if o[5] <= at),
-                             None) if erasures_of else None
+            of_subject = erasures_of.get(o[0]) if erasures_of else None
+            erased_by = None if of_subject is None else next(
+                (x for x, at in of_subject if o[5] <= at), None)
             if retracted_by is not None or erased_by is not None:
                 marks.append((o[4], retracted_by, erased_by))
                 continue
