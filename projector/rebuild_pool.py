@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import replace
@@ -56,8 +58,23 @@ workers costs about a second)."""
 _serde: AvroSerde | None = None
 
 
-def _init(settings: Any, registry: SchemaRegistry, keyring_schema: str | None) -> None:
+ORPHAN_CHECK_S = 1.0
+"""How often a worker process checks that the replaying process is still its parent,
+seconds; once it is not (SIGKILL, a crash), the worker exits."""
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    while True:
+        time.sleep(ORPHAN_CHECK_S)
+        if os.getppid() != parent:
+            os._exit(1)  # the replaying process is gone: nothing to decode for
+
+
+def _init(settings: Any, registry: SchemaRegistry, keyring_schema: str | None,
+          parent: int) -> None:
     global _serde
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True,
+                     name="beliefstore-orphan-check").start()
     if keyring_schema is None:
         _serde = AvroSerde(registry)
     else:
@@ -145,7 +162,8 @@ class RebuildPool:
     """``workers`` processes that decode chunks of records (:func:`decode_chunk`).
 
     Use as a context manager; leaving it shuts the processes down (cancelling what is
-    queued), also on an exception or Ctrl-C.
+    queued), also on an exception or Ctrl-C. If the replaying process dies without
+    leaving it (SIGKILL), each worker exits within :data:`ORPHAN_CHECK_S` seconds.
 
     Args:
         settings: the replay's settings (``database_url`` and ``home``: the keyring's
@@ -165,7 +183,8 @@ class RebuildPool:
         keyring_schema = serde.sealer.keyring.schema if serde.sealer is not None else None
         self._executor = ProcessPoolExecutor(
             max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init, initargs=(settings, serde.registry, keyring_schema))
+            initializer=_init, initargs=(settings, serde.registry, keyring_schema,
+                                         os.getpid()))
 
     def submit(self, topic: str, partition: int, records: Sequence[Record]) -> Future:
         """Decode ``records`` of ``partition`` in a worker; the future's result is the

@@ -207,3 +207,72 @@ def test_a_live_projection_ahead_by_a_restatement_differs_in_support_only(settin
     assert [d.fields for d in compare(read_beliefs(catalog.engine(same.projection.schema)),
                                       read_beliefs(catalog.engine(report.projection.schema)))
             ] == []
+
+
+_KILLED_REPLAY = """
+import pickle, sys, time
+from beliefstore.projector.catalog import ProjectionCatalog
+from beliefstore.projector.replay import replay
+
+settings = pickle.loads(bytes.fromhex(sys.argv[1]))
+catalog = ProjectionCatalog.from_settings(settings)
+
+def slow(done, total):
+    print("progress", done, flush=True)
+    time.sleep(0.3)
+
+replay(settings, catalog, "killed", workers=2, on_progress=slow)
+print("finished", flush=True)
+"""
+
+
+def test_a_sigkilled_replay_leaves_the_live_projection_untouched_and_no_worker(settings,
+                                                                               catalog):
+    """The replaying process is SIGKILLed while its worker processes decode: its
+    transaction dies with its connection (the new projection stays empty, the live one as
+    it was), and the worker processes, orphaned, exit on their own."""
+    import pickle
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    events = generate(3000, seed=8, subjects=100, profile="realistic")
+    with BeliefProducer.from_settings(settings) as producer:
+        producer.send_many(events)
+    live = catalog.active()
+    with ProjectorWorker(settings, catalog.engine(live.schema)) as worker:
+        worker.run(until_caught_up=True)
+    before = _live_rows(catalog)
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_REPLAY,
+                             pickle.dumps(settings).hex()],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        children: list[psutil.Process] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            assert line.startswith("progress"), line
+            children = psutil.Process(proc.pid).children()
+            if children:
+                break
+        assert children, "the replay ran worker processes"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        gone, alive = psutil.wait_procs(children, timeout=20)
+        assert alive == [], f"orphaned worker processes: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert catalog.active().name == live.name
+    assert _live_rows(catalog) == before
+    killed = catalog.get("killed")
+    deadline = time.monotonic() + 20
+    while True:  # PostgreSQL rolls the transaction back once it sees the socket close
+        try:
+            assert count_rows(catalog.engine(killed.schema), observations) == 0
+            break
+        except sa.exc.OperationalError:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
