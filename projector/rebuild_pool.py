@@ -192,12 +192,13 @@ class RebuildPool:
         return self._executor.submit(decode_chunk, topic, partition, list(records))
 
     def fold(self, counting: list[Counting], settings: FoldSettings,
-             where: dict[str, tuple[int, int]]) -> list[Folded]:
-        """:func:`fold_chunk` of ``counting`` split by subject over the workers."""
+             where: dict[str, tuple[int, int]]) -> list[Future]:
+        """:func:`fold_chunk` of ``counting`` split by subject over the workers: one
+        future per part, whose result is its :data:`Folded` (the caller may do other
+        work, e.g. PostgreSQL's, while the workers fold)."""
         parts = split_by_subject(counting, where, self.workers)
-        futures = [self._executor.submit(fold_chunk, group, settings, w)
-                   for group, w in parts if group]
-        return [f.result() for f in futures]
+        return [self._executor.submit(fold_chunk, group, settings, w)
+                for group, w in parts if group]
 
     def close(self) -> None:
         """Stop the worker processes (queued chunks cancelled)."""

@@ -589,7 +589,9 @@ class FreshLoad:
         belief, one NOTIFY, and every partition's offsets. Returns the number of beliefs.
         With ``pool``, the fold and its rows are computed in its worker processes, split
         by subject (:meth:`RebuildPool.fold
-        <beliefstore.projector.rebuild_pool.RebuildPool.fold>`)."""
+        <beliefstore.projector.rebuild_pool.RebuildPool.fold>`), while PostgreSQL loads
+        the retractions and erasures, applies the marks and builds the observations'
+        indexes."""
         clock = time.perf_counter()
         self._copy.__exit__(None, None, None)
         self._open = False
@@ -616,8 +618,8 @@ class FreshLoad:
             if held is None or (held[5], held[4]) < (o[5], o[4]):
                 latest[pair] = o
         counting = list(latest.values())
-        if pool is not None:
-            parts = pool.fold(counting, recorder.fold_settings, self._where)
+        if pool is not None:  # the workers fold while PostgreSQL takes the marks, indexes
+            folding = pool.fold(counting, recorder.fold_settings, self._where)
         else:
             parts = [fold_chunk(counting, recorder.fold_settings, self._where)]
         self.timings["marks_and_fold_s"] = time.perf_counter() - clock
@@ -635,6 +637,10 @@ class FreshLoad:
             cur.execute(statement)
         self.timings["observation_indexes_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
+        if pool is not None:
+            parts = [f.result() for f in folding]
+            self.timings["fold_wait_s"] = time.perf_counter() - clock
+            clock = time.perf_counter()
         _copy_lines(cur, "belief_sources", bulk.SOURCE_COLUMNS, (p[1] for p in parts))
         _copy_lines(cur, "beliefs", bulk.BELIEF_COLUMNS, (p[2] for p in parts))
         _copy_lines(cur, "belief_changes", _CHANGE_COLUMNS, (p[3] for p in parts))
