@@ -50,7 +50,8 @@ def replay(
     """Rebuild the read model from offset 0 of every partition into a fresh projection
     (its own schema; the live one keeps serving), with progress; then compare it row by
     row with the live projection and with the pure fold of the log, and print the
-    differences. Exit 1 if the rebuild differs from the pure fold."""
+    differences (with the fields that differ, and whether the live projection had
+    applied the same offsets). Exit 1 if the rebuild differs from the pure fold."""
     import time as _time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
