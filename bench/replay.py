@@ -9,7 +9,12 @@ whose live projection stays empty). Each run calls ``replay(settings, catalog, "
 check_fold=False)``, which registers a new projection, migrates its schema and rebuilds
 it from offset 0 with the bulk path (``ProjectorWorker.rebuild``: large polls, every
 table loaded with ``COPY`` in one transaction). The figure is the report's ``seconds``
-(the rebuild, not the comparison with the live projection that follows) and events/s.
+(the rebuild, not the comparison with the live projection that follows) and events/s,
+with the seconds of each phase (``phases_s``), and its ratio to the storage's raw read
+rate measured first in the same run (a bare kafka-python consumer reading the topic from
+offset 0 without decoding; on durable storage for at most ``RAW_READ_MAX_S``, its rate
+taken over that stretch). ``BENCH_REPLAY_WORKERS=0,auto`` alternates the runs between
+a one-process rebuild and the default, for an A/B on the same topic.
 After each run the rebuilt beliefs are checked against the pure fold here (outside the
 clock), and the projection is dropped.
 
@@ -18,15 +23,17 @@ Storages:
 * ``memory``: the benchmarks' shared embedded broker (Tansu, ``memory://``), 4 partitions;
 * ``durable``: a second embedded broker started here as ``beliefstore up`` starts it
   (Tansu with its log on disk through ``s3://`` on localbucket, in a temporary data
-  folder; one partition and ``fetch_max_wait_ms=500``, as ``up`` sets them), stopped at
+  folder; one partition and ``fetch_max_wait_ms=100``, as ``up`` sets them), stopped at
   the end.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -78,7 +85,7 @@ def _source(ctx: common.Context, key: common.WorkloadKey, storage: str,
     common.console.print(f"  produced {key.count:,} events to the durable broker in "
                          f"{seconds:.1f} s ({key.count / seconds:,.0f} events/s)")
     settings = ctx.settings(topic=topic, db_schema=base, poll_timeout_ms=100,
-                            fetch_max_wait_ms=500)
+                            fetch_max_wait_ms=100)  # as `up` sets it since 2026-11-27
     return replace(settings, kafka_bootstrap_servers=kafka.bootstrap_servers, partitions=1)
 
 
@@ -87,22 +94,38 @@ def _measure(ctx: common.Context, key: common.WorkloadKey, settings, runs: int,
     expected = ctx.expected(key)
     catalog = ProjectionCatalog.from_settings(settings)
     results, failures = [], []
+    # BENCH_REPLAY_WORKERS=0,auto alternates the runs between a one-process rebuild and
+    # the default (worker processes on a large log): an A/B on the same topic, back to back
+    modes = [None if m.strip() == "auto" else int(m)
+             for m in os.environ.get("BENCH_REPLAY_WORKERS", "auto").split(",")]
+    # The limit on this storage, in the same run: a bare kafka-python consumer reading
+    # the topic from offset 0 without decoding (the replay's poll size and fetch wait).
+    # On durable storage at most RAW_READ_MAX_S of it (the rate over that stretch), so a
+    # 1M run stays within the 15-minute bound of an invocation.
+    raw_count, raw_seconds = raw_read(settings, key.count,
+                                      RAW_READ_MAX_S if "durable" in label else None)
+    raw_s = raw_seconds * key.count / raw_count  # the whole log at that rate
+    common.console.print(f"  {label}: raw read of the log (no decoding) {raw_count:,} events "
+                         f"in {raw_seconds:.1f} s = {key.count / raw_s:,.0f} events/s")
     try:
         catalog.ensure()
         for number in range(1, runs + 1):
             name = f"r{number}"
             with common.progress() as bar:
                 task = bar.add_task(f"{label} replay run {number}/{runs}", total=key.count)
-                report = replay(settings, catalog, name, check_fold=False,
+                workers = modes[(number - 1) % len(modes)]
+                report = replay(settings, catalog, name, check_fold=False, workers=workers,
                                 on_progress=lambda done, _total, t=task: bar.update(t, completed=done))
             info = catalog.get(name)
             problems = projector_throughput.compare(
                 expected, projector_throughput.read_beliefs(catalog.engine(info.schema)))
             failures.extend(f"run {number}: {p}" for p in problems)
             messages = report.stats.events + report.stats.poison
-            results.append({"run": number, "seconds": round(report.seconds, 3),
+            results.append({"run": number, "workers": "auto" if workers is None else workers,
+                            "seconds": round(report.seconds, 3),
                             "events": messages, "batches": report.stats.batches,
                             "events_per_second": round(report.rate, 1),
+                            "phases_s": {k: round(v, 3) for k, v in report.phases.items()},
                             "fold_check": "ok" if not problems else f"{len(problems)} differences"})
             common.console.print(f"  {label} run {number}: {messages:,} events in "
                                  f"{report.seconds:.1f} s = {report.rate:,.0f} events/s (fold "
@@ -120,10 +143,50 @@ def _measure(ctx: common.Context, key: common.WorkloadKey, settings, runs: int,
         "median_seconds": common.median([r["seconds"] for r in results]),
         "median_events_per_second": common.median([r["events_per_second"] for r in results]),
         "target_events_per_second": 25_000,
+        "raw_read": {"events": raw_count, "seconds": round(raw_seconds, 3),
+                     "events_per_second": round(key.count / raw_s, 1)},
+        "replay_over_raw_read": round(
+            common.median([r["events_per_second"] for r in results]) * raw_s / key.count, 3),
         "fold_check": "ok" if not failures else "FAILED",
         "fold_differences": failures[:100],
         "failed": bool(failures),
     }
+
+
+RAW_READ_MAX_S = 90.0
+"""Longest raw read of the durable log, seconds (its rate is taken over that stretch)."""
+
+
+def raw_read(settings, expected: int, max_s: float | None) -> tuple[int, float]:
+    """A bare kafka-python consumer reads the topic from offset 0 without decoding (the
+    replay's poll size and fetch wait), to the end or for at most ``max_s`` seconds:
+    ``(messages read, seconds)``."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
+                             group_id=None, enable_auto_commit=False,
+                             auto_offset_reset="earliest", max_poll_records=20_000,
+                             fetch_max_wait_ms=settings.fetch_max_wait_ms or 100)
+    try:
+        tps = [TopicPartition(settings.topic, p)
+               for p in sorted(consumer.partitions_for_topic(settings.topic) or ())]
+        consumer.assign(tps)
+        for tp in tps:
+            consumer.seek(tp, 0)
+        seen, started = 0, time.perf_counter()
+        idle_since = time.monotonic()
+        while seen < expected:
+            if max_s is not None and time.perf_counter() - started > max_s:
+                break
+            polled = consumer.poll(timeout_ms=100, max_records=20_000)
+            seen += sum(len(r) for r in polled.values())
+            if polled:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > 300:
+                raise TimeoutError(f"read {seen} of {expected} messages of {settings.topic}")
+        return seen, time.perf_counter() - started
+    finally:
+        consumer.close()
 
 
 def by_storage(result: dict) -> dict[str, dict]:
@@ -135,8 +198,10 @@ def by_storage(result: dict) -> dict[str, dict]:
 
 def summary(result: dict) -> list[str]:
     return [f"{label}: {r['workload']['events']:,} events: median {r['median_seconds']:.1f} s "
-            f"= {r['median_events_per_second']:,.0f} events/s (target ≥ 25,000); fold check "
-            f"{r['fold_check']}" for label, r in by_storage(result).items()]
+            f"= {r['median_events_per_second']:,.0f} events/s (target ≥ 25,000)"
+            + (f", {r['replay_over_raw_read']:.0%} of the raw read's "
+               f"{r['raw_read']['events_per_second']:,.0f} events/s" if "raw_read" in r else "")
+            + f"; fold check {r['fold_check']}" for label, r in by_storage(result).items()]
 
 
 if __name__ == "__main__":

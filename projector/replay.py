@@ -22,7 +22,7 @@ from beliefstore.events.sealing import EventShredded
 from beliefstore.events.serde import AvroSerde
 from beliefstore.projector.catalog import ProjectionCatalog, ProjectionInfo
 from beliefstore.projector.fold import Belief, FoldSettings, Key, fold
-from beliefstore.projector.tables import beliefs
+from beliefstore.projector.tables import beliefs, projection_offsets
 from beliefstore.projector.worker import ProjectorWorker, WorkerStats
 from beliefstore.settings import Settings
 
@@ -54,6 +54,24 @@ class BeliefRow:
         )
 
 
+    def differing(self, other: BeliefRow) -> tuple[str, ...]:
+        """The names of the fields where this row and ``other`` differ (as
+        :meth:`same_as` compares them), in the order value, confidence, alternatives,
+        support."""
+        out = []
+        if self.value != other.value:
+            out.append("value")
+        if not math.isclose(self.confidence, other.confidence, abs_tol=TOLERANCE):
+            out.append("confidence")
+        if self.alternatives.keys() != other.alternatives.keys() or not all(
+                math.isclose(v, other.alternatives[k], abs_tol=TOLERANCE)
+                for k, v in self.alternatives.items()):
+            out.append("alternatives")
+        if self.support != other.support:
+            out.append("support")
+        return tuple(out)
+
+
 @dataclass(frozen=True)
 class Difference:
     """One key where two read models disagree (``None``: the key is missing there)."""
@@ -61,6 +79,38 @@ class Difference:
     key: Key
     left: BeliefRow | None
     right: BeliefRow | None
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Which fields differ (``("missing",)`` when one side has no belief)."""
+        if self.left is None or self.right is None:
+            return ("missing",)
+        return self.left.differing(self.right)
+
+    def detail(self) -> str:
+        """What differs, for a report: each differing field with both sides (support as
+        the event ids only one side counts), e.g. ``support: rebuilt only [id1], other
+        only [id2]``."""
+        if self.left is None or self.right is None:
+            return "missing in the " + ("rebuilt" if self.left is None else "other")
+        a, b = self.left, self.right
+        parts = []
+        for name in self.fields:
+            if name == "support":
+                parts.append(f"support: rebuilt only {sorted(set(a.support) - set(b.support))}"
+                             f", other only {sorted(set(b.support) - set(a.support))}")
+            elif name == "alternatives":
+                parts.append(f"alternatives: rebuilt {_rounded(a.alternatives)}, other "
+                             f"{_rounded(b.alternatives)}")
+            elif name == "confidence":
+                parts.append(f"confidence: rebuilt {a.confidence!r}, other {b.confidence!r}")
+            else:
+                parts.append(f"value: rebuilt {a.value!r}, other {b.value!r}")
+        return "; ".join(parts)
+
+
+def _rounded(alternatives: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 9) for k, v in sorted(alternatives.items())}
 
 
 def read_beliefs(engine: sa.Engine) -> dict[Key, BeliefRow]:
@@ -71,6 +121,25 @@ def read_beliefs(engine: sa.Engine) -> dict[Key, BeliefRow]:
                 r.value, r.confidence, dict(r.alternatives), tuple(r.support))
             for r in conn.execute(sa.select(beliefs))
         }
+
+
+def read_projection(engine: sa.Engine, projection: str, topic: str
+                    ) -> tuple[dict[Key, BeliefRow], dict[int, int]]:
+    """Every belief of the projection behind ``engine`` and its stored offsets
+    (partition → next offset of ``topic``), read in one snapshot (``REPEATABLE READ``),
+    so the beliefs are exactly those of the events before those offsets."""
+    with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
+        with conn.begin():
+            found = {
+                (r.subject_id, r.context, r.attribute): BeliefRow(
+                    r.value, r.confidence, dict(r.alternatives), tuple(r.support))
+                for r in conn.execute(sa.select(beliefs))
+            }
+            offsets = {r.partition: r.next_offset for r in conn.execute(
+                sa.select(projection_offsets.c.partition, projection_offsets.c.next_offset)
+                .where(projection_offsets.c.projection == projection,
+                       projection_offsets.c.topic == topic))}
+    return found, offsets
 
 
 def compare(left: dict[Key, BeliefRow], right: dict[Key, BeliefRow]) -> list[Difference]:
@@ -159,6 +228,10 @@ class ReplayReport:
         vs_live: differences rebuilt ↔ live (the live one may be behind: lag).
         vs_fold: differences rebuilt ↔ pure fold of the log (``None`` when skipped).
         switched: whether the rebuilt projection was made active.
+        rebuilt_offsets, live_offsets: partition → next offset of each projection when
+            they were compared (read with its beliefs, in one snapshot).
+        phases: seconds of each phase of a bulk rebuild (see
+            :meth:`ProjectorWorker.rebuild`), empty for the batch-by-batch path.
     """
 
     projection: ProjectionInfo
@@ -168,6 +241,22 @@ class ReplayReport:
     vs_live: list[Difference] = field(default_factory=list)
     vs_fold: list[Difference] | None = None
     switched: bool = False
+    rebuilt_offsets: dict[int, int] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)
+    live_offsets: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def live_lead(self) -> int:
+        """Events the live projection had applied beyond the rebuild when they were
+        compared (negative: it was behind; 0: both applied the same offsets, so any
+        difference ``vs_live`` is not lag)."""
+        return (sum(self.live_offsets.values()) - sum(self.rebuilt_offsets.values()))
+
+    @property
+    def same_offsets(self) -> bool:
+        """Whether the live projection and the rebuild had applied exactly the same
+        offsets of every partition when they were compared."""
+        return self.live_offsets == self.rebuilt_offsets
 
     @property
     def rate(self) -> float:
@@ -185,13 +274,16 @@ def replay(
     switch: bool = False,
     on_progress: Callable[[int, int | None], None] | None = None,
     bulk: bool = True,
+    workers: int | None = None,
 ) -> ReplayReport:
     """Rebuild projection ``name`` from offset 0, compare it, optionally switch to it.
 
     With ``bulk`` (the default) the fresh projection is loaded in one transaction
     (:meth:`ProjectorWorker.rebuild`: large polls, the marks and beliefs computed in
     memory, every table filled with ``COPY``); without it, batch by batch as the live
-    projector does (:meth:`ProjectorWorker.run`). Both give the same rows.
+    projector does (:meth:`ProjectorWorker.run`). Both give the same rows. ``workers``:
+    the bulk path's decoding processes (see :meth:`ProjectorWorker.rebuild`; ``None``:
+    one per CPU for a large log, ``0``: none).
 
     ``on_progress(done, total)`` is called after every batch (``total`` is ``None``
     until every partition's high watermark is known). The switch happens only when
@@ -214,7 +306,7 @@ def replay(
                 if on_progress is not None:
                     on_progress(stats.events + stats.poison + stats.shredded, total)
 
-            stats = worker.rebuild(loaded)
+            stats = worker.rebuild(loaded, workers=workers)
         else:
 
             def progress(stats: WorkerStats) -> None:
@@ -226,9 +318,12 @@ def replay(
             stats = worker.run(until_caught_up=True, on_batch=progress)
     seconds = time.monotonic() - started
     catalog.mark(name, "built")
-    report = ReplayReport(catalog.get(name), stats, seconds, live)
-    rebuilt = read_beliefs(engine)
-    report.vs_live = compare(rebuilt, read_beliefs(catalog.engine(live.schema)))
+    report = ReplayReport(catalog.get(name), stats, seconds, live,
+                          phases=dict(getattr(worker, "rebuild_timings", {})))
+    rebuilt, report.rebuilt_offsets = read_projection(engine, info.name, settings.topic)
+    live_beliefs, report.live_offsets = read_projection(catalog.engine(live.schema), live.name,
+                                                        settings.topic)
+    report.vs_live = compare(rebuilt, live_beliefs)
     if check_fold:
         # the fold covers the same offsets as the rebuild: agents may write meanwhile
         events, _ = read_log(settings, serde,

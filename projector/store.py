@@ -13,7 +13,7 @@ This module touches PostgreSQL only; :mod:`beliefstore.projector.worker` brings 
 
 from __future__ import annotations
 
-import json
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -29,9 +29,17 @@ from beliefstore.events.model import (
     ObservationRetracted,
     SubjectErased,
 )
-from beliefstore.projector import bulk
+from beliefstore.projector import bulk, copytext
 from beliefstore.projector.changes import notify, record_staged_changes, subject_positions
-from beliefstore.projector.fold import Belief, FoldSettings, Key, fold
+from beliefstore.projector.fold import Belief, Counting, FoldSettings, Key, fold
+from beliefstore.projector.rebuild_pool import (
+    ERASED,
+    OBSERVED,
+    RETRACTED,
+    Item,
+    RebuildPool,
+    fold_chunk,
+)
 from beliefstore.projector.tables import (
     erasures,
     observations,
@@ -485,12 +493,15 @@ class FreshLoad:
     """One bulk rebuild in progress (from :meth:`ProjectionRecorder.fresh_load`).
 
     Observation rows stream into ``observations`` through one ``COPY`` as they are
-    added, without marks; retractions, erasures and the observations themselves are
-    kept in memory until :meth:`finish`, which sets the marks with the rules of
+    added, without marks; retractions, erasures and each observation's counting fields
+    are kept in memory until :meth:`finish`, which sets the marks with the rules of
     :meth:`ProjectionRecorder.apply` (an observation is retracted by the first
     own-source retraction of it in log order, and erased by the first erasure in log
     order of its subject that occurred at or after it; the first delivery of an
-    ``event_id`` is the one stored), then ``COPY``s the other tables.
+    ``event_id`` is the one stored), then ``COPY``s the other tables. Rows are
+    ``COPY`` text lines (:mod:`beliefstore.projector.copytext`): built here from
+    events (:meth:`add`) or by the worker processes of
+    :mod:`beliefstore.projector.rebuild_pool` (:meth:`add_items`).
     """
 
     def __init__(self, recorder: ProjectionRecorder, conn: sa.Connection, topic: str):
@@ -499,88 +510,152 @@ class FreshLoad:
         self.topic = topic
         self._raw = _driver(conn)
         self._cursor = self._raw.cursor()
+        self._indexes = _drop_indexes(self._cursor, "observations")
         self._copy = self._cursor.copy(
             f"COPY observations ({', '.join(bulk.OBS_COLUMNS)}) FROM STDIN")
         self._writer = self._copy.__enter__()
         self._seen: set[str] = set()
-        self._observed: list[ObservationRecorded] = []
+        self._observed: list[Counting] = []
         self._own: dict[tuple[str, str], str] = {}  # (retracted id, source) → retraction
-        self._erased: dict[str, list[SubjectErased]] = {}
-        self._retraction_rows: list[tuple] = []
-        self._erasure_rows: list[tuple] = []
+        self._erased: dict[str, list[tuple[str, int]]] = {}  # subject → (id, occurred_at)
+        self._retraction_lines: list[bytes] = []
+        self._erasure_lines: list[bytes] = []
         self._where: dict[str, tuple[int, int]] = {}
         self._open = True
+        self.timings: dict[str, float] = {}
+        """Seconds of each phase of :meth:`finish` (for benchmarks and logs)."""
 
     def add(self, logged: Iterable[LoggedEvent]) -> None:
         """Add events in log order (per partition); duplicates of an ``event_id`` skipped."""
-        write = self._writer.write_row
+        items: list[tuple[int, list[Item]]] = []
         for item in logged:
             e, p = item.event, item.position
-            seen = self._where.get(e.subject_id)
-            if seen is None or p.offset > seen[1]:
-                self._where[e.subject_id] = (p.partition, p.offset)
-            if e.event_id in self._seen:
-                continue
-            self._seen.add(e.event_id)
+            if not items or items[-1][0] != p.partition:
+                items.append((p.partition, []))
+            args = (p.topic, p.partition, p.offset, p.recorded_at, p.writer_fingerprint)
             if isinstance(e, ObservationRecorded):
-                write(bulk.observation_row(e, p))
-                self._observed.append(e)
+                items[-1][1].append((OBSERVED, p.offset, copytext.observation(
+                    e.event_id, e.subject_id, e.context, e.attribute, e.value, e.confidence,
+                    e.source, e.occurred_at, e.evidence, e.metadata, *args),
+                    (e.subject_id, e.context, e.attribute, e.source, e.event_id,
+                     e.occurred_at, e.value, e.confidence)))
             elif isinstance(e, ObservationRetracted):
-                self._own.setdefault((e.retracted_event_id, e.source), e.event_id)
-                self._retraction_rows.append(bulk.retraction_row(e, p))
+                items[-1][1].append((RETRACTED, p.offset, copytext.retraction(
+                    e.event_id, e.subject_id, e.source, e.occurred_at, e.retracted_event_id,
+                    e.reason, *args), e.event_id, e.subject_id, e.retracted_event_id,
+                    e.source))
             elif isinstance(e, SubjectErased):
-                self._erased.setdefault(e.subject_id, []).append(e)
-                self._erasure_rows.append(bulk.erasure_row(e, p))
+                items[-1][1].append((ERASED, p.offset, copytext.erasure(
+                    e.event_id, e.subject_id, e.source, e.occurred_at, e.reason, *args),
+                    e.event_id, e.subject_id, e.occurred_at))
+        for partition, part in items:
+            self.add_items(partition, part)
 
-    def finish(self, progress: dict[int, PartitionProgress]) -> int:
+    def add_items(self, partition: int, items: Iterable[Item]) -> None:
+        """Add decoded records of ``partition`` in log order (:data:`rebuild_pool.Item
+        <beliefstore.projector.rebuild_pool.Item>` s; poison and shredded ones are
+        ignored here, the caller handles them); duplicates of an ``event_id`` skipped."""
+        seen, where, out = self._seen, self._where, []
+        for item in items:
+            kind = item[0]
+            if kind == OBSERVED:
+                c = item[3]
+                subject, event_id = c[0], c[4]
+            elif kind == RETRACTED or kind == ERASED:
+                subject, event_id = item[4], item[3]
+            else:
+                continue
+            held = where.get(subject)
+            if held is None or item[1] > held[1]:
+                where[subject] = (partition, item[1])
+            if event_id in seen:
+                continue
+            seen.add(event_id)
+            if kind == OBSERVED:
+                out.append(item[2])
+                self._observed.append(c)
+            elif kind == RETRACTED:
+                self._own.setdefault((item[5], item[6]), event_id)
+                self._retraction_lines.append(item[2])
+            else:
+                self._erased.setdefault(subject, []).append((event_id, item[5]))
+                self._erasure_lines.append(item[2])
+        if out:
+            self._writer.write(b"".join(out))
+
+    def finish(self, progress: dict[int, PartitionProgress],
+               pool: RebuildPool | None = None) -> int:
         """End the load: marks, ``belief_sources``, beliefs, one ``belief_changes`` row per
-        belief, one NOTIFY, and every partition's offsets. Returns the number of beliefs."""
+        belief, one NOTIFY, and every partition's offsets. Returns the number of beliefs.
+        With ``pool``, the fold and its rows are computed in its worker processes, split
+        by subject (:meth:`RebuildPool.fold
+        <beliefstore.projector.rebuild_pool.RebuildPool.fold>`), while PostgreSQL loads
+        the retractions and erasures, applies the marks and builds the observations'
+        indexes."""
+        clock = time.perf_counter()
         self._copy.__exit__(None, None, None)
         self._open = False
         recorder, cur = self.recorder, self._cursor
-        if self._erasure_rows and recorder.keyring is not None:
-            for x in self._erasure_rows:
-                recorder.keyring.destroy(x[1], to_millis(x[3]), now_millis(), self.conn)
+        self.timings["observations_copy_end_s"] = time.perf_counter() - clock
+        if self._erased and recorder.keyring is not None:
+            for subject, erased in self._erased.items():
+                for _, occurred_at in erased:
+                    recorder.keyring.destroy(subject, occurred_at, now_millis(), self.conn)
+        clock = time.perf_counter()
         marks: list[tuple[str, str | None, str | None]] = []
-        latest: dict[tuple[str, str, str, str], ObservationRecorded] = {}
+        latest: dict[tuple[str, str, str, str], Counting] = {}
+        own, erasures_of = self._own, self._erased
         for o in self._observed:
-            retracted_by = self._own.get((o.event_id, o.source))
-            erased_by = next((x.event_id for x in self._erased.get(o.subject_id, ())
-                              if o.occurred_at <= x.occurred_at), None)
+            retracted_by = own.get((o[4], o[3])) if own else None
+            of_subject = erasures_of.get(o[0]) if erasures_of else None
+            erased_by = None if of_subject is None else next(
+                (x for x, at in of_subject if o[5] <= at), None)
             if retracted_by is not None or erased_by is not None:
-                marks.append((o.event_id, retracted_by, erased_by))
+                marks.append((o[4], retracted_by, erased_by))
                 continue
-            pair = (o.subject_id, o.context, o.attribute, o.source)
+            pair = (o[0], o[1], o[2], o[3])
             held = latest.get(pair)
-            if held is None or (held.occurred_at, held.event_id) < (o.occurred_at, o.event_id):
+            if held is None or (held[5], held[4]) < (o[5], o[4]):
                 latest[pair] = o
         counting = list(latest.values())
-        folded = fold(counting, recorder.fold_settings)
-        bulk.copy_rows(cur, "retractions", bulk.RETRACTION_COLUMNS, self._retraction_rows)
-        bulk.copy_rows(cur, "erasures", bulk.ERASURE_COLUMNS, self._erasure_rows)
+        if pool is not None:  # the workers fold while PostgreSQL takes the marks, indexes
+            folding = pool.fold(counting, recorder.fold_settings, self._where)
+        else:
+            parts = [fold_chunk(counting, recorder.fold_settings, self._where)]
+        self.timings["marks_and_fold_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        _copy_lines(cur, "retractions", bulk.RETRACTION_COLUMNS, self._retraction_lines)
+        _copy_lines(cur, "erasures", bulk.ERASURE_COLUMNS, self._erasure_lines)
         if marks:
             bulk.copy_rows(cur, bulk.STAGE_MARKS, ("event_id", "retracted_by", "erased_by"),
                            marks)
             cur.execute(bulk.APPLY_MARKS)
-        bulk.copy_rows(cur, "belief_sources", bulk.SOURCE_COLUMNS, (
-            (o.subject_id, o.context, o.attribute, o.source, o.event_id,
-             from_millis(o.occurred_at), o.value, o.confidence) for o in counting))
-        bulk.copy_rows(cur, "beliefs", bulk.BELIEF_COLUMNS, map(bulk.belief_row, folded))
-        bulk.copy_rows(cur, "belief_changes", _CHANGE_COLUMNS, (
-            (b.subject_id, b.context, b.attribute, b.value, b.confidence,
-             json.dumps(b.alternatives), json.dumps(list(b.sources)),
-             *self._where.get(b.subject_id, (None, None)))
-            for b in folded))
-        if folded:
+        self.timings["retractions_erasures_marks_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        cur.execute(f"SET LOCAL maintenance_work_mem = '{INDEX_BUILD_MEMORY_MB}MB'")
+        for statement in self._indexes:
+            cur.execute(statement)
+        self.timings["observation_indexes_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        if pool is not None:
+            parts = [f.result() for f in folding]
+            self.timings["fold_wait_s"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+        _copy_lines(cur, "belief_sources", bulk.SOURCE_COLUMNS, (p[1] for p in parts))
+        _copy_lines(cur, "beliefs", bulk.BELIEF_COLUMNS, (p[2] for p in parts))
+        _copy_lines(cur, "belief_changes", _CHANGE_COLUMNS, (p[3] for p in parts))
+        count = sum(p[0] for p in parts)
+        self.timings["beliefs_copy_s"] = time.perf_counter() - clock
+        if count:
             cur.execute("SELECT max(id), current_schema() FROM belief_changes")
             max_id, schema = cur.fetchone()  # type: ignore[misc]
-            notify(cur, schema, max_id or 0, (b.subject_id for b in folded))
+            notify(cur, schema, max_id or 0, (s for p in parts for s in p[4]))
         if progress:
             cur.executemany(bulk.UPSERT_OFFSETS, [
                 (recorder.projection, self.topic, partition, p.next_offset, p.high_watermark)
                 for partition, p in sorted(progress.items())
             ])
-        return len(folded)
+        return count
 
     def close(self) -> None:
         """Abandon an unfinished ``COPY`` (the transaction then rolls back) and the cursor."""
@@ -589,3 +664,50 @@ class FreshLoad:
             with suppress(Exception):
                 self._copy.__exit__(RuntimeError, RuntimeError("rebuild abandoned"), None)
         self._cursor.close()
+
+
+INDEX_BUILD_MEMORY_MB = 256
+"""``maintenance_work_mem`` of a bulk rebuild's index builds (one sort of the whole
+``observations`` table per index: 1M observations sort in about 100 MB)."""
+
+
+def _drop_indexes(cur: psycopg.Cursor, table: str) -> list[str]:
+    """Drop every index of ``table`` (its primary key too) in the current schema, in the
+    caller's transaction, and return the statements that recreate them (PostgreSQL's
+    own definitions: ``pg_get_constraintdef``, ``pg_indexes.indexdef``).
+
+    Why (PostgreSQL documentation, "Populating a Database", 14.4.3 "Remove Indexes"):
+    loading rows into a table without indexes and building each index in one sort
+    afterwards is much cheaper than updating four b-trees row by row, and a fresh
+    projection has no reader until it is switched to. The drop and the rebuild are in
+    the load's transaction: a failed load rolls both back."""
+    cur.execute("SELECT conname, pg_get_constraintdef(c.oid), conindid::regclass::text "
+                "FROM pg_constraint c WHERE conrelid = %s::regclass AND contype = 'p'",
+                (table,))
+    primary = cur.fetchall()
+    cur.execute("SELECT indexname, indexdef FROM pg_indexes "
+                "WHERE schemaname = current_schema() AND tablename = %s", (table,))
+    owned = {name for _, _, name in primary}
+    indexes = [(name, definition) for name, definition in cur.fetchall()
+               if name not in owned]
+    for name, _, _ in primary:
+        cur.execute(f'ALTER TABLE {table} DROP CONSTRAINT "{name}"')
+    for name, _ in indexes:
+        cur.execute(f'DROP INDEX "{name}"')
+    return ([f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {definition}'
+             for name, definition, _ in primary] + [definition for _, definition in indexes])
+
+
+def _copy_lines(cur: psycopg.Cursor, table: str, columns: Sequence[str],
+                lines: Iterable[bytes], chunk: int = 4096) -> None:
+    """``COPY table (columns) FROM STDIN`` of ready ``COPY`` text lines, written in
+    chunks of ``chunk`` lines."""
+    with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+        buffer: list[bytes] = []
+        for data in lines:
+            buffer.append(data)
+            if len(buffer) >= chunk:
+                copy.write(b"".join(buffer))
+                buffer.clear()
+        if buffer:
+            copy.write(b"".join(buffer))

@@ -11,6 +11,8 @@ offsets are never committed: PostgreSQL is the only record of progress.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import os
 import socket
@@ -18,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +35,15 @@ from beliefstore.events.sealing import EventShredded
 from beliefstore.events.serde import AvroSerde, DecodedEvent
 from beliefstore.events.topics import ensure_topics
 from beliefstore.projector import bulk, metrics
+from beliefstore.projector.rebuild_pool import (
+    MIN_EVENTS,
+    POISON,
+    SHREDDED,
+    RebuildPool,
+    default_workers,
+)
 from beliefstore.projector.store import (
+    FreshLoad,
     LoggedEvent,
     LogPosition,
     PartitionProgress,
@@ -41,6 +52,9 @@ from beliefstore.projector.store import (
 from beliefstore.settings import Settings
 
 log = logging.getLogger("beliefstore.projector")
+
+_CHUNK = 5000
+"""Most records of one partition a rebuild's worker process decodes at a time."""
 
 DLQ_HEADERS = (
     "beliefstore.error.kind",
@@ -390,69 +404,143 @@ class ProjectorWorker:
         return p.messages
 
     def rebuild(self, on_progress: Callable[[WorkerStats, int | None], None] | None = None,
-                *, max_records: int = 20_000) -> WorkerStats:
+                *, max_records: int = 20_000, workers: int | None = None) -> WorkerStats:
         """The bulk path of a replay into a fresh projection: read every owned partition
         from its stored offset (0: the projection must be empty) to its high watermark in
         large polls (``max_records`` messages each), decode them (poison to the
         dead-letter topic, as :meth:`process_batch`) and stream them into one
         transaction that ends with the offsets (:meth:`ProjectionRecorder.fresh_load`).
 
+        ``workers``: processes that decode the records and build their ``COPY`` lines
+        (:class:`~beliefstore.projector.rebuild_pool.RebuildPool`) while this one reads
+        the log and streams the lines; ``0``: decode here; ``None`` (default): one per
+        CPU when the first poll shows at least
+        :data:`~beliefstore.projector.rebuild_pool.MIN_EVENTS` messages to read and
+        there is more than one CPU, else ``0``. Both give the same rows.
+
         ``on_progress(stats, total)`` is called after every poll (``total``: messages to
-        read, ``None`` until every high watermark is known). Without a crash the result
+        read, ``None`` until every high watermark is known). Afterwards
+        ``rebuild_timings`` holds the seconds of each phase (reading and streaming the
+        log, then those of :attr:`FreshLoad.timings
+        <beliefstore.projector.store.FreshLoad.timings>`). Without a crash the result
         equals what :meth:`run` would have built; a crash leaves the projection empty.
 
         Raises:
             ValueError: the projection already holds events, or the worker is in a
-                consumer group.
+                consumer group, or ``workers`` < 0.
             LogResetError, FencedError: as :meth:`process_batch`.
         """
         if self.group:
             raise ValueError("a bulk rebuild owns its partitions: no consumer group")
+        if workers is not None and workers < 0:
+            raise ValueError(f"workers must be 0 or more, not {workers}")
         if self._consumer is None:
             self.start()
         assert self._consumer is not None
         started = {tp: self._consumer.position(tp) for tp in self._consumer.assignment()}
         progress: dict[int, PartitionProgress] = {}
-        with self.recorder.fresh_load(self.settings.topic, self._epochs) as load:
+        clock = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            load = stack.enter_context(self.recorder.fresh_load(self.settings.topic,
+                                                                self._epochs))
+            pool: RebuildPool | None = None
+            pending: collections.deque[tuple[list[ConsumerRecord], Future]] = \
+                collections.deque()
+            decided = workers is not None
+            held: list[dict[Any, list[ConsumerRecord]]] = []
+            if workers:
+                pool = stack.enter_context(RebuildPool(self.settings, self.serde,
+                                                       workers))
             while True:
                 try:
                     polled = self._consumer.poll(timeout_ms=self.settings.poll_timeout_ms,
                                                  max_records=max_records)
                 except OffsetOutOfRangeError as exc:
                     raise self._log_reset(str(exc)) from exc
-                if polled:
-                    opened = self._decode_all(polled)
-                    poison: list[tuple[ConsumerRecord, PoisonEvent]] = []
-                    logged: list[LoggedEvent] = []
-                    for tp, records in polled.items():
-                        for record in records:
-                            item = opened[id(record)]
-                            if item is None:
-                                self.stats.shredded += 1
-                            elif isinstance(item, PoisonEvent):
-                                poison.append((record, item))
-                            else:
-                                logged.append(item)
-                        progress[tp.partition] = PartitionProgress(
-                            next_offset=records[-1].offset + 1,
-                            high_watermark=self._consumer.highwater(tp))
-                    if poison:
-                        self._dead_letter(poison)
-                        self.stats.poison += len(poison)
-                    load.add(logged)
-                    self.stats.events += len(logged)
                 lag = self.lag()
+                for tp, records in polled.items():
+                    progress[tp.partition] = PartitionProgress(
+                        next_offset=records[-1].offset + 1,
+                        high_watermark=self._consumer.highwater(tp))
+                if polled:
+                    held.append(polled)
+                if not decided:  # hold the polls until the size of the log is known
+                    ahead = sum(len(r) for h in held for r in h.values()) + sum(
+                        self.partition_lags().values())
+                    if lag is not None or ahead >= MIN_EVENTS:
+                        decided = True
+                        count = default_workers()
+                        if count > 1 and ahead >= MIN_EVENTS:
+                            pool = stack.enter_context(RebuildPool(
+                                self.settings, self.serde, count))
+                while decided and held:
+                    ready = held.pop(0)
+                    if pool is None:
+                        self._load_polled(load, ready)
+                        continue
+                    for tp, records in ready.items():
+                        for i in range(0, len(records), _CHUNK):
+                            chunk = records[i:i + _CHUNK]
+                            pending.append((chunk, pool.submit(tp.topic, tp.partition, [
+                                (r.offset, r.timestamp, r.key, r.value) for r in chunk])))
+                    while pending and (len(pending) > 2 * pool.workers
+                                       or pending[0][1].done()):
+                        self._load_chunk(load, *pending.popleft())
                 if on_progress is not None:
                     done = self.stats.events + self.stats.poison + self.stats.shredded
-                    on_progress(self.stats, None if lag is None else done + lag)
+                    on_progress(self.stats, None if lag is None else done + lag
+                                + sum(len(c) for c, _ in pending)
+                                + sum(len(r) for h in held for r in h.values()))
                 if not polled and lag == 0:
                     break
+            while pending:
+                self._load_chunk(load, *pending.popleft())
             for tp, position in started.items():
                 progress.setdefault(tp.partition, PartitionProgress(
                     next_offset=position, high_watermark=self._consumer.highwater(tp)))
-            self.stats.beliefs_recomputed += load.finish(progress)
+            read_s = time.perf_counter() - clock
+            self.stats.beliefs_recomputed += load.finish(progress, pool)
+            self.rebuild_timings: dict[str, float] = {"read_and_stream_s": read_s, **load.timings,
+                                    "workers": pool.workers if pool else 0}
+        self.rebuild_timings["total_s"] = time.perf_counter() - clock
+        log.info("rebuild phases: %s", self.rebuild_timings)
         self.stats.batches += 1
         return self.stats
+
+    def _load_polled(self, load: FreshLoad, polled: dict[Any, list[ConsumerRecord]]) -> None:
+        """One poll of a rebuild decoded here (poison to the dead-letter topic), into
+        ``load``."""
+        opened = self._decode_all(polled)
+        poison: list[tuple[ConsumerRecord, PoisonEvent]] = []
+        logged: list[LoggedEvent] = []
+        for records in polled.values():
+            for record in records:
+                item = opened[id(record)]
+                if item is None:
+                    self.stats.shredded += 1
+                elif isinstance(item, PoisonEvent):
+                    poison.append((record, item))
+                else:
+                    logged.append(item)
+        if poison:
+            self._dead_letter(poison)
+            self.stats.poison += len(poison)
+        load.add(logged)
+        self.stats.events += len(logged)
+
+    def _load_chunk(self, load: FreshLoad, records: list[ConsumerRecord],
+                    future: Future) -> None:
+        """One chunk decoded by the rebuild's worker processes, into ``load``."""
+        items = future.result()
+        poison = [(records[item[1]], PoisonEvent(item[2], item[3]))
+                  for item in items if item[0] == POISON]
+        shredded = sum(1 for item in items if item[0] == SHREDDED)
+        if poison:
+            self._dead_letter(poison)
+            self.stats.poison += len(poison)
+        self.stats.shredded += shredded
+        load.add_items(records[0].partition, items)
+        self.stats.events += len(items) - len(poison) - shredded
 
     def _log_reset(self, detail: str) -> LogResetError:
         s = self.settings

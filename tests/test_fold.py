@@ -88,3 +88,28 @@ def test_fold_of_mixed_cases_is_order_independent(data):
     events = [e for _, e in picked]
     shuffled = data.draw(st.permutations(events + events[: len(events) // 2]))
     assert fold(shuffled) == fold(events)
+
+
+@given(seed=st.integers(0, 10_000), count=st.integers(1, 500), subjects=st.integers(1, 20),
+       profile=st.sampled_from(["hot-key", "realistic"]),
+       trust=st.dictionaries(st.sampled_from(["triage_agent", "sales_agent", "billing_agent"]),
+                             st.floats(0.0, 3.0), max_size=2),
+       half_life=st.floats(60.0, 1e8))
+@settings(max_examples=40, deadline=None)
+def test_fold_counting_equals_the_fold_of_the_events(seed, count, subjects, profile, trust,
+                                                     half_life):
+    """The bulk rebuild's fold of counting observations (steps 4-6 only) gives exactly
+    the beliefs of the full fold, when fed the observations the trace marks counting."""
+    from beliefstore.events.model import ObservationRecorded
+    from beliefstore.events.workload import generate
+    from beliefstore.projector.fold import Status, fold_counting
+
+    events = generate(count, seed=seed, subjects=subjects, profile=profile)
+    fs = FoldSettings(default_half_life_s=half_life, trust=trust)
+    keys = sorted({e.key for e in events if isinstance(e, ObservationRecorded)})
+    counting = [
+        (o.subject_id, o.context, o.attribute, o.source, o.event_id, o.occurred_at, o.value,
+         o.confidence)
+        for key in keys for t in trace(events, key, fs)[1] if t.status == Status.COUNTING
+        for o in [t.event] if isinstance(o, ObservationRecorded)]
+    assert fold_counting(reversed(counting), fs) == fold(events, fs)

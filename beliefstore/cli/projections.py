@@ -22,7 +22,7 @@ from beliefstore.errors import BeliefstoreError
 
 def _print_differences(title: str, diffs: list[Any], limit: int = 20) -> None:
     table = Table(title=title, title_justify="left")
-    for column in ("subject_id", "context", "attribute", "rebuilt", "other"):
+    for column in ("subject_id", "context", "attribute", "rebuilt", "other", "differs in"):
         table.add_column(column)
 
     def show(row: Any) -> str:
@@ -30,7 +30,7 @@ def _print_differences(title: str, diffs: list[Any], limit: int = 20) -> None:
                                         f"support {len(row.support)}")
 
     for d in diffs[:limit]:
-        table.add_row(*d.key, show(d.left), show(d.right))
+        table.add_row(*d.key, show(d.left), show(d.right), d.detail())
     console.print(table)
     if len(diffs) > limit:
         console.print(f"... and {len(diffs) - limit} more")
@@ -50,7 +50,8 @@ def replay(
     """Rebuild the read model from offset 0 of every partition into a fresh projection
     (its own schema; the live one keeps serving), with progress; then compare it row by
     row with the live projection and with the pure fold of the log, and print the
-    differences. Exit 1 if the rebuild differs from the pure fold."""
+    differences (with the fields that differ, and whether the live projection had
+    applied the same offsets). Exit 1 if the rebuild differs from the pure fold."""
     import time as _time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -83,8 +84,16 @@ def replay(
                   f"{report.stats.poison} poison, {report.seconds:.1f} s, "
                   f"{report.rate:.0f} events/s")
     if report.vs_live:
+        lead = report.live_lead
+        if report.same_offsets:
+            why = "both had applied the same offsets: not lag"
+        elif lead >= 0:
+            why = (f"it had applied {lead} event(s) more than the rebuild: agents wrote "
+                   "meanwhile")
+        else:
+            why = f"it was {-lead} event(s) behind the rebuild"
         _print_differences(f"{len(report.vs_live)} difference(s) with the live projection "
-                           f"{report.live.name!r} (it may simply be behind)", report.vs_live)
+                           f"{report.live.name!r} ({why})", report.vs_live)
     else:
         console.print(f"identical to the live projection {report.live.name!r}")
     if report.vs_fold is None:

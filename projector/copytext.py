@@ -1,0 +1,109 @@
+"""Rows of the bulk rebuild as PostgreSQL ``COPY`` text lines, built without a connection.
+
+The bulk rebuild (:class:`~beliefstore.projector.store.FreshLoad`) formats its rows here,
+in the worker processes of :mod:`beliefstore.projector.rebuild_pool` or in the replaying
+process, and writes the bytes to ``COPY … FROM STDIN`` (text format) unchanged. The format
+is PostgreSQL's (documentation, "COPY", section "Text Format"): one line per row, columns
+separated by a tab, ``\\N`` for NULL, and backslash, tab, newline and carriage return
+escaped with a backslash. Times are ISO 8601 with an explicit UTC offset, floats their
+shortest round-trip ``repr`` (read back exactly by PostgreSQL's ``float8`` input), JSON
+columns JSON text.
+
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+
+import orjson
+
+from beliefstore.projector.fold import Belief, Counting
+
+NULL = "\\N"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
+def text(s: str) -> str:
+    """``s`` escaped for a ``COPY`` text column."""
+    if "\\" in s or "\t" in s or "\n" in s or "\r" in s:
+        return (s.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+                .replace("\r", "\\r"))
+    return s
+
+
+def opt(s: str | None) -> str:
+    """:func:`text` of ``s``, or ``\\N`` for ``None``."""
+    return NULL if s is None else text(s)
+
+
+def millis(ms: int) -> str:
+    """Epoch milliseconds as a ``timestamptz`` literal in UTC (exact to the millisecond)."""
+    return (_EPOCH + ms * _MS).isoformat()
+
+
+def jsonb(value: object) -> str:
+    """``value`` as an escaped JSON text column (orjson: compact, UTF-8; ``jsonb`` stores
+    the same value as from :func:`json.dumps`)."""
+    return text(orjson.dumps(value).decode("utf-8"))
+
+
+def line(columns: list[str]) -> bytes:
+    """One ``COPY`` text line (UTF-8) of already formatted columns."""
+    return ("\t".join(columns) + "\n").encode("utf-8")
+
+
+def observation(event_id: str, subject_id: str, context: str, attribute: str, value: str,
+                confidence: float, source: str, occurred_at: int, evidence: str | None,
+                metadata: Mapping[str, str] | None, topic: str, partition: int, offset: int,
+                recorded_at: int | None, fingerprint: str) -> bytes:
+    """The :data:`~beliefstore.projector.bulk.OBS_COLUMNS` line of an observation
+    (times in epoch ms)."""
+    return line([event_id, text(subject_id), text(context), text(attribute), text(value),
+                 repr(confidence), text(source), millis(occurred_at), opt(evidence),
+                 NULL if metadata is None else jsonb(dict(metadata)), text(topic),
+                 str(partition), str(offset),
+                 NULL if recorded_at is None else millis(recorded_at), fingerprint])
+
+
+def retraction(event_id: str, subject_id: str, source: str, occurred_at: int,
+               retracted_event_id: str, reason: str | None, topic: str, partition: int,
+               offset: int, recorded_at: int | None, fingerprint: str) -> bytes:
+    """The :data:`~beliefstore.projector.bulk.RETRACTION_COLUMNS` line of a retraction."""
+    return line([event_id, text(subject_id), text(source), millis(occurred_at),
+                 retracted_event_id, opt(reason), text(topic), str(partition), str(offset),
+                 NULL if recorded_at is None else millis(recorded_at), fingerprint])
+
+
+def erasure(event_id: str, subject_id: str, source: str, occurred_at: int,
+            reason: str | None, topic: str, partition: int, offset: int,
+            recorded_at: int | None, fingerprint: str) -> bytes:
+    """The :data:`~beliefstore.projector.bulk.ERASURE_COLUMNS` line of an erasure."""
+    return line([event_id, text(subject_id), text(source), millis(occurred_at), opt(reason),
+                 text(topic), str(partition), str(offset),
+                 NULL if recorded_at is None else millis(recorded_at), fingerprint])
+
+
+def source(c: Counting) -> bytes:
+    """The :data:`~beliefstore.projector.bulk.SOURCE_COLUMNS` line of a counting
+    observation."""
+    return line([text(c[0]), text(c[1]), text(c[2]), text(c[3]), c[4], millis(c[5]),
+                 text(c[6]), repr(c[7])])
+
+
+def belief(b: Belief) -> bytes:
+    """The :data:`~beliefstore.projector.bulk.BELIEF_COLUMNS` line of a belief."""
+    return line([text(b.subject_id), text(b.context), text(b.attribute), text(b.value),
+                 repr(b.confidence), repr(b.score), jsonb(b.alternatives),
+                 jsonb(list(b.support)), jsonb(list(b.sources)), str(b.source_count),
+                 millis(b.last_observed_at)])
+
+
+def change(b: Belief, where: tuple[int, int] | None) -> bytes:
+    """The ``belief_changes`` line of a belief (columns ``subject_id, context, attribute,
+    value, confidence, alternatives, sources, kafka_partition, kafka_offset``), with the
+    subject's latest ``(partition, offset)`` or NULLs."""
+    p, o = (NULL, NULL) if where is None else (str(where[0]), str(where[1]))
+    return line([text(b.subject_id), text(b.context), text(b.attribute), text(b.value),
+                 repr(b.confidence), jsonb(b.alternatives), jsonb(list(b.sources)), p, o])

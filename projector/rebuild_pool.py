@@ -1,0 +1,244 @@
+"""Worker processes of the bulk rebuild: decoding and ``COPY`` lines on the other cores.
+
+A replay is bound by Python on one core (decoding every event, validating it, building
+its rows). :class:`RebuildPool` runs that part in worker processes
+(:class:`concurrent.futures.ProcessPoolExecutor`, ``spawn``), while the replaying
+process reads the log and streams the returned ``COPY`` lines to PostgreSQL: the
+replaying process sends each poll's records of one partition as a chunk
+(:func:`decode_chunk`), gets back one :data:`Item` per record in log order, and keeps
+the bookkeeping that needs every partition (deduplication by ``event_id``, retractions
+and erasures, the marks) to itself, so the result is exactly that of the serial path.
+
+Decoding follows :meth:`ProjectorWorker._decode_all
+<beliefstore.projector.worker.ProjectorWorker._decode_all>`: the same
+:class:`~beliefstore.events.serde.AvroSerde` (validation included), sealed observations
+opened after one key prefetch per chunk, a message whose key is not its subject poison,
+an observation of an erased subject (destroyed key) skipped.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+from beliefstore.errors import PoisonEvent
+from beliefstore.events.model import ObservationRecorded, ObservationRetracted
+from beliefstore.events.sealing import EventShredded, FieldSealer
+from beliefstore.events.serde import AvroSerde, DecodedEvent, SchemaRegistry
+from beliefstore.projector import copytext
+from beliefstore.projector.fold import Counting, FoldSettings, fold_counting
+
+OBSERVED, RETRACTED, ERASED, POISON, SHREDDED = range(5)
+"""Kinds of :data:`Item`."""
+
+Item = tuple[Any, ...]
+"""The result of decoding one record, by its first element:
+
+* ``(OBSERVED, offset, line, counting)``: ``line`` its ``observations`` ``COPY`` line,
+  ``counting`` a :data:`~beliefstore.projector.fold.Counting` tuple;
+* ``(RETRACTED, offset, line, event_id, subject_id, retracted_event_id, source)``;
+* ``(ERASED, offset, line, event_id, subject_id, occurred_at)``;
+* ``(POISON, index, kind, reason)``: the chunk's ``index``-th record is poison;
+* ``(SHREDDED, offset)``: a sealed observation whose subject was erased.
+"""
+
+Record = tuple[int, int | None, bytes | None, bytes | None]
+"""What :func:`decode_chunk` needs of a Kafka record: ``(offset, timestamp ms, key, value)``."""
+
+MIN_EVENTS = 50_000
+"""Below this many messages to replay, the rebuild stays in one process (starting the
+workers costs about a second)."""
+
+_serde: AvroSerde | None = None
+
+
+ORPHAN_CHECK_S = 1.0
+"""How often a worker process checks that the replaying process is still its parent,
+seconds; once it is not (SIGKILL, a crash), the worker exits."""
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    while True:
+        time.sleep(ORPHAN_CHECK_S)
+        if os.getppid() != parent:
+            os._exit(1)  # the replaying process is gone: nothing to decode for
+
+
+def _init(settings: Any, registry: SchemaRegistry, keyring_schema: str | None,
+          parent: int) -> None:
+    global _serde
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True,
+                     name="beliefstore-orphan-check").start()
+    if keyring_schema is None:
+        _serde = AvroSerde(registry)
+    else:
+        from beliefstore.access.datakeys import Keyring
+
+        keyring = Keyring.from_settings(replace(settings, db_schema=keyring_schema))
+        _serde = AvroSerde(registry, FieldSealer(keyring))
+
+
+def decode_chunk(topic: str, partition: int, records: Sequence[Record]) -> list[Item]:
+    """Decode records of one partition (in log order) into :data:`Item` s, in a worker.
+
+    Never raises for a bad message (it becomes a ``POISON`` item); raises
+    ``SealedEventError``/database errors as the projector's decoding does.
+    """
+    serde = _serde
+    assert serde is not None, "decode_chunk runs in a RebuildPool worker"
+    first: list[DecodedEvent | PoisonEvent] = []
+    key_ids: set[str] = set()
+    for _, _, _, value in records:
+        try:
+            decoded = serde.decode(value, open_sealed=False)  # type: ignore[arg-type]
+        except PoisonEvent as exc:
+            first.append(exc)
+            continue
+        sealed = decoded.record.get("sealed")
+        if isinstance(sealed, dict):
+            key_ids.add(str(sealed["key_id"]))
+        first.append(decoded)
+    if key_ids and serde.sealer is not None:
+        serde.sealer.keyring.prefetch(key_ids)
+    out: list[Item] = []
+    for index, ((offset, timestamp, key, _), parsed) in enumerate(zip(records, first,
+                                                                       strict=True)):
+        try:
+            if isinstance(parsed, PoisonEvent):
+                raise parsed
+            decoded = parsed
+            if decoded.record.get("sealed") is not None and isinstance(
+                    decoded.event, ObservationRecorded):
+                decoded = serde.open_decoded(decoded)
+        except PoisonEvent as exc:
+            out.append((POISON, index, exc.kind, exc.reason))
+            continue
+        except EventShredded:
+            out.append((SHREDDED, offset))
+            continue
+        e = decoded.event
+        if key is not None and key != e.subject_id.encode("utf-8"):
+            out.append((POISON, index, "invalid_event",
+                        f"message key {key!r} is not the event's subject_id {e.subject_id!r}"))
+            continue
+        recorded_at = timestamp if timestamp is not None and timestamp >= 0 else None
+        fingerprint = decoded.writer.fingerprint.hex()
+        if isinstance(e, ObservationRecorded):
+            out.append((OBSERVED, offset, copytext.observation(
+                e.event_id, e.subject_id, e.context, e.attribute, e.value, e.confidence,
+                e.source, e.occurred_at, e.evidence, e.metadata, topic, partition, offset,
+                recorded_at, fingerprint),
+                (e.subject_id, e.context, e.attribute, e.source, e.event_id, e.occurred_at,
+                 e.value, e.confidence)))
+        elif isinstance(e, ObservationRetracted):
+            out.append((RETRACTED, offset, copytext.retraction(
+                e.event_id, e.subject_id, e.source, e.occurred_at, e.retracted_event_id,
+                e.reason, topic, partition, offset, recorded_at, fingerprint),
+                e.event_id, e.subject_id, e.retracted_event_id, e.source))
+        else:
+            out.append((ERASED, offset, copytext.erasure(
+                e.event_id, e.subject_id, e.source, e.occurred_at, e.reason, topic,
+                partition, offset, recorded_at, fingerprint),
+                e.event_id, e.subject_id, e.occurred_at))
+    return out
+
+
+def default_workers() -> int:
+    """Worker processes for a large rebuild: one per CPU the process may use (at least 1)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus)
+
+
+class RebuildPool:
+    """``workers`` processes that decode chunks of records (:func:`decode_chunk`).
+
+    Use as a context manager; leaving it shuts the processes down (cancelling what is
+    queued), also on an exception or Ctrl-C. If the replaying process dies without
+    leaving it (SIGKILL), each worker exits within :data:`ORPHAN_CHECK_S` seconds.
+
+    Args:
+        settings: the replay's settings (``database_url`` and ``home``: the keyring's
+            database and master key).
+        serde: the replaying process's serde; each worker gets its schema registry and,
+            if it opens sealed observations, a keyring on the same schema.
+        workers: number of processes (≥ 1).
+
+    Raises:
+        ValueError: ``workers`` < 1.
+    """
+
+    def __init__(self, settings: Any, serde: AvroSerde, workers: int):
+        if workers < 1:
+            raise ValueError(f"a rebuild pool needs at least 1 worker, not {workers}")
+        self.workers = workers
+        keyring_schema = serde.sealer.keyring.schema if serde.sealer is not None else None
+        self._executor = ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init, initargs=(settings, serde.registry, keyring_schema,
+                                         os.getpid()))
+
+    def submit(self, topic: str, partition: int, records: Sequence[Record]) -> Future:
+        """Decode ``records`` of ``partition`` in a worker; the future's result is the
+        list of :data:`Item` s."""
+        return self._executor.submit(decode_chunk, topic, partition, list(records))
+
+    def fold(self, counting: list[Counting], settings: FoldSettings,
+             where: dict[str, tuple[int, int]]) -> list[Future]:
+        """:func:`fold_chunk` of ``counting`` split by subject over the workers: one
+        future per part, whose result is its :data:`Folded` (the caller may do other
+        work, e.g. PostgreSQL's, while the workers fold)."""
+        parts = split_by_subject(counting, where, self.workers)
+        return [self._executor.submit(fold_chunk, group, settings, w)
+                for group, w in parts if group]
+
+    def close(self) -> None:
+        """Stop the worker processes (queued chunks cancelled)."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> RebuildPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+Folded = tuple[int, bytes, bytes, bytes, list[str]]
+"""What :func:`fold_chunk` returns: ``(beliefs, belief_sources lines, beliefs lines,
+belief_changes lines, subjects with a belief)``."""
+
+
+def fold_chunk(counting: list[Counting], settings: FoldSettings,
+               where: dict[str, tuple[int, int]]) -> Folded:
+    """The end of a rebuild for some keys (every counting observation of each of them):
+    :func:`~beliefstore.projector.fold.fold_counting`, then the ``COPY`` lines of their
+    ``belief_sources``, ``beliefs`` and ``belief_changes`` rows (``where``: subject →
+    its latest ``(partition, offset)``). Pure; runs in a worker or in the caller."""
+    folded = fold_counting(counting, settings)
+    return (len(folded), b"".join(map(copytext.source, counting)),
+            b"".join(map(copytext.belief, folded)),
+            b"".join(copytext.change(b, where.get(b.subject_id)) for b in folded),
+            [b.subject_id for b in folded])
+
+
+def split_by_subject(counting: list[Counting], where: dict[str, tuple[int, int]],
+                     parts: int) -> list[tuple[list[Counting], dict[str, tuple[int, int]]]]:
+    """``counting`` cut into ``parts`` groups by subject (so every key lies in one), each
+    with the ``where`` entries of its subjects: the arguments of :func:`fold_chunk`."""
+    groups: list[list[Counting]] = [[] for _ in range(parts)]
+    wheres: list[dict[str, tuple[int, int]]] = [{} for _ in range(parts)]
+    for c in counting:
+        i = hash(c[0]) % parts
+        groups[i].append(c)
+        w = where.get(c[0])
+        if w is not None:
+            wheres[i][c[0]] = w
+    return list(zip(groups, wheres, strict=True))
