@@ -762,10 +762,14 @@ def _start_up(home: Path, port: int) -> tuple[subprocess.Popen[str], list[str]]:
 
     threading.Thread(target=reader, daemon=True).start()
     deadline = time.monotonic() + 120
-    while not any("Press Ctrl-C" in line for line in lines):
-        assert proc.poll() is None, "".join(lines)
-        assert time.monotonic() < deadline, "".join(lines)
-        time.sleep(0.1)
+    try:
+        while not any("Press Ctrl-C" in line for line in lines):
+            assert proc.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.1)
+    except BaseException:
+        _stop_up(proc)  # a start that failed or timed out leaves nothing running
+        raise
     return proc, lines
 
 

@@ -48,7 +48,9 @@ class Up:
                 threading.Thread(target=self._collect, args=(stream, sink), daemon=True).start()
             deadline = time.monotonic() + 90
             while "Press Ctrl-C" not in "".join(self.out) and self.proc.poll() is None:
-                assert time.monotonic() < deadline, self.text()
+                if time.monotonic() >= deadline:  # stop it: the fixture's teardown won't
+                    self.stop(signal.SIGINT, 60)
+                    raise AssertionError(f"no 'Press Ctrl-C' within 90 s:\n{self.text()}")
                 time.sleep(0.1)
             if self.proc.poll() is None:
                 break
