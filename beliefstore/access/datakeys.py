@@ -8,7 +8,8 @@ decrypted again, by the projector, a replay, or anyone holding a copy of the log
 
 Table ``<base schema>.subject_keys`` (created on first use, next to the projection
 catalog): ``key_id``, ``subject_id``, the data key wrapped (AES-256-GCM) by the master
-key, ``created_at``, ``destroyed_at``. A destroyed key's wrapped bytes are deleted.
+key, ``created_at``, ``destroyed_at``. A destroyed key's wrapped bytes are deleted; a
+subject has at most one live key (the unique partial index :data:`LIVE_KEY_INDEX`).
 
 The master key comes from ``BELIEFSTORE_MASTER_KEY`` (32 bytes, base64) or, for the
 embedded default, is generated once in ``<home>/master.key`` (mode 0600).
