@@ -77,21 +77,35 @@ class GroupCommit:
     any event of a later group is sealed. :class:`BeliefProducer` uses 1: on the durable
     embedded broker two gave no more accepted requests (bench/README.md, section 8).
 
+    With ``prepare``, a group is flushed in two steps: ``prepare(events)`` (the work
+    before the broker: data keys, encoding, handing the records to the Kafka producer)
+    counts as the group being in flight, and returns a function that waits for the
+    acknowledgements, called once the next leader may start. So the next group is prepared
+    while this one waits for the broker, and the Kafka producer (one request in flight)
+    sends every group prepared meanwhile in its next request. A group holding an erasure
+    is flushed whole with ``flush``, once no group is being prepared or waiting.
+
     Args:
         flush: produces a list of events and returns one result per event, in order
             (a :class:`Receipt`, or the exception for that event alone).
         max_group: most events in one group.
-        max_inflight: most groups being flushed at once.
+        max_inflight: most groups being flushed (or prepared) at once.
+        prepare: optional, see above; it must not raise for one event alone (the
+            exception it raises is every event's result).
     """
 
     def __init__(self, flush: Callable[[Sequence[Event]], Sequence[Receipt | Exception]],
-                 max_group: int = 500, max_inflight: int = 1):
+                 max_group: int = 500, max_inflight: int = 1,
+                 prepare: Callable[[Sequence[Event]],
+                                   Callable[[], Sequence[Receipt | Exception]]] | None = None):
         self._flush = flush
+        self._prepare = prepare
         self._max_group = max_group
         self._max_inflight = max_inflight
         self._cond = threading.Condition()
         self._queue: list[_Slot] = []
         self._inflight = 0
+        self._waiting = 0  # prepared groups waiting for their acknowledgements
         self._exclusive = False
 
     def _may_lead(self) -> bool:
@@ -99,8 +113,8 @@ class GroupCommit:
             return False
         # an erasure waiting: the next group starts only once none is in flight (no
         # starvation), and takes it along
-        return self._inflight == 0 or not any(isinstance(s.event, SubjectErased)
-                                              for s in self._queue)
+        return (self._inflight == 0 and self._waiting == 0) or not any(
+            isinstance(s.event, SubjectErased) for s in self._queue)
 
     def submit(self, event: Event) -> Receipt:
         """Produce ``event`` with whatever else is queued; return its receipt.
@@ -127,9 +141,20 @@ class GroupCommit:
             self._inflight += 1
             self._exclusive = exclusive
         results: list[Receipt | Exception] = []
+        events = [s.event for s in group]
+        released = False
         try:
             try:
-                results = list(self._flush([s.event for s in group]))
+                if self._prepare is None or exclusive:
+                    results = list(self._flush(events))
+                else:
+                    wait = self._prepare(events)
+                    with self._cond:  # the next leader may prepare its group now
+                        self._inflight -= 1
+                        self._waiting += 1
+                        released = True
+                        self._cond.notify_all()
+                    results = list(wait())
             except Exception as exc:  # noqa: BLE001 - every caller of the group gets it
                 results = [exc] * len(group)
         finally:
@@ -139,7 +164,10 @@ class GroupCommit:
             with self._cond:
                 for s, r in zip(group, results, strict=True):
                     s.result, s.done = r, True
-                self._inflight -= 1
+                if released:
+                    self._waiting -= 1
+                else:
+                    self._inflight -= 1
                 if exclusive:
                     self._exclusive = False
                 self._cond.notify_all()
@@ -195,7 +223,10 @@ class BeliefProducer:
         self._config: dict[str, Any] = {
             "bootstrap_servers": bootstrap_servers,
             "client_id": "beliefstore-producer",
-            "linger_ms": 5,
+            # No linger: with one request in flight, records queued while a request is
+            # in flight go together in the next one anyway (a group commit), and a lone
+            # record (or a group handed over whole) should not wait.
+            "linger_ms": 0,
             "request_timeout_ms": int(timeout_s * 1000),
             # kafka-python requires delivery > linger + request timeout.
             "delivery_timeout_ms": int(timeout_s * 1000) + 5_000,
@@ -211,7 +242,11 @@ class BeliefProducer:
         }
         self._producer = self._connect()
         self._failed = False
-        self._group = GroupCommit(self.send_each)
+        self._swap = threading.Lock()  # guards replacing a failed producer
+        # One group at a time is prepared (data keys, encoding) while the groups before it
+        # wait for their acknowledgements; the producer sends all that is queued in its
+        # next request (bench/README.md, section 8).
+        self._group = GroupCommit(self.send_each, prepare=self._prepare_run)
 
     def _connect(self) -> KafkaProducer:
         try:
@@ -329,10 +364,12 @@ class BeliefProducer:
         """Validate, encode and produce one event; wait for the acknowledgement.
 
         Concurrent calls from several threads (an API serving many agents) are grouped:
-        while one group is in flight, the events that arrive queue up and are produced
-        together as the next group (one record batch per partition, one data-key
-        transaction for new subjects), and each call still returns only once the broker
-        has acknowledged *its* event. A lone caller is sent at once (no added wait).
+        while one group is being prepared (its data keys in one keyring statement, its
+        encoding), the events that arrive queue up and become the next group, prepared
+        while the groups before it wait for the broker; the Kafka producer (one request in
+        flight) sends every record queued meanwhile in its next request (one record batch
+        per partition). Each call still returns only once the broker has acknowledged
+        *its* event. A lone caller is sent at once (no added wait).
 
         Raises:
             ValidationError: the event is invalid (nothing is produced).
@@ -387,56 +424,119 @@ class BeliefProducer:
             results += [error] * (len(batch) - len(results))
         return results
 
+    def _data_keys(self, batch: Sequence[Event]) -> dict[str, tuple[str, bytes]] | None:
+        """The data keys that seal ``batch`` (``None`` without sealing): one keyring
+        statement for every subject of the batch (no second lookup per event)."""
+        if self.serde.sealer is None:
+            return None
+        return self.serde.sealer.keyring.data_keys(
+            {e.subject_id for e in batch if isinstance(e, ObservationRecorded)}, now_millis())
+
     def _send_acked(self, batch: list[Event]) -> list[Receipt | ProduceError]:
         """Produce one run of events (no erasure inside); a receipt per event, or the
         failure for each of them (some may have been stored: a retry with the same
         event ids is safe, the fold counts an event_id once)."""
-        keys = None
-        if self.serde.sealer is not None:
-            # one transaction for the data keys of every new subject of the batch, and the
-            # keys it returns seal the batch (no second lookup per event)
-            keys = self.serde.sealer.keyring.data_keys(
-                {e.subject_id for e in batch if isinstance(e, ObservationRecorded)},
-                now_millis())
+        keys = self._data_keys(batch)
+        return self._acked(batch, [self.serde.encode(e, keys) for e in batch])
+
+    def _prepare_run(self, events: Sequence[Event]) -> Callable[[], list[Receipt | ProduceError]]:
+        """The first step of a group (:class:`GroupCommit`'s ``prepare``; no erasure in
+        it): its data keys, its encoding, and its records handed to the Kafka producer,
+        which sends them with whatever else is queued once its request in flight is
+        answered. Returns the second step: wait for the acknowledgements (with
+        :meth:`_send_acked`'s retry and errors)."""
+        batch = list(events)
+        try:
+            keys = self._data_keys(batch)
+        except sa.exc.OperationalError as exc:  # the keyring's database (sealing on)
+            error = ProduceError(f"the keyring database is unreachable "
+                                 f"({exc.__class__.__name__}); 0 of {len(batch)} event(s) "
+                                 "were acknowledged")
+            return lambda: [error] * len(batch)
         payloads = [self.serde.encode(e, keys) for e in batch]
         try:
-            return list(self._send_payloads(batch, payloads))
-        except KafkaTimeoutError as exc:  # the broker is away: no retry past the timeout
-            error = ProduceError(f"the broker did not acknowledge the event(s): {exc}")
-        except KafkaError as first:
-            # Another failure may be the idempotent producer's fatal state (a restarted or
-            # busy broker refused InitProducerId once): once, with a fresh producer.
+            sent = self._enqueue(batch, payloads)
+        except KafkaError as exc:
+            first = exc
+            return lambda: self._acked(batch, payloads, first=first)
+        return lambda: self._acked(batch, payloads, sent)
+
+    def _acked(self, batch: list[Event], payloads: list[bytes],
+               sent: tuple[KafkaProducer, list[Any]] | None = None,
+               first: KafkaError | None = None) -> list[Receipt | ProduceError]:
+        """The receipts of ``batch``: waited for if already ``sent``, else sent now (and
+        flushed); after a failure other than a timeout (``first``), sent once more."""
+        if first is None:
             try:
-                return list(self._send_payloads(batch, payloads))
+                return list(self._receipts(batch, sent if sent is not None
+                                           else self._enqueue(batch, payloads, flush=True)))
+            except KafkaTimeoutError as exc:  # the broker is away: no retry past the timeout
+                return [ProduceError(f"the broker did not acknowledge the event(s): {exc}")
+                        ] * len(batch)
             except KafkaError as exc:
-                error = ProduceError(f"the broker did not acknowledge the event(s): {exc} "
-                                     f"(first attempt: {first})")
+                first = exc
+        # Another failure may be the idempotent producer's fatal state (a restarted or
+        # busy broker refused InitProducerId once): once, with a fresh producer.
+        try:
+            return list(self._receipts(batch, self._enqueue(batch, payloads, flush=True)))
+        except KafkaError as exc:
+            error = ProduceError(f"the broker did not acknowledge the event(s): {exc} "
+                                 f"(first attempt: {first})")
         return [error] * len(batch)
 
-    def _send_payloads(self, batch: list[Event], payloads: list[bytes]) -> list[Receipt]:
-        if self._failed:
-            # After a failed send the idempotent producer may be stuck in a fatal state:
-            # start afresh with a new producer id. A re-sent event may then be stored
-            # twice; the fold counts an event_id once.
-            self._abandon()
-            self._producer = self._connect()
-            self._failed = False
+    def _enqueue(self, batch: list[Event], payloads: list[bytes], flush: bool = False
+                 ) -> tuple[KafkaProducer, list[Any]]:
+        """Hand ``payloads`` to the Kafka producer (a fresh one after a failure); return
+        it and the records' futures. ``flush``: send them now rather than after
+        ``linger_ms`` (a run queued whole; lingering would only delay it)."""
+        with self._swap:
+            if self._failed:
+                # After a failed send the idempotent producer may be stuck in a fatal
+                # state: start afresh with a new producer id (records still queued in the
+                # old one fail, and their groups send them once more). A re-sent event may
+                # then be stored twice; the fold counts an event_id once.
+                self._abandon()
+                self._producer = self._connect()
+                self._failed = False
+            producer = self._producer
+            try:
+                futures = [producer.send(self.topic, key=e.subject_id.encode("utf-8"), value=p)
+                           for e, p in zip(batch, payloads, strict=True)]
+            except KafkaError:
+                self._failed = True
+                raise
+        if flush:
+            try:
+                producer.flush(timeout=self.timeout_s)
+            except KafkaError:
+                self._fail(producer)
+                raise
+        return producer, futures
+
+    def _receipts(self, batch: list[Event], sent: tuple[KafkaProducer, list[Any]]
+                  ) -> list[Receipt]:
+        """Wait for the acknowledgement of each record of ``batch``.
+
+        Raises:
+            KafkaError: one was not acknowledged (its producer is then replaced).
+        """
+        producer, futures = sent
+        receipts = []
         try:
-            futures = [
-                self._producer.send(self.topic, key=e.subject_id.encode("utf-8"), value=p)
-                for e, p in zip(batch, payloads, strict=True)
-            ]
-            # The whole run is queued: send it now rather than after linger_ms (a group
-            # commit's events all arrive at once; lingering only delayed the group).
-            self._producer.flush(timeout=self.timeout_s)
-            receipts = []
             for e, f in zip(batch, futures, strict=True):
                 md = f.get(timeout=self.timeout_s)
                 receipts.append(Receipt(e.event_id, md.topic, md.partition, md.offset))
-            return receipts
         except KafkaError:
-            self._failed = True
+            self._fail(producer)
             raise
+        return receipts
+
+    def _fail(self, producer: KafkaProducer) -> None:
+        """Mark ``producer`` failed (the next send starts a fresh one), unless it was
+        already replaced."""
+        with self._swap:
+            if producer is self._producer:
+                self._failed = True
 
     def connected(self, timeout_s: float = 2.0) -> bool:
         """Whether the cluster is reachable: a bootstrap server accepts a TCP connection

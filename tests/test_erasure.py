@@ -194,3 +194,125 @@ def test_a_group_s_events_are_sealed_with_the_keys_it_looked_up(settings, catalo
     assert serde.decode(data).event.value == SECRET
     own = serde.decode(serde.encode(event), open_sealed=False).record["sealed"]["key_id"]
     assert own != given[0]  # without a key given, erin's own
+
+
+def _live_keys(keyring: Keyring) -> list[tuple[str, str]]:
+    t = keyring.table
+    with keyring.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(  # type: ignore[misc]
+            sa.select(t.c.subject_id, t.c.key_id).where(t.c.wrapped.is_not(None)))]
+
+
+def test_concurrent_callers_in_two_processes_get_one_key_per_subject(settings, catalog):
+    """Two keyrings (two API processes), eight threads each, ask for the keys of
+    overlapping groups of new subjects at once: every subject ends with exactly one live
+    key, and every caller was handed that key (same id, same bytes), so no event is ever
+    sealed with a key that crypto-shredding would miss."""
+    import random
+    import threading
+
+    from beliefstore.timefmt import now_millis
+
+    master = load_master_key(settings.home)
+    keyrings = [Keyring.from_settings(settings) for _ in range(2)]
+    subjects = [f"subject-{i}" for i in range(40)]
+    handed: list[dict[str, tuple[str, bytes]]] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(16)
+
+    def caller(keyring: Keyring, seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            start.wait()
+            for _ in range(6):
+                handed.append(keyring.data_keys(rng.sample(subjects, 12), now_millis()))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(keyrings[i % 2], i)) for i in range(16)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        live = _live_keys(keyrings[0])
+        assert len(live) == len({s for s, _ in live}), "a subject has two live keys"
+        key_of = dict(live)
+        check = Keyring(settings.database_url, settings.db_schema, master)
+        try:
+            for result in handed:
+                for subject, (key_id, key) in result.items():
+                    assert key_of[subject] == key_id
+                    assert check.key(key_id) == key
+        finally:
+            check.dispose()
+        assert len(handed) == 16 * 6
+    finally:
+        for keyring in keyrings:
+            keyring.dispose()
+
+
+def test_new_subjects_keys_are_committed_by_one_statement(settings, catalog):
+    """A group's new subjects get their keys from one statement (one round trip), and the
+    keys are committed when ``data_keys`` returns: another connection sees them at once
+    (a key the database could lose would make the acknowledged events unreadable)."""
+    from beliefstore.timefmt import now_millis
+
+    keyring = Keyring.from_settings(settings)
+    other = Keyring.from_settings(settings)
+    try:
+        keyring.data_keys(["warm-up"], now_millis())
+        statements: list[str] = []
+
+        def count(conn, cursor, statement, *rest) -> None:  # noqa: ANN001
+            statements.append(statement)
+
+        sa.event.listen(keyring.engine, "before_cursor_execute", count)
+        try:
+            keys = keyring.data_keys([f"new-{i}" for i in range(5)], now_millis())
+            again = keyring.data_keys([f"new-{i}" for i in range(5)], now_millis())
+        finally:
+            sa.event.remove(keyring.engine, "before_cursor_execute", count)
+        assert len(statements) == 2, statements  # one each: create, then check the cache
+        assert again == keys
+        seen = dict(_live_keys(other))
+        for subject, (key_id, key) in keys.items():
+            assert seen[subject] == key_id
+            assert other.key(key_id) == key
+    finally:
+        keyring.dispose()
+        other.dispose()
+
+
+def test_a_keys_table_without_the_unique_index_gets_it(settings, catalog):
+    """A ``subject_keys`` table made by an earlier version (no unique index on live keys)
+    gets the index on first use; one holding two live keys of a subject is refused with
+    a message that names the table and the fix."""
+    from beliefstore.access.datakeys import LIVE_KEY_INDEX, KeyringError
+
+    keyring = Keyring.from_settings(settings)
+    try:
+        with keyring.engine.begin() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{settings.db_schema}"'))
+            conn.execute(sa.text(
+                f'CREATE TABLE "{settings.db_schema}".subject_keys (key_id text PRIMARY KEY, '
+                "subject_id text NOT NULL, wrapped bytea, created_at bigint NOT NULL, "
+                "destroyed_at bigint)"))
+            conn.execute(sa.text(
+                f'INSERT INTO "{settings.db_schema}".subject_keys VALUES '
+                "('k1', 'erin', 'x', 1, NULL), ('k2', 'erin', 'y', 2, NULL)"))
+        with pytest.raises(KeyringError, match="more than one live data key"):
+            keyring.data_keys(["frank"], 3)
+        with keyring.engine.begin() as conn:
+            conn.execute(sa.text(f'UPDATE "{settings.db_schema}".subject_keys SET wrapped = '
+                                 "NULL, destroyed_at = 3 WHERE key_id = 'k1'"))
+        keyring.data_keys(["frank"], 4)
+        with keyring.engine.connect() as conn:
+            indexes = set(conn.execute(sa.text(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = :s AND tablename = "
+                "'subject_keys'"), {"s": settings.db_schema}).scalars())
+        assert LIVE_KEY_INDEX in indexes
+        assert ("frank" in dict(_live_keys(keyring))) and len(_live_keys(keyring)) == 2
+    finally:
+        keyring.dispose()

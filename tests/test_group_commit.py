@@ -110,3 +110,85 @@ def test_the_leaders_own_event_is_always_in_its_group():
     results = run(GroupCommit(flush, max_group=4), events)
     assert set(results) == {e.event_id for e in events}
     assert max(len(g) for g in flush.groups) <= 4
+
+
+class Pipeline:
+    """A ``prepare`` (``prepare_s``) returning a wait (``wait_s``), recording how many
+    groups were being prepared, and prepared or waiting, at once, and what an erasure's
+    flush overlapped."""
+
+    def __init__(self, prepare_s: float, wait_s: float):
+        self.prepare_s, self.wait_s = prepare_s, wait_s
+        self.lock = threading.Lock()
+        self.preparing = self.waiting = 0
+        self.max_preparing = self.max_busy = 0
+        self.prepared: list[list[Event]] = []
+        self.flushed: list[list[Event]] = []
+        self.erasure_overlapped = False
+        self.offset = 0
+
+    def _receipts(self, group: list[Event]) -> list[Receipt]:
+        with self.lock:
+            receipts = [Receipt(e.event_id, "t", 0, self.offset + i) for i, e in enumerate(group)]
+            self.offset += len(group)
+        return receipts
+
+    def prepare(self, events: Sequence[Event]):  # noqa: ANN201
+        group = list(events)
+        assert not any(isinstance(e, SubjectErased) for e in group)
+        with self.lock:
+            self.preparing += 1
+            self.max_preparing = max(self.max_preparing, self.preparing)
+            self.max_busy = max(self.max_busy, self.preparing + self.waiting)
+            self.prepared.append(group)
+        time.sleep(self.prepare_s)
+        receipts = self._receipts(group)
+        with self.lock:
+            self.preparing -= 1
+            self.waiting += 1
+
+        def wait() -> list[Receipt]:
+            time.sleep(self.wait_s)
+            with self.lock:
+                self.waiting -= 1
+            return receipts
+
+        return wait
+
+    def flush(self, events: Sequence[Event]) -> list[Receipt]:
+        group = list(events)
+        with self.lock:
+            if self.preparing or self.waiting:
+                self.erasure_overlapped = True
+            self.flushed.append(group)
+        time.sleep(self.wait_s)
+        return self._receipts(group)
+
+
+def test_with_prepare_the_next_group_is_prepared_while_the_previous_waits():
+    """Two-step groups: one group prepared at a time, the next one prepared while the
+    previous waits for its acknowledgement; every caller gets its own receipt."""
+    pipe = Pipeline(0.005, 0.03)
+    events: list[Event] = [observed(f"s{i}") for i in range(120)]
+    results = run(GroupCommit(pipe.flush, prepare=pipe.prepare), events)
+    assert set(results) == {e.event_id for e in events}
+    assert all(results[e.event_id].event_id == e.event_id for e in events)
+    assert len({r.offset for r in results.values()}) == len(events)
+    assert pipe.max_preparing == 1
+    assert pipe.max_busy >= 2  # a group was prepared while another waited
+    assert not pipe.flushed and len(pipe.prepared) < len(events)
+
+
+def test_with_prepare_an_erasure_is_flushed_whole_once_nothing_else_is_in_flight():
+    """A group holding an erasure is flushed with ``flush`` (erase, then destroy the keys)
+    only once no group is being prepared or waiting for its acknowledgement, and no group
+    starts meanwhile."""
+    pipe = Pipeline(0.003, 0.02)
+    events: list[Event] = []
+    for i in range(150):
+        events.append(erased(f"s{i % 7}") if i % 10 == 5 else observed(f"s{i % 7}"))
+    results = run(GroupCommit(pipe.flush, prepare=pipe.prepare), events)
+    assert set(results) == {e.event_id for e in events}
+    assert pipe.flushed and all(any(isinstance(e, SubjectErased) for e in g)
+                                for g in pipe.flushed)
+    assert not pipe.erasure_overlapped

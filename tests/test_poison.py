@@ -127,9 +127,15 @@ def test_a_log_end_below_the_stored_offset_for_a_moment_is_not_a_reset(settings,
     first = _project_one_and_store_offset(settings, engine, producer, beyond=3)
 
     def grow() -> None:
+        import uuid
+
         time.sleep(0.5)
-        for n in range(4):  # offsets first+1 .. first+4; the worker starts at first+3
-            producer.observe("user-1", "support", f"later{n}", "v", 0.9, source="a")
+        # offsets first+1 .. first+4 in one record batch; the worker starts at first+3
+        # (one send each could leave the log end at first+3 for a moment: caught up, 0)
+        producer.send_many([ObservationRecorded(
+            event_id=str(uuid.uuid4()), subject_id="user-1", source="a",
+            occurred_at=int(time.time() * 1000), context="support", attribute=f"later{n}",
+            value="v", confidence=0.9) for n in range(4)])
 
     grower = threading.Thread(target=grow)
     started = time.monotonic()

@@ -793,6 +793,12 @@ def test_up_keeps_the_event_log_across_a_restart(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     proc, lines = _start_up(tmp_path, port)
     try:
+        # on its embedded broker `up` runs one API process, a child of its own (one
+        # producer for every request: larger record batches; bench/README.md, section 8)
+        assert "; 1 process(es))" in " ".join("".join(lines).split()), "".join(lines)
+        api = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "api" in p.cmdline() and "--workers" in p.cmdline()]
+        assert len(api) == 1 and api[0].cmdline()[-1] == "1", [p.cmdline() for p in api]
         [token] = [w.split("=", 1)[1] for w in "".join(lines).split()
                    if w.startswith("BELIEFSTORE_API_KEY=")]
         auth = {"Authorization": f"Bearer {token}"}
@@ -902,3 +908,76 @@ def test_s3_store_bounds_its_etag_and_listing_caches(tmp_path: Path) -> None:
         for s in (server, reference):
             s.shutdown()
             s.server_close()
+
+
+def test_api_producer_pipelined_groups_on_the_durable_broker_exactly_once(
+        tmp_path: Path, settings, catalog) -> None:  # noqa: ANN001 - conftest fixtures
+    """The API's producer (``BeliefProducer.send``: group commit, the next group prepared
+    while the previous one waits, sealing on) under 20 concurrent callers on the durable
+    broker: every acknowledged event is on the log at its acknowledged offset, and after
+    the projector folds the log each acknowledged event is in the read model exactly
+    once (one observation row and one belief per event; a retried group could store an
+    event twice on the log, which the fold counts once)."""
+    import dataclasses
+    import threading
+    import uuid
+
+    import sqlalchemy as sa
+
+    from beliefstore.errors import ProduceError
+    from beliefstore.events.producer import BeliefProducer
+    from beliefstore.events.serde import AvroSerde
+    from beliefstore.events.topics import ensure_topics
+    from beliefstore.projector.replay import read_beliefs
+    from beliefstore.projector.tables import observations
+    from beliefstore.projector.worker import ProjectorWorker
+
+    with EmbeddedKafka(tmp_path / "kafka") as kafka:
+        durable = dataclasses.replace(settings, kafka_bootstrap_servers=kafka.bootstrap_servers,
+                                      partitions=1)
+        ensure_topics(kafka.bootstrap_servers, {durable.topic: 1, durable.dlq_topic: 1})
+        acked: dict[str, tuple[int, int]] = {}
+        refused: list[str] = []
+        stop = time.monotonic() + 5
+        with BeliefProducer.from_settings(durable) as producer:
+            assert producer.serde.sealer is not None
+
+            def agent(i: int) -> None:
+                while time.monotonic() < stop:
+                    subject = f"agent{i}-{uuid.uuid4().hex[:8]}"
+                    try:
+                        r = producer.observe(subject, "support", "mood", "calm", 0.8,
+                                             source="triage_agent")
+                        acked[r.event_id] = (r.partition, r.offset)
+                    except ProduceError as exc:
+                        refused.append(str(exc))
+
+            threads = [threading.Thread(target=agent, args=(i,)) for i in range(20)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+        assert len(acked) > 100, refused[:3]
+        consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers,
+                                 enable_auto_commit=False)
+        tp = TopicPartition(durable.topic, 0)
+        consumer.assign([tp])
+        consumer.seek(tp, 0)
+        serde = AvroSerde.for_settings(durable)
+        at: dict[int, str] = {}
+        deadline = time.monotonic() + 30
+        try:
+            while time.monotonic() < deadline and not set(acked) <= set(at.values()):
+                for records in consumer.poll(timeout_ms=500).values():
+                    at.update((r.offset, serde.decode(r.value).event.event_id) for r in records)
+        finally:
+            consumer.close()
+        assert {e: at.get(o) for e, (_, o) in acked.items()} == {e: e for e in acked}, \
+            "an acknowledged event is not at its acknowledged offset"
+        engine = catalog.engine(catalog.active().schema)
+        with ProjectorWorker(durable, engine) as worker:
+            worker.run(until_caught_up=True)
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(observations.c.event_id)).scalars().all()
+        assert len(rows) == len(set(rows)) and {str(r) for r in rows} >= set(acked)
+        assert len(read_beliefs(engine)) == len({str(r) for r in rows})

@@ -8,7 +8,8 @@ decrypted again, by the projector, a replay, or anyone holding a copy of the log
 
 Table ``<base schema>.subject_keys`` (created on first use, next to the projection
 catalog): ``key_id``, ``subject_id``, the data key wrapped (AES-256-GCM) by the master
-key, ``created_at``, ``destroyed_at``. A destroyed key's wrapped bytes are deleted.
+key, ``created_at``, ``destroyed_at``. A destroyed key's wrapped bytes are deleted; a
+subject has at most one live key (the unique partial index :data:`LIVE_KEY_INDEX`).
 
 The master key comes from ``BELIEFSTORE_MASTER_KEY`` (32 bytes, base64) or, for the
 embedded default, is generated once in ``<home>/master.key`` (mode 0600).
@@ -32,6 +33,14 @@ from beliefstore.errors import BeliefstoreError
 
 KEY_BYTES = 32
 """AES-256."""
+
+LIVE_KEY_INDEX = "subject_keys_live"
+"""The unique partial index on ``subject_keys (subject_id) WHERE wrapped IS NOT NULL``."""
+
+#: How often :meth:`Keyring.data_keys` repeats its statement for subjects whose key another
+#: process created at the same moment (its snapshot predates that commit; the next
+#: statement sees it). One repeat is the usual worst case.
+_DATA_KEY_ATTEMPTS = 5
 
 
 class KeyringError(BeliefstoreError):
@@ -86,6 +95,10 @@ def _table(schema: str) -> sa.Table:
                   doc="nonce (12 bytes) + AES-GCM(master, data key); NULL once destroyed."),
         sa.Column("created_at", sa.BigInteger, nullable=False, doc="Epoch ms."),
         sa.Column("destroyed_at", sa.BigInteger, nullable=True, doc="Epoch ms."),
+        # at most one live key per subject: what lets Keyring.data_keys create keys with
+        # one INSERT ... ON CONFLICT instead of locks, a select and an insert
+        sa.Index(LIVE_KEY_INDEX, "subject_id", unique=True,
+                 postgresql_where=sa.text("wrapped IS NOT NULL")),
     )
 
 
@@ -109,6 +122,23 @@ class Keyring:
         self._lock = threading.Lock()
         self._ensured = False
         self.schema = schema
+        # The statement of data_keys: insert the fresh keys of :subjects where none is
+        # live, and return (subject_id, key_id, wrapped, created) for every live key of
+        # :wanted (created: inserted by this statement, its wrapped bytes not returned).
+        table = f'"{schema}".subject_keys'
+        self._keys_sql = sa.text(f"""
+            WITH new AS (
+                INSERT INTO {table} (key_id, subject_id, wrapped, created_at)
+                SELECT n.key_id, n.subject_id, n.wrapped, :now
+                FROM unnest(CAST(:key_ids AS text[]), CAST(:subjects AS text[]),
+                            CAST(:wrapped AS bytea[])) AS n(key_id, subject_id, wrapped)
+                ORDER BY n.subject_id
+                ON CONFLICT (subject_id) WHERE wrapped IS NOT NULL DO NOTHING
+                RETURNING subject_id, key_id)
+            SELECT subject_id, key_id, NULL::bytea AS wrapped, true AS created FROM new
+            UNION ALL
+            SELECT subject_id, key_id, wrapped, false FROM {table}
+            WHERE subject_id = ANY(CAST(:wanted AS text[])) AND wrapped IS NOT NULL""")
 
     @classmethod
     def from_settings(cls, settings) -> Keyring:
@@ -126,6 +156,18 @@ class Keyring:
             return
         with self.engine.begin() as conn:
             create_tables(conn, self.schema, self.table)
+            # a table made before the index existed gets it here (create_tables skips the
+            # indexes of an existing table); under create_tables' advisory lock
+            try:
+                with conn.begin_nested():
+                    conn.execute(sa.text(
+                        f'CREATE UNIQUE INDEX IF NOT EXISTS "{LIVE_KEY_INDEX}" ON '
+                        f'"{self.schema}".subject_keys (subject_id) WHERE wrapped IS NOT NULL'))
+            except sa.exc.IntegrityError as exc:
+                raise KeyringError(
+                    f"{self.schema}.subject_keys holds more than one live data key for a "
+                    "subject, which this version does not allow; keep the newest live key "
+                    "of each subject (or erase the subject) and start again") from exc
         self._ensured = True
 
     def _wrap(self, key: bytes, key_id: str) -> bytes:
@@ -145,63 +187,66 @@ class Keyring:
         return self.data_keys([subject_id], now_ms)[subject_id]
 
     def data_keys(self, subject_ids: Iterable[str], now_ms: int) -> dict[str, tuple[str, bytes]]:
-        """The current data keys of many subjects at once, ``{subject_id: (key_id, key)}``.
+        """The current data keys of many subjects at once, ``{subject_id: (key_id, key)}``;
+        a subject without a live key gets a new one, committed (durable) before this
+        returns, so nothing is ever sealed with a key the database could lose.
 
-        Keys cached by this process are checked against the table in one query (a key
-        destroyed by another process is dropped and replaced). The subjects without a
-        live cached key are looked up and, where missing, created in one transaction (the per-subject
-        advisory locks taken in sorted order, so concurrent callers cannot deadlock): one
-        commit for a whole group of new subjects instead of one each.
+        One statement, one round trip, in the usual case: an ``INSERT ... ON CONFLICT DO
+        NOTHING`` of a fresh key for each subject without a live key in this process's
+        cache (the unique partial index :data:`LIVE_KEY_INDEX` allows one live key per
+        subject, so concurrent callers, in this process or another, cannot give a subject
+        two), in subject order (concurrent callers cannot deadlock), and in the same
+        statement the live keys of every wanted subject. A cached key is thereby checked
+        too: one destroyed by another process (the projector folding an erasure) is
+        dropped and replaced, so a new observation is never sealed with a destroyed key
+        (it would be unreadable, its 201 a silent loss). A subject whose key another
+        caller committed after the statement's snapshot is asked again.
+
+        Raises:
+            KeyringError: a stored key does not unwrap with the master key, or a subject
+                still has no key after several attempts.
+            sqlalchemy.exc.OperationalError: the database is unreachable.
         """
-        wanted = set(subject_ids)
-        found: dict[str, tuple[str, bytes]] = {}
-        with self._lock:
-            for subject in wanted:
-                if subject in self._active:
-                    found[subject] = self._active[subject]
+        wanted = sorted(set(subject_ids))
+        result: dict[str, tuple[str, bytes]] = {}
         self._ensure()
-        t = self.table
-        if found:
-            # Another process (the projector folding an erasure) may have destroyed a
-            # cached key: one query checks them all, so a new observation is never sealed
-            # with a destroyed key (it would be unreadable, its 201 a silent loss).
-            with self.engine.connect() as conn:
-                destroyed = set(conn.execute(sa.select(t.c.subject_id).where(
-                    t.c.key_id.in_([key_id for key_id, _ in found.values()]),
-                    t.c.wrapped.is_(None))).scalars())
-            if destroyed:
-                with self._lock:
-                    for subject in destroyed:
-                        found.pop(subject, None)
-                        self._active.pop(subject, None)
-        missing = sorted(wanted - found.keys())
-        if not missing:
-            return found
-        with self.engine.begin() as conn:
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(s)) "
-                                 "FROM unnest(CAST(:s AS text[])) AS s ORDER BY s"),
-                         {"s": [f"subject-key:{subject}" for subject in missing]})
-            rows = conn.execute(sa.select(t.c.subject_id, t.c.key_id, t.c.wrapped).where(
-                t.c.subject_id.in_(missing), t.c.wrapped.is_not(None))
-                .order_by(t.c.subject_id, t.c.created_at.desc())).all()
-            fetched: dict[str, tuple[str, bytes]] = {}
+        pending = wanted
+        for _ in range(_DATA_KEY_ATTEMPTS):
+            with self._lock:
+                cached = {s: self._active[s] for s in pending if s in self._active}
+            fresh = {s: (str(uuid.uuid4()), AESGCM.generate_key(bit_length=256))
+                     for s in pending if s not in cached}
+            # autocommit: the statement is its own transaction, committed before its
+            # rows come back (no BEGIN and COMMIT round trips)
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") \
+                    as conn:
+                rows = conn.execute(self._keys_sql, {
+                    "now": now_ms, "wanted": pending,
+                    "subjects": list(fresh), "key_ids": [k for k, _ in fresh.values()],
+                    "wrapped": [self._wrap(key, key_id) for key_id, key in fresh.values()],
+                }).all()
+            # a key created here wins over one the snapshot saw alive (destroyed since)
+            live = {row.subject_id: fresh[row.subject_id] for row in rows if row.created}
             for row in rows:
-                if row.subject_id not in fetched:
-                    fetched[row.subject_id] = (row.key_id, self._unwrap(row.wrapped, row.key_id))
-            new_rows = []
-            for subject in missing:
-                if subject not in fetched:
-                    key_id, key = str(uuid.uuid4()), AESGCM.generate_key(bit_length=256)
-                    new_rows.append({"key_id": key_id, "subject_id": subject,
-                                     "wrapped": self._wrap(key, key_id), "created_at": now_ms})
-                    fetched[subject] = (key_id, key)
-            if new_rows:
-                conn.execute(t.insert(), new_rows)
-        with self._lock:
-            for subject, pair in fetched.items():
-                self._active[subject] = pair
-                self._cache[pair[0]] = pair[1]
-        return {**found, **fetched}
+                if not row.created and row.subject_id not in live:
+                    known = cached.get(row.subject_id)
+                    live[row.subject_id] = (known if known is not None and known[0] == row.key_id
+                                            else (row.key_id, self._unwrap(row.wrapped,
+                                                                           row.key_id)))
+            with self._lock:
+                for subject in pending:
+                    if subject in live:
+                        self._active[subject] = live[subject]
+                        self._cache[live[subject][0]] = live[subject][1]
+                    else:
+                        self._active.pop(subject, None)
+            result.update(live)
+            pending = [s for s in pending if s not in live]
+            if not pending:
+                return result
+        raise KeyringError(f"no data key could be created for {len(pending)} subject(s) "
+                           f"(e.g. {pending[0]!r}) in {_DATA_KEY_ATTEMPTS} attempts: another "
+                           "process keeps creating and destroying them; retry")
 
     def prefetch(self, key_ids: Iterable[str]) -> None:
         """Load the data keys ``key_ids`` into the cache with one query (destroyed keys

@@ -37,12 +37,27 @@ AttributeArg = Annotated[str, typer.Argument(help="Attribute, e.g. emotional_sta
 """The ``ATTRIBUTE`` argument of the commands that read one belief."""
 
 
+class _NoKafkaTracebacks(logging.Filter):
+    """Keep a kafka-python log record's message but drop its traceback: kafka-python logs
+    a connection the broker dropped mid-request (``ECONNRESET``) with ``log.exception``,
+    an expected failure that the command reports itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.name.startswith("kafka"):
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def setup_logging(verbose: bool = False) -> None:
-    """Log to standard error through rich; ``verbose`` turns on debug messages."""
+    """Log to standard error through rich; ``verbose`` turns on debug messages (and
+    kafka-python's tracebacks, which are dropped otherwise)."""
+    handler = RichHandler(console=err, show_path=False, rich_tracebacks=False)
+    if not verbose:
+        handler.addFilter(_NoKafkaTracebacks())
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(name)s: %(message)s",
-        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
+        handlers=[handler],
         force=True,
     )
     for noisy in ("kafka", "alembic", "uvicorn.error", "httpx"):
