@@ -793,12 +793,6 @@ def test_up_keeps_the_event_log_across_a_restart(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     proc, lines = _start_up(tmp_path, port)
     try:
-        # on its embedded broker `up` runs one API process, a child of its own (one
-        # producer for every request: larger record batches; bench/README.md, section 8)
-        assert "; 1 process(es))" in " ".join("".join(lines).split()), "".join(lines)
-        api = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if "api" in p.cmdline() and "--workers" in p.cmdline()]
-        assert len(api) == 1 and api[0].cmdline()[-1] == "1", [p.cmdline() for p in api]
         [token] = [w.split("=", 1)[1] for w in "".join(lines).split()
                    if w.startswith("BELIEFSTORE_API_KEY=")]
         auth = {"Authorization": f"Bearer {token}"}

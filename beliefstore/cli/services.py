@@ -36,11 +36,9 @@ def up(
     api_port: Annotated[int | None, typer.Option(help="API port (default BELIEFSTORE_API_PORT "
                                                       "or 8000).")] = None,
     api_workers: Annotated[int | None, typer.Option(
-        min=1, help="API processes sharing the port (default: the number of cores, but one "
-        "on the embedded broker, where one producer groups more events per write); each "
-        "has its own caches and rate-limit buckets. They run as a child process (group) "
-        "logging to .beliefstore/api.log, except an explicit --api-workers 1, which serves "
-        "from up's own process.")] = None,
+        min=1, help="API processes sharing the port (default: the number of cores); each "
+        "has its own caches and rate-limit buckets. With more than one they run as a child "
+        "process group logging to .beliefstore/api.log.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Start everything in the foreground: embedded Kafka and PostgreSQL where none is
@@ -63,7 +61,7 @@ def up(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     try:
-        failure = _run_up(api_port, api_workers, stopping)
+        failure = _run_up(api_port, api_workers or os.cpu_count() or 1, stopping)
     except KeyboardInterrupt:
         failure = None
     if failure is not None:
@@ -71,8 +69,7 @@ def up(
     console.print("stopped")
 
 
-def _run_up(api_port: int | None, api_workers: int | None, stopping: threading.Event
-            ) -> str | None:
+def _run_up(api_port: int | None, api_workers: int, stopping: threading.Event) -> str | None:
     """``up``'s body; returns why it stopped on its own (a signal raises KeyboardInterrupt)."""
     settings = load_settings(use_running=False)
     if api_port:
@@ -84,26 +81,15 @@ def _run_up(api_port: int | None, api_workers: int | None, stopping: threading.E
             stopping.set()  # before the stack unwinds: no signal interrupts the shutdown
 
 
-def _serve(settings: Settings, stack: contextlib.ExitStack, api_workers: int | None = 1
-           ) -> str | None:
+def _serve(settings: Settings, stack: contextlib.ExitStack, api_workers: int = 1) -> str | None:
     """Start the services, the projector and the API on ``stack``; wait for a signal
-    (KeyboardInterrupt) or for supervision to give up (returns its message).
-
-    ``api_workers`` None: the number of cores, or one API process (a child, not ``up``'s
-    own, which runs the projector) when ``up`` starts the embedded broker: each API
-    process has its own producer, and on Tansu's durable storage one producer taking all
-    the concurrent requests writes fewer, larger record batches (bench/README.md, section
-    8)."""
+    (KeyboardInterrupt) or for supervision to give up (returns its message)."""
     from beliefstore.embedded import EmbeddedService
     from beliefstore.runtime.serve import ApiProcesses, ApiServer, ProjectorThread
     from beliefstore.runtime.startup import prepare, start_missing_services
     from beliefstore.runtime.supervisor import Supervisor
 
     started: list[EmbeddedService] = []
-    own_process = False
-    if api_workers is None:
-        own_process = not settings.kafka_bootstrap_servers  # the embedded broker, below
-        api_workers = 1 if own_process else os.cpu_count() or 1
     try:
         settings = start_missing_services(settings, stack, durable=True, started=started)
         catalog = prepare(settings)
@@ -115,7 +101,7 @@ def _serve(settings: Settings, stack: contextlib.ExitStack, api_workers: int | N
     stack.callback(projector.stop)
     api: ApiServer | ApiProcesses
     try:
-        if api_workers == 1 and not own_process:
+        if api_workers == 1:
             api = ApiServer(settings, settings.api_host, settings.api_port, catalog=catalog)
             api.start_in_thread()
         else:
@@ -158,7 +144,7 @@ def _serve(settings: Settings, stack: contextlib.ExitStack, api_workers: int | N
     if supervisor.failure is not None:
         return f"{supervisor.failure.message()}; everything else was stopped"
     return ("the API server stopped on its own (see the log above"
-            + (f" and {settings.home / 'api.log'})" if isinstance(api, ApiProcesses) else ")"))
+            + (f" and {settings.home / 'api.log'})" if api_workers > 1 else ")"))
 
 
 def _first_admin_key(catalog: ProjectionCatalog) -> NewKey | None:

@@ -311,8 +311,7 @@ class ApiProcesses:
     Args:
         settings: ``up``'s settings (broker and database addresses filled in).
         host, port: where the API listens.
-        workers: API processes (≥ 1; ``up --api-workers 1`` serves from ``up``'s own
-            process instead, see :class:`ApiServer`).
+        workers: API processes (≥ 2; one process runs in ``up``'s own, see :class:`ApiServer`).
         log_path: the API's log file (appended).
     """
 
