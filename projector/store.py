@@ -347,8 +347,6 @@ class ProjectionRecorder:
             cur.execute(bulk.MARK_RETRACTED, ([r[0] for r in rows.retractions],))
         if rows.erasures:
             cur.execute(bulk.MARK_ERASED, ([r[0] for r in rows.erasures],))
-        if rows.observations:
-            cur.execute(bulk.ADVANCE_SOURCES, ([r[0] for r in rows.observations],))
         if rows.retractions or rows.erasures:
             for statement in bulk.REFRESH_STALE:
                 cur.execute(statement)
