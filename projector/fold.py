@@ -281,6 +281,65 @@ def fold(events: Iterable[Event], settings: FoldSettings | None = None) -> list[
     return beliefs
 
 
+CountingRow = tuple[str, str, float, int, str]
+"""One counting observation of a key as :func:`fold_counting` takes it: ``(source,
+event_id, confidence, occurred_at in epoch ms, value)``."""
+
+
+def fold_counting(key: Key, counting: Iterable[CountingRow],
+                  settings: FoldSettings) -> Belief | None:
+    """Steps 4–6 of the fold for one key whose counting observations are already known:
+    the belief (``None`` when ``counting`` is empty).
+
+    ``counting`` holds one row per source (at most): each source's latest observation of
+    the key that is neither retracted by its source nor erased, as ``belief_sources``
+    keeps them (:mod:`beliefstore.projector.bulk`). For such input the result equals
+    :func:`fold` of the key's events (the same weights, sums, tie-breaks, support and
+    order of alternatives), without the trace's bookkeeping; the projector's batch apply
+    refolds every touched key this way.
+
+    Raises:
+        ValueError: two rows of the same source (the input is not counting rows).
+    """
+    rows = list(counting)
+    if not rows:
+        return None
+    sources = {r[0] for r in rows}
+    if len(sources) != len(rows):
+        raise ValueError(f"{key}: more than one counting observation of a source")
+    t_ref = max(r[3] for r in rows)
+    half_life_ms = settings.half_life_s(key[1]) * 1000.0
+    trust_of = settings.trust_of
+    weights: dict[str, list[float]] = {}
+    newest: dict[str, int] = {}
+    for source, _, confidence, occurred_at, value in rows:
+        decay = 2.0 ** (-(t_ref - occurred_at) / half_life_ms)
+        w = trust_of(source) * logit(confidence) * decay
+        weights.setdefault(value, []).append(w)
+        if occurred_at > newest.get(value, occurred_at - 1):
+            newest[value] = occurred_at
+    scores = {v: math.fsum(ws) for v, ws in weights.items()}
+    winner = max(scores, key=lambda v: (scores[v], newest[v], v))
+
+    def confidence_of(v: str) -> float:
+        rival = max((s for u, s in scores.items() if u != v), default=0.0)
+        return sigmoid(scores[v] - max(0.0, rival))
+
+    return Belief(
+        subject_id=key[0],
+        context=key[1],
+        attribute=key[2],
+        value=winner,
+        confidence=confidence_of(winner),
+        score=scores[winner],
+        alternatives={v: confidence_of(v) for v in sorted(scores) if v != winner},
+        support=tuple(sorted(r[1] for r in rows if r[4] == winner)),
+        sources=tuple(sorted({r[0] for r in rows if r[4] == winner})),
+        source_count=len(rows),
+        last_observed_at=t_ref,
+    )
+
+
 def trace(
     events: Iterable[Event], key: Key, settings: FoldSettings | None = None
 ) -> tuple[Belief | None, list[TraceEntry]]:

@@ -31,7 +31,14 @@ from beliefstore.events.model import (
 )
 from beliefstore.projector import bulk
 from beliefstore.projector.changes import notify, record_staged_changes, subject_positions
-from beliefstore.projector.fold import Belief, FoldSettings, Key, fold
+from beliefstore.projector.fold import (
+    Belief,
+    CountingRow,
+    FoldSettings,
+    Key,
+    fold,
+    fold_counting,
+)
 from beliefstore.projector.tables import (
     erasures,
     observations,
@@ -359,16 +366,23 @@ class ProjectionRecorder:
             raise FencedError(lost, f"stored epochs {current}, this worker's {epochs}")
 
     def _refold(self, rows: Sequence[tuple]) -> tuple[list[Key], dict[Key, Belief]]:
-        """Fold ``TOUCHED_SOURCES`` rows: the sorted touched keys and their beliefs."""
-        keys: set[Key] = set()
-        events = []
+        """Fold ``TOUCHED_SOURCES`` rows: the sorted touched keys and their beliefs.
+
+        The rows are each key's counting observations (``belief_sources``: one per
+        source), so :func:`~beliefstore.projector.fold.fold_counting` folds them without
+        the pure fold's dedupe, marks and supersession (equal results:
+        ``tests/test_fold.py``)."""
+        counting: dict[Key, list[CountingRow]] = {}
         for s, c, a, source, event_id, occurred_ms, value, confidence in rows:
-            keys.add((s, c, a))
+            held = counting.setdefault((s, c, a), [])
             if source is not None:
-                events.append(ObservationRecorded(
-                    event_id=event_id, subject_id=s, source=source, occurred_at=occurred_ms,
-                    context=c, attribute=a, value=value, confidence=confidence))
-        return sorted(keys), {b.key: b for b in fold(events, self.fold_settings)}
+                held.append((source, event_id, confidence, occurred_ms, value))
+        folded: dict[Key, Belief] = {}
+        for key, held in counting.items():
+            belief = fold_counting(key, held, self.fold_settings)
+            if belief is not None:
+                folded[key] = belief
+        return sorted(counting), folded
 
     @contextmanager
     def fresh_load(self, topic: str, fence: dict[int, int] | None = None
