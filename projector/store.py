@@ -31,7 +31,13 @@ from beliefstore.events.model import (
 )
 from beliefstore.projector import bulk, copytext
 from beliefstore.projector.changes import notify, record_staged_changes, subject_positions
-from beliefstore.projector.fold import Belief, Counting, FoldSettings, Key, fold
+from beliefstore.projector.fold import (
+    Belief,
+    Counting,
+    FoldSettings,
+    Key,
+    fold_counting,
+)
 from beliefstore.projector.rebuild_pool import (
     ERASED,
     OBSERVED,
@@ -355,8 +361,6 @@ class ProjectionRecorder:
             cur.execute(bulk.MARK_RETRACTED, ([r[0] for r in rows.retractions],))
         if rows.erasures:
             cur.execute(bulk.MARK_ERASED, ([r[0] for r in rows.erasures],))
-        if rows.observations:
-            cur.execute(bulk.ADVANCE_SOURCES, ([r[0] for r in rows.observations],))
         if rows.retractions or rows.erasures:
             for statement in bulk.REFRESH_STALE:
                 cur.execute(statement)
@@ -369,16 +373,15 @@ class ProjectionRecorder:
             raise FencedError(lost, f"stored epochs {current}, this worker's {epochs}")
 
     def _refold(self, rows: Sequence[tuple]) -> tuple[list[Key], dict[Key, Belief]]:
-        """Fold ``TOUCHED_SOURCES`` rows: the sorted touched keys and their beliefs."""
-        keys: set[Key] = set()
-        events = []
-        for s, c, a, source, event_id, occurred_ms, value, confidence in rows:
-            keys.add((s, c, a))
-            if source is not None:
-                events.append(ObservationRecorded(
-                    event_id=event_id, subject_id=s, source=source, occurred_at=occurred_ms,
-                    context=c, attribute=a, value=value, confidence=confidence))
-        return sorted(keys), {b.key: b for b in fold(events, self.fold_settings)}
+        """Fold ``TOUCHED_SOURCES`` rows: the sorted touched keys and their beliefs.
+
+        The rows are each key's counting observations (``belief_sources``: one per
+        source), so :func:`~beliefstore.projector.fold.fold_counting` folds them without
+        the pure fold's dedupe, marks and supersession (equal results:
+        ``tests/test_fold.py``)."""
+        keys = sorted({(row[0], row[1], row[2]) for row in rows})
+        beliefs = fold_counting((row for row in rows if row[3] is not None), self.fold_settings)
+        return keys, {(b.subject_id, b.context, b.attribute): b for b in beliefs}
 
     @contextmanager
     def fresh_load(self, topic: str, fence: dict[int, int] | None = None
