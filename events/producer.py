@@ -11,6 +11,7 @@ only speak HTTP use ``POST /v1/observations``, which applies the same validation
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import uuid
@@ -33,6 +34,12 @@ from beliefstore.events.model import (
 from beliefstore.events.serde import AvroSerde
 from beliefstore.events.validation import validate
 from beliefstore.timefmt import now_millis, to_millis
+
+log = logging.getLogger("beliefstore.producer")
+
+UNCONFIRMED_RESENDS = 3
+"""How many times a record acknowledged without an offset is sent again (see
+:meth:`BeliefProducer._receipts`)."""
 
 
 @dataclass(frozen=True)
@@ -468,7 +475,7 @@ class BeliefProducer:
         flushed); after a failure other than a timeout (``first``), sent once more."""
         if first is None:
             try:
-                return list(self._receipts(batch, sent if sent is not None
+                return list(self._receipts(batch, payloads, sent if sent is not None
                                            else self._enqueue(batch, payloads, flush=True)))
             except KafkaTimeoutError as exc:  # the broker is away: no retry past the timeout
                 return [ProduceError(f"the broker did not acknowledge the event(s): {exc}")
@@ -478,7 +485,8 @@ class BeliefProducer:
         # Another failure may be the idempotent producer's fatal state (a restarted or
         # busy broker refused InitProducerId once): once, with a fresh producer.
         try:
-            return list(self._receipts(batch, self._enqueue(batch, payloads, flush=True)))
+            return list(self._receipts(batch, payloads,
+                                       self._enqueue(batch, payloads, flush=True)))
         except KafkaError as exc:
             error = ProduceError(f"the broker did not acknowledge the event(s): {exc} "
                                  f"(first attempt: {first})")
@@ -513,9 +521,46 @@ class BeliefProducer:
                 raise
         return producer, futures
 
-    def _receipts(self, batch: list[Event], sent: tuple[KafkaProducer, list[Any]]
-                  ) -> list[Receipt]:
-        """Wait for the acknowledgement of each record of ``batch``.
+    def _receipts(self, batch: list[Event], payloads: list[bytes],
+                  sent: tuple[KafkaProducer, list[Any]]) -> list[Receipt]:
+        """Wait for the acknowledgement of each record of ``batch``; a record
+        acknowledged without an offset is sent again, up to :data:`UNCONFIRMED_RESENDS`
+        times, until the broker gives it one.
+
+        Why: kafka-python counts a produce answered with DuplicateSequenceNumber as
+        acknowledged, at offset -1 ("already written"). Tansu 0.6.0 on S3 storage writes
+        the producer's sequence (``meta.json``) before the record batch, so a retried batch
+        whose first try stopped in between is answered that way though the log never got
+        it (seen: acknowledged records missing from the log, ``tests/test_services.py``'s
+        tailing test). Sent again, the record gets a new sequence and an offset; if the
+        first try was written after all, the log holds the event twice and the fold counts
+        an ``event_id`` once.
+
+        Raises:
+            KafkaError: one was not acknowledged (its producer is then replaced), or still
+                had no offset after the resends.
+        """
+        receipts = self._wait(batch, sent)
+        for _ in range(UNCONFIRMED_RESENDS):
+            unconfirmed = [i for i, r in enumerate(receipts) if r.offset < 0]
+            if not unconfirmed:
+                return receipts
+            log.warning("%d record(s) acknowledged without an offset (a duplicate of a batch "
+                        "the broker may not have written): sending them again",
+                        len(unconfirmed))
+            again = [batch[i] for i in unconfirmed]
+            resent = self._wait(again, self._enqueue(again, [payloads[i] for i in unconfirmed],
+                                                     flush=True))
+            for i, receipt in zip(unconfirmed, resent, strict=True):
+                receipts[i] = receipt
+        if any(r.offset < 0 for r in receipts):
+            raise KafkaError(f"records acknowledged without an offset {UNCONFIRMED_RESENDS + 1} "
+                             "times")
+        return receipts
+
+    def _wait(self, batch: list[Event], sent: tuple[KafkaProducer, list[Any]]
+              ) -> list[Receipt]:
+        """The broker's acknowledgement of each record of ``batch`` as sent.
 
         Raises:
             KafkaError: one was not acknowledged (its producer is then replaced).

@@ -548,7 +548,8 @@ def test_tailing_consumer_misses_nothing_with_concurrent_producers(tmp_path: Pat
         bootstrap = kafka.bootstrap_servers
         create_topic(bootstrap, "gap", partitions=1)
         stop = time.monotonic() + 8
-        acked: dict[bytes, int] = {}  # value -> acknowledged offset (-1: see below)
+        acked: dict[bytes, int] = {}  # value -> acknowledged offset
+        unconfirmed: set[bytes] = set()  # acknowledged without an offset: see below
         seen: dict[int, bytes] = {}  # offset -> value, as the tailing consumer read them
         done = threading.Event()
 
@@ -563,11 +564,18 @@ def test_tailing_consumer_misses_nothing_with_concurrent_producers(tmp_path: Pat
                     futures = [producer.send("gap", v, partition=0) for v in values]
                     for value, future in zip(values, futures, strict=True):
                         try:
-                            # offset -1: a retried batch the broker had already written
-                            # (DuplicateSequenceNumber counts as acknowledged, offset unknown)
-                            acked[value] = future.get(30).offset
+                            offset = future.get(30).offset
                         except KafkaError:
                             pass  # Tansu's occasional OutOfOrderSequenceNumber: not acked
+                        else:
+                            # offset -1: DuplicateSequenceNumber, which kafka-python counts
+                            # as acknowledged; Tansu 0.6.0 can answer so for a batch it never
+                            # wrote, so BeliefProducer sends such records again (tested in
+                            # test_pipeline.py); here they are not counted as in the log
+                            if offset >= 0:
+                                acked[value] = offset
+                            else:
+                                unconfirmed.add(value)
                     n += 1
             finally:
                 producer.close(timeout=5)
@@ -611,7 +619,7 @@ def test_tailing_consumer_misses_nothing_with_concurrent_producers(tmp_path: Pat
         missed = sorted((acked[v], v) for v in missing())
         assert not missed, f"the tailing consumer skipped acknowledged records {missed[:10]}"
         # and each acknowledged offset holds the record it was acknowledged for
-        wrong = [(o, v) for v, o in acked.items() if o >= 0 and seen.get(o) != v]
+        wrong = [(o, v) for v, o in acked.items() if seen.get(o) != v]
         assert not wrong, f"acknowledged offsets holding other records: {wrong[:10]}"
 
 
@@ -668,9 +676,10 @@ def test_durable_broker_concurrent_idempotent_producers_lose_nothing(tmp_path: P
 def test_durable_broker_separate_producers_on_one_partition_exactly_once(tmp_path: Path) -> None:
     """Four separate idempotent producers (``acks=all``, as the API processes have) on one
     partition of the durable broker: every acknowledged record is read back exactly once
-    at its acknowledged offset, the offsets are contiguous from 0, and the partition's
-    stored ``watermark.json`` ends exactly there (its conditional writes lost no update:
-    two batches never share an offset and the log end never goes back on disk). A producer
+    at its acknowledged offset, the offsets increase strictly (a produce that failed after
+    its offsets were allocated leaves a gap), and the partition's stored
+    ``watermark.json`` is past the last (its conditional writes lost no update: two
+    batches never share an offset and the log end never goes back on disk). A producer
     that Tansu 0.6.0 answers OutOfOrderSequenceNumber is replaced by a new one, as an API
     process would; what it did not acknowledge may or may not be stored, but once at most."""
     import json
@@ -684,6 +693,7 @@ def test_durable_broker_separate_producers_on_one_partition_exactly_once(tmp_pat
         stop = time.monotonic() + 6
         acked: dict[str, int] = {}
         failed: set[str] = set()
+        unconfirmed: set[str] = set()
 
         def produce_loop(i: int) -> None:
             n = 0
@@ -699,10 +709,17 @@ def test_durable_broker_separate_producers_on_one_partition_exactly_once(tmp_pat
                         broken = False
                         for value, future in zip(values, futures, strict=True):
                             try:
-                                acked[value] = future.get(30).offset
+                                offset = future.get(30).offset
                             except KafkaError:
                                 failed.add(value)
                                 broken = True
+                                continue
+                            # offset -1 (DuplicateSequenceNumber): maybe written, maybe not
+                            # (see the tailing test); BeliefProducer sends such records again
+                            if offset >= 0:
+                                acked[value] = offset
+                            else:
+                                unconfirmed.add(value)
                         if broken:
                             break
                 finally:
@@ -732,15 +749,18 @@ def test_durable_broker_separate_producers_on_one_partition_exactly_once(tmp_pat
         finally:
             consumer.close()
         offsets = [o for o, _ in got]
-        assert offsets == list(range(len(got))), "offsets are not contiguous from 0"
+        # strictly increasing; not always contiguous: a produce that failed after Tansu
+        # allocated its offsets (and recorded the producer's sequence) leaves them empty,
+        # and its retry is answered as a duplicate (offset -1, counted as unconfirmed)
+        assert offsets == sorted(set(offsets)), "an offset is read twice or out of order"
         values = [v for _, v in got]
         assert len(set(values)) == len(values), "a record is stored twice"
         at = dict((v, o) for o, v in got)
         assert {v: at.get(v) for v in acked} == acked, "an acknowledged record is missing"
-        assert set(values) <= set(acked) | failed
+        assert set(values) <= set(acked) | failed | unconfirmed
         watermarks = list((tmp_path / "kafka").rglob("topics/one/partitions/*/watermark.json"))
         assert len(watermarks) == 1
-        assert json.loads(watermarks[0].read_bytes())["high"] == len(got)
+        assert json.loads(watermarks[0].read_bytes())["high"] >= got[-1][0] + 1
 
 
 def _start_up(home: Path, port: int) -> tuple[subprocess.Popen[str], list[str]]:
