@@ -42,6 +42,13 @@ UNCONFIRMED_RESENDS = 3
 :meth:`BeliefProducer._receipts`)."""
 
 
+def _keyring_unreachable(exc: Exception, acknowledged: int, total: int) -> ProduceError:
+    """The error of the events left unproduced when the keyring's database (sealing on)
+    failed: how many of the ``total`` were acknowledged before."""
+    return ProduceError(f"the keyring database is unreachable ({exc.__class__.__name__}); "
+                        f"{acknowledged} of {total} event(s) were acknowledged")
+
+
 @dataclass(frozen=True)
 class Receipt:
     """Proof that the broker stored an event.
@@ -424,10 +431,8 @@ class BeliefProducer:
                         self.serde.sealer.keyring.destroy(e.subject_id, e.occurred_at,
                                                           now_millis())
         except sa.exc.OperationalError as exc:  # the keyring's database (sealing on)
-            error = ProduceError(
-                f"the keyring database is unreachable ({exc.__class__.__name__}); "
-                f"{sum(isinstance(r, Receipt) for r in results)} of {len(batch)} event(s) "
-                "were acknowledged")
+            error = _keyring_unreachable(exc, sum(isinstance(r, Receipt) for r in results),
+                                         len(batch))
             results += [error] * (len(batch) - len(results))
         return results
 
@@ -456,9 +461,7 @@ class BeliefProducer:
         try:
             keys = self._data_keys(batch)
         except sa.exc.OperationalError as exc:  # the keyring's database (sealing on)
-            error = ProduceError(f"the keyring database is unreachable "
-                                 f"({exc.__class__.__name__}); 0 of {len(batch)} event(s) "
-                                 "were acknowledged")
+            error = _keyring_unreachable(exc, 0, len(batch))
             return lambda: [error] * len(batch)
         payloads = [self.serde.encode(e, keys) for e in batch]
         try:
