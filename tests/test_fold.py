@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from beliefstore.events.model import ObservationRecorded, ObservationRetracted, SubjectErased
+from beliefstore.events.model import ObservationRecorded
 from beliefstore.events.workload import SOURCES, generate
 from beliefstore.projector.fold import (
     FoldSettings,
@@ -18,6 +18,7 @@ from beliefstore.projector.fold import (
     sigmoid,
     trace,
 )
+from beliefstore.quality.baselines import counting_observations
 from tests.conftest import case_events, load_cases
 
 CASES = load_cases()
@@ -111,9 +112,7 @@ def test_fold_counting_equals_the_fold_of_the_events(seed, count, subjects, prof
                                                      half_life):
     """The bulk rebuild's fold of counting observations (steps 4-6 only) gives exactly
     the beliefs of the full fold, when fed the observations the trace marks counting."""
-    from beliefstore.events.model import ObservationRecorded
-    from beliefstore.events.workload import generate
-    from beliefstore.projector.fold import Status, fold_counting
+    from beliefstore.projector.fold import Status
 
     events = generate(count, seed=seed, subjects=subjects, profile=profile)
     fs = FoldSettings(default_half_life_s=half_life, trust=trust)
@@ -127,34 +126,12 @@ def test_fold_counting_equals_the_fold_of_the_events(seed, count, subjects, prof
 
 
 def counting_rows(events) -> dict:
-    """key → each source's counting observation (what ``belief_sources`` keeps): the
-    latest by (occurred_at, event_id) among the observations neither retracted by their
-    own source nor erased (an erasure of the subject that occurred at or after them)."""
-    seen, obs, own, erased = set(), [], set(), {}
-    for e in events:
-        if e.event_id in seen:
-            continue
-        seen.add(e.event_id)
-        if isinstance(e, ObservationRecorded):
-            obs.append(e)
-        elif isinstance(e, ObservationRetracted):
-            own.add((e.retracted_event_id, e.source))
-        elif isinstance(e, SubjectErased):
-            erased.setdefault(e.subject_id, []).append(e.occurred_at)
-    latest: dict = {}
-    for o in obs:
-        if (o.event_id, o.source) in own or any(
-                o.occurred_at <= t for t in erased.get(o.subject_id, ())):
-            continue
-        pair = (*o.key, o.source)
-        if pair not in latest or (latest[pair].occurred_at, latest[pair].event_id) < (
-                o.occurred_at, o.event_id):
-            latest[pair] = o
-    out: dict = {}
-    for o in latest.values():
-        out.setdefault(o.key, []).append(
-            (*o.key, o.source, o.event_id, o.occurred_at, o.value, o.confidence))
-    return out
+    """key → each source's counting observation as a ``belief_sources`` row, from
+    :func:`~beliefstore.quality.baselines.counting_observations` (the fold's steps 1–3
+    written apart from the fold: the latest live observation of each source)."""
+    return {key: [(*o.key, o.source, o.event_id, o.occurred_at, o.value, o.confidence)
+                  for o in held]
+            for key, held in counting_observations(events).items()}
 
 
 @given(seed=st.integers(0, 10_000), count=st.integers(1, 600), subjects=st.integers(1, 20),
