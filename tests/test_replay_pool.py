@@ -138,16 +138,25 @@ def _live_rows(catalog) -> dict:
     return rows_of(catalog.engine(catalog.active().schema))
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "killed worker process"])
-def test_a_replay_that_dies_half_way_leaves_the_live_projection_untouched(settings, catalog,
-                                                                          how):
-    events = generate(3000, seed=5, subjects=100, profile="realistic")
+LIVE_EVENTS = 3000
+
+
+def _projected_live(settings, catalog, seed: int):
+    """:data:`LIVE_EVENTS` realistic events produced and projected live: the live
+    projection and its rows."""
+    events = generate(LIVE_EVENTS, seed=seed, subjects=100, profile="realistic")
     with BeliefProducer.from_settings(settings) as producer:
         producer.send_many(events)
     live = catalog.active()
     with ProjectorWorker(settings, catalog.engine(live.schema)) as worker:
         worker.run(until_caught_up=True)
-    before = _live_rows(catalog)
+    return live, _live_rows(catalog)
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "killed worker process"])
+def test_a_replay_that_dies_half_way_leaves_the_live_projection_untouched(settings, catalog,
+                                                                          how):
+    live, before = _projected_live(settings, catalog, seed=5)
     assert len(before["observations"]) > 1000
 
     killed = []
@@ -163,7 +172,7 @@ def test_a_replay_that_dies_half_way_leaves_the_live_projection_untouched(settin
 
     with pytest.raises(KeyboardInterrupt if how == "ctrl-c" else BrokenProcessPool):
         replay(settings, catalog, "doomed", workers=2, on_progress=die)
-    assert killed and killed[0] < len(events)
+    assert killed and killed[0] < LIVE_EVENTS
     assert multiprocessing.active_children() == []
     assert catalog.active().name == live.name
     assert _live_rows(catalog) == before
@@ -238,13 +247,7 @@ def test_a_sigkilled_replay_leaves_the_live_projection_untouched_and_no_worker(s
 
     import psutil
 
-    events = generate(3000, seed=8, subjects=100, profile="realistic")
-    with BeliefProducer.from_settings(settings) as producer:
-        producer.send_many(events)
-    live = catalog.active()
-    with ProjectorWorker(settings, catalog.engine(live.schema)) as worker:
-        worker.run(until_caught_up=True)
-    before = _live_rows(catalog)
+    live, before = _projected_live(settings, catalog, seed=8)
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_REPLAY,
                              pickle.dumps(settings).hex()],
                             stdout=subprocess.PIPE, text=True)
