@@ -43,6 +43,11 @@ def millis(ms: int) -> str:
     return (_EPOCH + ms * _MS).isoformat()
 
 
+def opt_millis(ms: int | None) -> str:
+    """:func:`millis` of ``ms``, or ``\\N`` for ``None``."""
+    return NULL if ms is None else millis(ms)
+
+
 def jsonb(value: object) -> str:
     """``value`` as an escaped JSON text column (orjson: compact, UTF-8; ``jsonb`` stores
     the same value as from :func:`json.dumps`)."""
@@ -64,7 +69,7 @@ def observation(event_id: str, subject_id: str, context: str, attribute: str, va
                  repr(confidence), text(source), millis(occurred_at), opt(evidence),
                  NULL if metadata is None else jsonb(dict(metadata)), text(topic),
                  str(partition), str(offset),
-                 NULL if recorded_at is None else millis(recorded_at), fingerprint])
+                 opt_millis(recorded_at), fingerprint])
 
 
 def retraction(event_id: str, subject_id: str, source: str, occurred_at: int,
@@ -73,7 +78,7 @@ def retraction(event_id: str, subject_id: str, source: str, occurred_at: int,
     """The :data:`~beliefstore.projector.bulk.RETRACTION_COLUMNS` line of a retraction."""
     return line([event_id, text(subject_id), text(source), millis(occurred_at),
                  retracted_event_id, opt(reason), text(topic), str(partition), str(offset),
-                 NULL if recorded_at is None else millis(recorded_at), fingerprint])
+                 opt_millis(recorded_at), fingerprint])
 
 
 def erasure(event_id: str, subject_id: str, source: str, occurred_at: int,
@@ -82,7 +87,7 @@ def erasure(event_id: str, subject_id: str, source: str, occurred_at: int,
     """The :data:`~beliefstore.projector.bulk.ERASURE_COLUMNS` line of an erasure."""
     return line([event_id, text(subject_id), text(source), millis(occurred_at), opt(reason),
                  text(topic), str(partition), str(offset),
-                 NULL if recorded_at is None else millis(recorded_at), fingerprint])
+                 opt_millis(recorded_at), fingerprint])
 
 
 def source(c: Counting) -> bytes:
