@@ -357,9 +357,22 @@ def wait_http(url: str, proc: subprocess.Popen | None = None, log: Path | None =
 # -- produce ------------------------------------------------------------------------------
 
 
-def produce(bootstrap: str, topic: str, events: Sequence[Event], chunk: int = 1000) -> float:
-    """Produce every event (``BeliefProducer.send_many`` in chunks); return the seconds."""
-    with BeliefProducer(bootstrap, topic, timeout_s=60) as producer, progress() as bar:
+BULK_LOAD: dict[str, Any] = {"batch_size": 1 << 20, "max_request_size": 4 << 20,
+                             "linger_ms": 1000}
+"""Kafka producer settings of a bulk loader (:func:`produce`'s ``kafka_config``): record
+batches of up to 1 MiB, and a linger long enough that each ``send_many`` (flushed at its
+end) becomes one record batch per partition, not one per 16 KB (kafka-python's default
+``batch_size``, ~60 of the benchmark's events). On the durable embedded broker one
+record batch is one stored object, and every fetch lists the partition's objects."""
+
+
+def produce(bootstrap: str, topic: str, events: Sequence[Event], chunk: int = 1000,
+            **kafka_config: Any) -> float:
+    """Produce every event (``BeliefProducer.send_many`` in chunks of ``chunk`` events,
+    each cut again at every erasure); return the seconds. ``kafka_config``: more
+    :class:`kafka.KafkaProducer` settings, e.g. :data:`BULK_LOAD`."""
+    with BeliefProducer(bootstrap, topic, timeout_s=60, **kafka_config) as producer, \
+            progress() as bar:
         task = bar.add_task(f"producing to {topic}", total=len(events))
         started = time.perf_counter()
         for i in range(0, len(events), chunk):

@@ -81,9 +81,18 @@ def _source(ctx: common.Context, key: common.WorkloadKey, storage: str,
     kafka = stack.enter_context(EmbeddedKafka(tmp / "kafka"))
     topic = f"bench.{ctx.suffix}.durable.{key.count}.{key.profile}"
     ensure_topics(kafka.bootstrap_servers, {topic: 1, f"{topic}.dlq": 1})
-    seconds = common.produce(kafka.bootstrap_servers, topic, ctx.events(key))
+    # written as a bulk loader writes (BULK_LOAD: one record batch per send_many of
+    # PRODUCE_CHUNK events, cut at each erasure), not in 16 KB batches: see LOG_WRITES
+    kafka_config = common.BULK_LOAD if LOG_WRITES == "bulk" else {}
+    seconds = common.produce(kafka.bootstrap_servers, topic, ctx.events(key),
+                             PRODUCE_CHUNK if LOG_WRITES == "bulk" else 1000, **kafka_config)
+    objects = sum(1 for p in (tmp / "kafka").rglob("*") if p.is_file() and topic in str(p)
+                  and ".dlq" not in str(p))
     common.console.print(f"  produced {key.count:,} events to the durable broker in "
-                         f"{seconds:.1f} s ({key.count / seconds:,.0f} events/s)")
+                         f"{seconds:.1f} s ({key.count / seconds:,.0f} events/s; {LOG_WRITES} "
+                         f"writes, {objects:,} stored objects under the topic)")
+    DURABLE_LOG[topic] = {"writes": LOG_WRITES, "produce_seconds": round(seconds, 3),
+                          "stored_objects": objects}
     settings = ctx.settings(topic=topic, db_schema=base, poll_timeout_ms=100,
                             fetch_max_wait_ms=100)  # as `up` sets it since 2026-11-27
     return replace(settings, kafka_bootstrap_servers=kafka.bootstrap_servers, partitions=1)
@@ -138,7 +147,8 @@ def _measure(ctx: common.Context, key: common.WorkloadKey, settings, runs: int,
     return {
         "workload": {**key.describe(), "beliefs": len(expected)},
         "topic": {"partitions": settings.partitions,
-                  "fetch_max_wait_ms": settings.fetch_max_wait_ms},
+                  "fetch_max_wait_ms": settings.fetch_max_wait_ms,
+                  **DURABLE_LOG.get(settings.topic, {})},
         "runs": results,
         "median_seconds": common.median([r["seconds"] for r in results]),
         "median_events_per_second": common.median([r["events_per_second"] for r in results]),
@@ -152,6 +162,18 @@ def _measure(ctx: common.Context, key: common.WorkloadKey, settings, runs: int,
         "failed": bool(failures),
     }
 
+
+PRODUCE_CHUNK = 5000
+"""Events per ``send_many`` when the durable log is written in bulk (~650 KB at the
+realistic profile's ~125 bytes an event: one record batch under ``BULK_LOAD``'s 1 MiB)."""
+
+LOG_WRITES = os.environ.get("BENCH_REPLAY_LOG_WRITES", "bulk")
+"""How the durable log is written: ``bulk`` (:data:`common.BULK_LOAD`, chunks of
+:data:`PRODUCE_CHUNK`) or ``default`` (the producer's own settings, chunks of 1,000:
+record batches of kafka-python's default 16 KB, as before 2026-11-27 05:00)."""
+
+DURABLE_LOG: dict[str, dict[str, Any]] = {}
+"""Topic → how its durable log was written (for the results)."""
 
 RAW_READ_MAX_S = 90.0
 """Longest raw read of the durable log, seconds (its rate is taken over that stretch)."""
