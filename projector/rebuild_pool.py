@@ -149,6 +149,84 @@ def decode_chunk(topic: str, partition: int, records: Sequence[Record]) -> list[
     return out
 
 
+RANGE = 20_000
+"""Offsets of one partition a worker process reads and decodes per task
+(:func:`read_range`)."""
+
+READ_STALL_S = 60.0
+"""Longest a worker process waits for the next records of its range, seconds."""
+
+_consumers: dict[tuple[str, int], Any] = {}
+"""The worker process's Kafka consumers, one per (topic, partition) it has read."""
+
+
+def _consumer(settings: Any, topic: str, partition: int) -> Any:
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = _consumers.get((topic, partition))
+    if consumer is None:
+        consumer = KafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            client_id=f"beliefstore-rebuild-{os.getpid()}", group_id=None,
+            enable_auto_commit=False, auto_offset_reset="none",
+            max_partition_fetch_bytes=4 << 20,
+            fetch_max_wait_ms=settings.fetch_max_wait_ms or 20,
+            **settings.kafka_client_config())
+        consumer.assign([TopicPartition(topic, partition)])
+        _consumers[(topic, partition)] = consumer
+    return consumer
+
+
+def read_range(settings: Any, topic: str, partition: int, start: int,
+               stop: int | None) -> tuple[list[Item], dict[int, Record], int]:
+    """Read offsets ``start`` ≤ offset < ``stop`` of one partition with this worker
+    process's own consumer (``stop`` ``None``: to the log end, the high watermark its
+    fetches report, confirmed by one more fetch as
+    :func:`~beliefstore.projector.replay.read_log` does) and decode them
+    (:func:`decode_chunk`). Returns the items, for each ``POISON`` item's index its
+    :data:`Record` (for the dead-letter topic), and the next offset to read.
+
+    Raises:
+        TimeoutError: no record arrived for :data:`READ_STALL_S` seconds.
+        OffsetOutOfRangeError: ``start`` is outside the log (kafka-python).
+    """
+    from kafka import TopicPartition
+
+    fresh = (topic, partition) not in _consumers  # no position before its first seek
+    consumer = _consumer(settings, topic, partition)
+    tp = TopicPartition(topic, partition)
+    if fresh or consumer.position(tp) != start:
+        consumer.seek(tp, start)
+    records: list[Record] = []
+    deadline = time.monotonic() + READ_STALL_S
+    confirming = False
+    while True:
+        position = consumer.position(tp)
+        if stop is not None and position >= stop:
+            break
+        if stop is None:
+            end = consumer.highwater(tp)
+            if end is not None and position >= end:
+                if confirming:
+                    break
+                confirming = True  # one more fetch: a stale high watermark ends nothing
+        polled = consumer.poll(timeout_ms=200, max_records=RANGE if stop is None
+                               else stop - position)
+        got = polled.get(tp, ())
+        records.extend((r.offset, r.timestamp, r.key, r.value) for r in got
+                       if stop is None or r.offset < stop)
+        if got:
+            deadline = time.monotonic() + READ_STALL_S
+            confirming = False
+        elif time.monotonic() > deadline:
+            raise TimeoutError(f"{topic}[{partition}]: no record after offset "
+                               f"{position} for {READ_STALL_S:.0f} s (reading up to "
+                               f"{'the log end' if stop is None else stop})")
+    items = decode_chunk(topic, partition, records)
+    return (items, {item[1]: records[item[1]] for item in items if item[0] == POISON},
+            position if stop is None else stop)
+
+
 def default_workers() -> int:
     """Worker processes for a large rebuild: one per CPU the process may use (at least 1)."""
     try:
@@ -180,6 +258,7 @@ class RebuildPool:
         if workers < 1:
             raise ValueError(f"a rebuild pool needs at least 1 worker, not {workers}")
         self.workers = workers
+        self._settings = settings
         keyring_schema = serde.sealer.keyring.schema if serde.sealer is not None else None
         self._executor = ProcessPoolExecutor(
             max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
@@ -190,6 +269,13 @@ class RebuildPool:
         """Decode ``records`` of ``partition`` in a worker; the future's result is the
         list of :data:`Item` s."""
         return self._executor.submit(decode_chunk, topic, partition, list(records))
+
+    def read(self, topic: str, partition: int, start: int, stop: int | None) -> Future:
+        """:func:`read_range` in a worker: the worker reads the records itself (the
+        replaying process then parses no record); the future's result is ``(items,
+        poison records by index, next offset)``."""
+        return self._executor.submit(read_range, self._settings, topic, partition, start,
+                                     stop)
 
     def fold(self, counting: list[Counting], settings: FoldSettings,
              where: dict[str, tuple[int, int]]) -> list[Future]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import as_completed
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -514,6 +515,9 @@ class FreshLoad:
         self._raw = _driver(conn)
         self._cursor = self._raw.cursor()
         self._indexes = _drop_indexes(self._cursor, "observations")
+        # the belief tables are loaded at the end, and indexed after their load too
+        self._belief_indexes = [statement for table in _BELIEF_TABLES
+                                for statement in _drop_indexes(self._cursor, table)]
         self._copy = self._cursor.copy(
             f"COPY observations ({', '.join(bulk.OBS_COLUMNS)}) FROM STDIN")
         self._writer = self._copy.__enter__()
@@ -594,7 +598,9 @@ class FreshLoad:
         by subject (:meth:`RebuildPool.fold
         <beliefstore.projector.rebuild_pool.RebuildPool.fold>`), while PostgreSQL loads
         the retractions and erasures, applies the marks and builds the observations'
-        indexes."""
+        indexes; each part's ``belief_sources`` rows are sent as soon as it is folded.
+        The belief tables' indexes (dropped when the load began) are built after their
+        ``COPY``, as the observations' are."""
         clock = time.perf_counter()
         self._copy.__exit__(None, None, None)
         self._open = False
@@ -641,14 +647,26 @@ class FreshLoad:
         self.timings["observation_indexes_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
         if pool is not None:
-            parts = [f.result() for f in folding]
-            self.timings["fold_wait_s"] = time.perf_counter() - clock
-            clock = time.perf_counter()
-        _copy_lines(cur, "belief_sources", bulk.SOURCE_COLUMNS, (p[1] for p in parts))
+            # each part's belief_sources lines go to PostgreSQL as soon as it is folded,
+            # while the workers fold the others
+            parts = []
+
+            def done_parts() -> Iterator[bytes]:
+                for future in as_completed(folding):
+                    parts.append(future.result())
+                    yield parts[-1][1]
+
+            _copy_lines(cur, "belief_sources", bulk.SOURCE_COLUMNS, done_parts())
+        else:
+            _copy_lines(cur, "belief_sources", bulk.SOURCE_COLUMNS, (p[1] for p in parts))
         _copy_lines(cur, "beliefs", bulk.BELIEF_COLUMNS, (p[2] for p in parts))
         _copy_lines(cur, "belief_changes", _CHANGE_COLUMNS, (p[3] for p in parts))
         count = sum(p[0] for p in parts)
-        self.timings["beliefs_copy_s"] = time.perf_counter() - clock
+        self.timings["fold_wait_and_beliefs_copy_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        for statement in self._belief_indexes:
+            cur.execute(statement)
+        self.timings["belief_indexes_s"] = time.perf_counter() - clock
         if count:
             cur.execute("SELECT max(id), current_schema() FROM belief_changes")
             max_id, schema = cur.fetchone()  # type: ignore[misc]
@@ -668,6 +686,9 @@ class FreshLoad:
                 self._copy.__exit__(RuntimeError, RuntimeError("rebuild abandoned"), None)
         self._cursor.close()
 
+
+_BELIEF_TABLES = ("belief_sources", "beliefs", "belief_changes")
+"""The tables a bulk rebuild loads at its end (from the fold), indexed after their load."""
 
 INDEX_BUILD_MEMORY_MB = 256
 """``maintenance_work_mem`` of a bulk rebuild's index builds (one sort of the whole

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,9 @@ from beliefstore.projector import bulk, metrics
 from beliefstore.projector.rebuild_pool import (
     MIN_EVENTS,
     POISON,
+    RANGE,
     SHREDDED,
+    Item,
     RebuildPool,
     default_workers,
 )
@@ -448,10 +450,29 @@ class ProjectorWorker:
                 collections.deque()
             decided = workers is not None
             held: list[dict[Any, list[ConsumerRecord]]] = []
+            ranged = False
             if workers:
                 pool = stack.enter_context(RebuildPool(self.settings, self.serde,
                                                        workers))
-            while True:
+            if workers != 0:
+                # the log's size now, from the high watermarks: with at least as many
+                # partitions to read as worker processes, each worker reads its own
+                # ranges of partitions (this process then parses no record)
+                # (Tansu 0.6.0 answers ListOffsets with less than the log end: the
+                # last range of each partition reads on to the end its fetches report)
+                ends = self._consumer.end_offsets(list(started))
+                todo = {tp: (pos, max(pos, ends.get(tp) or 0))
+                        for tp, pos in started.items()}
+                ahead = sum(end - pos for pos, end in todo.values())
+                if pool is None and ahead >= MIN_EVENTS and default_workers() > 1:
+                    pool = stack.enter_context(RebuildPool(
+                        self.settings, self.serde, default_workers()))
+                decided = True
+                ranged = pool is not None and len(todo) >= pool.workers
+                if ranged:
+                    assert pool is not None
+                    self._load_ranges(load, pool, todo, progress, on_progress)
+            while not ranged:
                 try:
                     polled = self._consumer.poll(timeout_ms=self.settings.poll_timeout_ms,
                                                  max_records=max_records)
@@ -507,6 +528,65 @@ class ProjectorWorker:
         self.stats.batches += 1
         return self.stats
 
+    def _load_ranges(self, load: FreshLoad, pool: RebuildPool,
+                     todo: dict[TopicPartition, tuple[int, int]],
+                     progress: dict[int, PartitionProgress],
+                     on_progress: Callable[[WorkerStats, int | None], None] | None) -> None:
+        """A rebuild's reading phase with the worker processes reading the log themselves
+        (:meth:`RebuildPool.read <beliefstore.projector.rebuild_pool.RebuildPool.read>`):
+        ``todo`` maps each partition to its ``(start, end)`` offsets, ``end`` known to be
+        on the log (a lower bound of its end); each is cut into ranges of
+        :data:`~beliefstore.projector.rebuild_pool.RANGE` offsets and one last range that
+        reads on to the end the fetches report, read and decoded by whichever worker is
+        free (a few ranges in flight, round robin over the partitions), and loaded here
+        in log order per partition, as :meth:`_load_chunk` loads a chunk. ``progress``
+        gets each partition's offsets as its ranges are loaded."""
+        total = sum(end - start for start, end in todo.values())
+        done0 = self.stats.events + self.stats.poison + self.stats.shredded
+        cursor: dict[TopicPartition, int | None] = {tp: start
+                                                    for tp, (start, _) in todo.items()}
+        queues: dict[TopicPartition, collections.deque[Future]] = {
+            tp: collections.deque() for tp in todo}
+        limit = 3 * pool.workers
+        inflight = 0
+        while True:
+            while inflight < limit:  # round robin over the partitions with ranges left
+                left = [tp for tp in todo if cursor[tp] is not None]
+                if not left:
+                    break
+                for tp in sorted(left, key=lambda tp: len(queues[tp])):
+                    start = cursor[tp]
+                    if inflight >= limit or start is None:
+                        break
+                    end = todo[tp][1]
+                    stop = start + RANGE if start + RANGE < end else None
+                    queues[tp].append(pool.read(tp.topic, tp.partition, start, stop))
+                    cursor[tp] = stop
+                    inflight += 1
+            heads = [q[0] for q in queues.values() if q]
+            if not heads:
+                return
+            wait(heads, return_when=FIRST_COMPLETED)
+            for tp, queue in queues.items():
+                while queue and queue[0].done():
+                    future = queue.popleft()
+                    inflight -= 1
+                    try:
+                        items, poisoned, next_offset = future.result()
+                    except OffsetOutOfRangeError as exc:
+                        raise self._log_reset(str(exc)) from exc
+                    records = {i: ConsumerRecord(tp.topic, tp.partition, -1, offset,
+                                                 timestamp, 0, key, value, [], None,
+                                                 -1, -1, -1)
+                               for i, (offset, timestamp, key, value) in poisoned.items()}
+                    self._load_items(load, tp.partition, records, items)
+                    progress[tp.partition] = PartitionProgress(
+                        next_offset=next_offset,
+                        high_watermark=max(next_offset, todo[tp][1]))
+            if on_progress is not None:
+                done = self.stats.events + self.stats.poison + self.stats.shredded
+                on_progress(self.stats, max(done, done0 + total))
+
     def _load_polled(self, load: FreshLoad, polled: dict[Any, list[ConsumerRecord]]) -> None:
         """One poll of a rebuild decoded here (poison to the dead-letter topic), into
         ``load``."""
@@ -531,7 +611,14 @@ class ProjectorWorker:
     def _load_chunk(self, load: FreshLoad, records: list[ConsumerRecord],
                     future: Future) -> None:
         """One chunk decoded by the rebuild's worker processes, into ``load``."""
-        items = future.result()
+        self._load_items(load, records[0].partition, records, future.result())
+
+    def _load_items(self, load: FreshLoad, partition: int,
+                    records: list[ConsumerRecord] | dict[int, ConsumerRecord],
+                    items: list[Item]) -> None:
+        """Decoded records of one partition (:data:`~beliefstore.projector.rebuild_pool.Item`
+        s) into ``load``; a ``POISON`` item's record (``records[index]``) to the
+        dead-letter topic."""
         poison = [(records[item[1]], PoisonEvent(item[2], item[3]))
                   for item in items if item[0] == POISON]
         shredded = sum(1 for item in items if item[0] == SHREDDED)
@@ -539,7 +626,7 @@ class ProjectorWorker:
             self._dead_letter(poison)
             self.stats.poison += len(poison)
         self.stats.shredded += shredded
-        load.add_items(records[0].partition, items)
+        load.add_items(partition, items)
         self.stats.events += len(items) - len(poison) - shredded
 
     def _log_reset(self, detail: str) -> LogResetError:
