@@ -1,13 +1,16 @@
-"""Worker processes of the bulk rebuild: decoding and ``COPY`` lines on the other cores.
+"""Worker processes of the bulk rebuild: reading, decoding and ``COPY`` lines on the
+other cores.
 
-A replay is bound by Python on one core (decoding every event, validating it, building
-its rows). :class:`RebuildPool` runs that part in worker processes
-(:class:`concurrent.futures.ProcessPoolExecutor`, ``spawn``), while the replaying
-process reads the log and streams the returned ``COPY`` lines to PostgreSQL: the
-replaying process sends each poll's records of one partition as a chunk
-(:func:`decode_chunk`), gets back one :data:`Item` per record in log order, and keeps
-the bookkeeping that needs every partition (deduplication by ``event_id``, retractions
-and erasures, the marks) to itself, so the result is exactly that of the serial path.
+A replay is bound by Python (kafka-python's record parsing, decoding every event,
+validating it, building its rows). :class:`RebuildPool` runs that part in worker
+processes (:class:`concurrent.futures.ProcessPoolExecutor`, ``spawn``): the replaying
+process cuts each partition into ranges of offsets, a worker reads a range with its own
+Kafka consumer and decodes it (:func:`read_range`, :func:`decode_chunk`), and returns one
+:data:`Item` per record in log order; the replaying process loads each partition's
+ranges in order and keeps the bookkeeping that needs every partition (deduplication by
+``event_id``, retractions and erasures, the marks) to itself, so the result is exactly
+that of the serial path. At the end the workers fold the counting observations, split
+by subject (:meth:`RebuildPool.fold`).
 
 Decoding follows :meth:`ProjectorWorker._decode_all
 <beliefstore.projector.worker.ProjectorWorker._decode_all>`: the same
@@ -237,7 +240,8 @@ def default_workers() -> int:
 
 
 class RebuildPool:
-    """``workers`` processes that decode chunks of records (:func:`decode_chunk`).
+    """``workers`` processes that read and decode ranges of the log (:func:`read_range`)
+    and fold (:func:`fold_chunk`).
 
     Use as a context manager; leaving it shuts the processes down (cancelling what is
     queued), also on an exception or Ctrl-C. If the replaying process dies without
@@ -264,11 +268,6 @@ class RebuildPool:
             max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_init, initargs=(settings, serde.registry, keyring_schema,
                                          os.getpid()))
-
-    def submit(self, topic: str, partition: int, records: Sequence[Record]) -> Future:
-        """Decode ``records`` of ``partition`` in a worker; the future's result is the
-        list of :data:`Item` s."""
-        return self._executor.submit(decode_chunk, topic, partition, list(records))
 
     def read(self, topic: str, partition: int, start: int, stop: int | None) -> Future:
         """:func:`read_range` in a worker: the worker reads the records itself (the

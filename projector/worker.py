@@ -55,8 +55,6 @@ from beliefstore.settings import Settings
 
 log = logging.getLogger("beliefstore.projector")
 
-_CHUNK = 5000
-"""Most records of one partition a rebuild's worker process decodes at a time."""
 
 DLQ_HEADERS = (
     "beliefstore.error.kind",
@@ -413,15 +411,17 @@ class ProjectorWorker:
         dead-letter topic, as :meth:`process_batch`) and stream them into one
         transaction that ends with the offsets (:meth:`ProjectionRecorder.fresh_load`).
 
-        ``workers``: processes that decode the records and build their ``COPY`` lines
-        (:class:`~beliefstore.projector.rebuild_pool.RebuildPool`) while this one reads
-        the log and streams the lines; ``0``: decode here; ``None`` (default): one per
-        CPU when the first poll shows at least
+        ``workers``: processes that read ranges of the partitions themselves, decode
+        them and build their ``COPY`` lines
+        (:class:`~beliefstore.projector.rebuild_pool.RebuildPool`, :meth:`_load_ranges`)
+        while this one streams the lines in log order and keeps what crosses partitions
+        (deduplication, retractions, erasures, marks); ``0``: read and decode here;
+        ``None`` (default): one per CPU when the partitions' end offsets show at least
         :data:`~beliefstore.projector.rebuild_pool.MIN_EVENTS` messages to read and
         there is more than one CPU, else ``0``. Both give the same rows.
 
-        ``on_progress(stats, total)`` is called after every poll (``total``: messages to
-        read, ``None`` until every high watermark is known). Afterwards
+        ``on_progress(stats, total)`` is called after every poll or loaded range
+        (``total``: messages to read, ``None`` until every high watermark is known). Afterwards
         ``rebuild_timings`` holds the seconds of each phase (reading and streaming the
         log, then those of :attr:`FreshLoad.timings
         <beliefstore.projector.store.FreshLoad.timings>`). Without a crash the result
@@ -446,33 +446,21 @@ class ProjectorWorker:
             load = stack.enter_context(self.recorder.fresh_load(self.settings.topic,
                                                                 self._epochs))
             pool: RebuildPool | None = None
-            pending: collections.deque[tuple[list[ConsumerRecord], Future]] = \
-                collections.deque()
-            decided = workers is not None
-            held: list[dict[Any, list[ConsumerRecord]]] = []
-            ranged = False
-            if workers:
-                pool = stack.enter_context(RebuildPool(self.settings, self.serde,
-                                                       workers))
             if workers != 0:
-                # the log's size now, from the high watermarks: with at least as many
-                # partitions to read as worker processes, each worker reads its own
-                # ranges of partitions (this process then parses no record)
-                # (Tansu 0.6.0 answers ListOffsets with less than the log end: the
-                # last range of each partition reads on to the end its fetches report)
+                # The log's size now. Tansu 0.6.0 answers ListOffsets with less than the
+                # log end (the last record batch's first offset): a lower bound, and the
+                # last range of each partition reads on to the end its fetches report.
                 ends = self._consumer.end_offsets(list(started))
                 todo = {tp: (pos, max(pos, ends.get(tp) or 0))
                         for tp, pos in started.items()}
                 ahead = sum(end - pos for pos, end in todo.values())
-                if pool is None and ahead >= MIN_EVENTS and default_workers() > 1:
-                    pool = stack.enter_context(RebuildPool(
-                        self.settings, self.serde, default_workers()))
-                decided = True
-                ranged = pool is not None and len(todo) >= pool.workers
-                if ranged:
-                    assert pool is not None
+                count = workers if workers is not None else (
+                    default_workers() if ahead >= MIN_EVENTS else 1)
+                if workers is not None or count > 1:
+                    pool = stack.enter_context(RebuildPool(self.settings, self.serde,
+                                                           count))
                     self._load_ranges(load, pool, todo, progress, on_progress)
-            while not ranged:
+            while pool is None:  # one process: this one reads and decodes
                 try:
                     polled = self._consumer.poll(timeout_ms=self.settings.poll_timeout_ms,
                                                  max_records=max_records)
@@ -483,39 +471,12 @@ class ProjectorWorker:
                     progress[tp.partition] = PartitionProgress(
                         next_offset=records[-1].offset + 1,
                         high_watermark=self._consumer.highwater(tp))
-                if polled:
-                    held.append(polled)
-                if not decided:  # hold the polls until the size of the log is known
-                    ahead = sum(len(r) for h in held for r in h.values()) + sum(
-                        self.partition_lags().values())
-                    if lag is not None or ahead >= MIN_EVENTS:
-                        decided = True
-                        count = default_workers()
-                        if count > 1 and ahead >= MIN_EVENTS:
-                            pool = stack.enter_context(RebuildPool(
-                                self.settings, self.serde, count))
-                while decided and held:
-                    ready = held.pop(0)
-                    if pool is None:
-                        self._load_polled(load, ready)
-                        continue
-                    for tp, records in ready.items():
-                        for i in range(0, len(records), _CHUNK):
-                            chunk = records[i:i + _CHUNK]
-                            pending.append((chunk, pool.submit(tp.topic, tp.partition, [
-                                (r.offset, r.timestamp, r.key, r.value) for r in chunk])))
-                    while pending and (len(pending) > 2 * pool.workers
-                                       or pending[0][1].done()):
-                        self._load_chunk(load, *pending.popleft())
+                self._load_polled(load, polled)
                 if on_progress is not None:
                     done = self.stats.events + self.stats.poison + self.stats.shredded
-                    on_progress(self.stats, None if lag is None else done + lag
-                                + sum(len(c) for c, _ in pending)
-                                + sum(len(r) for h in held for r in h.values()))
+                    on_progress(self.stats, None if lag is None else done + lag)
                 if not polled and lag == 0:
                     break
-            while pending:
-                self._load_chunk(load, *pending.popleft())
             for tp, position in started.items():
                 progress.setdefault(tp.partition, PartitionProgress(
                     next_offset=position, high_watermark=self._consumer.highwater(tp)))
@@ -539,7 +500,7 @@ class ProjectorWorker:
         :data:`~beliefstore.projector.rebuild_pool.RANGE` offsets and one last range that
         reads on to the end the fetches report, read and decoded by whichever worker is
         free (a few ranges in flight, round robin over the partitions), and loaded here
-        in log order per partition, as :meth:`_load_chunk` loads a chunk. ``progress``
+        in log order per partition (:meth:`_load_items`). ``progress``
         gets each partition's offsets as its ranges are loaded."""
         total = sum(end - start for start, end in todo.values())
         done0 = self.stats.events + self.stats.poison + self.stats.shredded
@@ -607,11 +568,6 @@ class ProjectorWorker:
             self.stats.poison += len(poison)
         load.add(logged)
         self.stats.events += len(logged)
-
-    def _load_chunk(self, load: FreshLoad, records: list[ConsumerRecord],
-                    future: Future) -> None:
-        """One chunk decoded by the rebuild's worker processes, into ``load``."""
-        self._load_items(load, records[0].partition, records, future.result())
 
     def _load_items(self, load: FreshLoad, partition: int,
                     records: list[ConsumerRecord] | dict[int, ConsumerRecord],

@@ -99,6 +99,40 @@ def test_the_worker_processes_give_the_rows_of_one_process_and_the_pure_fold(set
     assert dead_letters(settings) == ["invalid_event"] * 4 + ["truncated"] * 2
 
 
+@pytest.mark.parametrize("partitions", [1, 3])
+def test_ranges_of_one_partition_read_by_several_workers_keep_log_order(settings, catalog,
+                                                                        monkeypatch,
+                                                                        partitions):
+    """The worker processes read ranges of the log themselves; with ranges of 400
+    offsets, one partition's ranges are read by both workers at once and loaded in log
+    order (retractions after what they retract, erasures after their subject's
+    observations, poison to the dead-letter topic): the rows of the one-process rebuild."""
+    from beliefstore.events.topics import ensure_topics
+    from beliefstore.projector import worker
+
+    own = replace(settings, topic=f"{settings.topic}.p{partitions}",
+                  dlq_topic=f"{settings.topic}.p{partitions}.dlq", partitions=partitions)
+    ensure_topics(own.kafka_bootstrap_servers or "", {own.topic: partitions,
+                                                      own.dlq_topic: 1})
+    events = produce_with_poison(own, count=3000)
+    monkeypatch.setattr(worker, "RANGE", 400)
+    loaded: list[int] = []
+    parallel = replay(own, catalog, "ranges", workers=2,
+                      on_progress=lambda done, total: loaded.append(done))
+    serial = replay(own, catalog, "one", workers=0)
+    assert parallel.phases["workers"] == 2
+    assert len(loaded) >= 3003 // 400  # one call per range loaded
+    assert loaded == sorted(loaded) and loaded[-1] == len(events) + 3
+    for report in (serial, parallel):
+        assert report.vs_fold == []
+        assert report.stats.events == len(events) and report.stats.poison == 3
+        assert report.rebuilt_offsets == serial.rebuilt_offsets
+    assert sum(serial.rebuilt_offsets.values()) == len(events) + 3
+    assert rows_of(catalog.engine(serial.projection.schema)) == rows_of(
+        catalog.engine(parallel.projection.schema))
+    assert dead_letters(own) == ["invalid_event"] * 4 + ["truncated"] * 2
+
+
 def test_the_merge_vectors_through_the_worker_processes(settings, catalog):
     """Every merge vector without settings of its own, in one log (each case's subjects
     and event ids renamed apart): the parallel rebuild gives each case's expected
