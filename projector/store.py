@@ -514,12 +514,19 @@ class FreshLoad:
         self.topic = topic
         self._raw = _driver(conn)
         self._cursor = self._raw.cursor()
+        # The projection is empty (checked in this transaction): truncating its tables
+        # changes no row, and lets every COPY of the load write its rows frozen
+        # (PostgreSQL documentation, "COPY", FREEZE: the table was truncated in the
+        # current transaction), so no later scan (the marks' UPDATE, the index builds,
+        # ANALYZE) sets their hint bits page by page, each a full-page image in the WAL
+        # when data checksums are on (PostgreSQL 18's default).
+        self._cursor.execute(f"TRUNCATE {', '.join(_LOADED_TABLES)}")
         self._indexes = _drop_indexes(self._cursor, "observations")
         # the belief tables are loaded at the end, and indexed after their load too
         self._belief_indexes = [statement for table in _BELIEF_TABLES
                                 for statement in _drop_indexes(self._cursor, table)]
         self._copy = self._cursor.copy(
-            f"COPY observations ({', '.join(bulk.OBS_COLUMNS)}) FROM STDIN")
+            f"COPY observations ({', '.join(bulk.OBS_COLUMNS)}) FROM STDIN WITH (FREEZE)")
         self._writer = self._copy.__enter__()
         self._seen: set[str] = set()
         self._observed: list[Counting] = []
@@ -690,6 +697,9 @@ class FreshLoad:
 _BELIEF_TABLES = ("belief_sources", "beliefs", "belief_changes")
 """The tables a bulk rebuild loads at its end (from the fold), indexed after their load."""
 
+_LOADED_TABLES = ("observations", "retractions", "erasures", *_BELIEF_TABLES)
+"""Every table a bulk rebuild loads with ``COPY … FREEZE``."""
+
 INDEX_BUILD_MEMORY_MB = 256
 """``maintenance_work_mem`` of a bulk rebuild's index builds (one sort of the whole
 ``observations`` table per index: 1M observations sort in about 100 MB)."""
@@ -724,9 +734,10 @@ def _drop_indexes(cur: psycopg.Cursor, table: str) -> list[str]:
 
 def _copy_lines(cur: psycopg.Cursor, table: str, columns: Sequence[str],
                 lines: Iterable[bytes], chunk: int = 4096) -> None:
-    """``COPY table (columns) FROM STDIN`` of ready ``COPY`` text lines, written in
-    chunks of ``chunk`` lines."""
-    with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+    """``COPY table (columns) FROM STDIN WITH (FREEZE)`` of ready ``COPY`` text lines
+    (``table`` truncated in the caller's transaction), written in chunks of ``chunk``
+    lines."""
+    with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN WITH (FREEZE)") as copy:
         buffer: list[bytes] = []
         for data in lines:
             buffer.append(data)
