@@ -447,9 +447,10 @@ class ProjectorWorker:
                                                                 self._epochs))
             pool: RebuildPool | None = None
             if workers != 0:
-                # The log's size now. Tansu 0.6.0 answers ListOffsets with less than the
-                # log end (the last record batch's first offset): a lower bound, and the
-                # last range of each partition reads on to the end its fetches report.
+                # The log's size now. Tansu 0.6.0 can answer ListOffsets with less than
+                # the log end (tests/test_replay_pool.py lost the last events of each
+                # partition when these were taken as the ends): a lower bound only, and
+                # the last range of each partition reads on to the end its fetches report.
                 ends = self._consumer.end_offsets(list(started))
                 todo = {tp: (pos, max(pos, ends.get(tp) or 0))
                         for tp, pos in started.items()}
