@@ -24,7 +24,9 @@ Storages:
 * ``durable``: a second embedded broker started here as ``beliefstore up`` starts it
   (Tansu with its log on disk through ``s3://`` on localbucket, in a temporary data
   folder; one partition and ``fetch_max_wait_ms=100``, as ``up`` sets them), stopped at
-  the end.
+  the end. The workload is written to it as a bulk loader writes (:data:`LOG_WRITES`,
+  ``BENCH_REPLAY_LOG_WRITES=default`` for kafka-python's 16 KB record batches), and the
+  results name how and how many objects it stored.
 """
 
 from __future__ import annotations
