@@ -545,9 +545,9 @@ class ProjectorWorker:
                     progress[tp.partition] = PartitionProgress(
                         next_offset=next_offset,
                         high_watermark=max(next_offset, todo[tp][1]))
-            if on_progress is not None:
-                done = self.stats.events + self.stats.poison + self.stats.shredded
-                on_progress(self.stats, max(done, done0 + total))
+                    if on_progress is not None:
+                        done = self.stats.events + self.stats.poison + self.stats.shredded
+                        on_progress(self.stats, max(done, done0 + total))
 
     def _load_polled(self, load: FreshLoad, polled: dict[Any, list[ConsumerRecord]]) -> None:
         """One poll of a rebuild decoded here (poison to the dead-letter topic), into
