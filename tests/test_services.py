@@ -358,6 +358,118 @@ def test_s3_store_honours_if_match_on_put(tmp_path: Path) -> None:
         server.server_close()
 
 
+def test_s3_store_etags_match_the_bytes_under_concurrent_read_modify_writes(
+        tmp_path: Path) -> None:
+    """Tansu allocates offsets by a read-modify-write of ``watermark.json`` (GET, then PUT
+    with ``If-Match`` the ETag it got). localbucket 1.2.1 opens the file and hashes it by
+    path afterwards, and caches ETags under (device, inode, size, mtime), which repeat on
+    ext4 (coarse mtimes, reused inodes): a GET during a rewrite answered old bytes with
+    the new ETag, the If-Match update on those bytes passed, and two produces got the same
+    offsets (acknowledged events then missing from the read model). Here 4 writers
+    increment a counter the same way while 2 readers GET it: every increment must count,
+    and every GET's ETag must be the MD5 of the bytes it came with. (Failed with the GET
+    unguarded: counters short by tens, GETs with another version's ETag.)"""
+    import hashlib
+    import http.client
+    import json
+    import threading
+
+    (tmp_path / "bkt").mkdir()
+    server = _serve_s3(tmp_path)
+    port = server.server_address[1]
+    path = "/bkt/clusters/c/topics/t/partitions/0000000000/watermark.json"
+    first = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    first.request("PUT", path, body=json.dumps({"high": 0}).encode())
+    assert first.getresponse().read() is not None
+    first.close()
+    per_writer, mismatched, errors = 150, [], []
+    stop = threading.Event()
+
+    def get(conn: http.client.HTTPConnection) -> tuple[str, bytes]:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read()
+        etag = (response.getheader("ETag") or "").strip('"')
+        if etag != hashlib.md5(body).hexdigest():
+            mismatched.append(etag)
+        return etag, body
+
+    def writer() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            done = 0
+            while done < per_writer:
+                etag, body = get(conn)
+                high = json.loads(body)["high"]
+                conn.request("PUT", path, body=json.dumps({"high": high + 1}).encode(),
+                             headers={"If-Match": f'"{etag}"'})
+                response = conn.getresponse()
+                response.read()
+                if response.status == 200:
+                    done += 1
+                elif response.status != 412:
+                    errors.append(response.status)
+                    return
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+        finally:
+            conn.close()
+
+    def reader() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            while not stop.is_set():
+                get(conn)
+        finally:
+            conn.close()
+
+    writers = [threading.Thread(target=writer) for _ in range(4)]
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    try:
+        for t in [*writers, *readers]:
+            t.start()
+        for t in writers:
+            t.join(120)
+        stop.set()
+        for t in readers:
+            t.join(30)
+        stored = json.loads((tmp_path / "bkt" / path.removeprefix("/bkt/")).read_bytes())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not errors, errors[:5]
+    assert stored["high"] == 4 * per_writer, "a read-modify-write was lost"
+    assert not mismatched, f"{len(mismatched)} GETs had an ETag of other bytes"
+
+
+def test_s3_store_keeps_the_connection_after_a_failed_precondition(tmp_path: Path) -> None:
+    """A 412 on ``If-Match`` reads the request's body and keeps the connection, so Tansu's
+    retry (a GET and a PUT at once) does not open a new connection (and a new server
+    thread) per conflict."""
+    import http.client
+
+    (tmp_path / "bkt").mkdir()
+    server = _serve_s3(tmp_path)
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+    try:
+        conn.request("PUT", "/bkt/meta.json", body=b"v1")
+        assert conn.getresponse().read() == b""
+        sock = conn.sock
+        conn.request("PUT", "/bkt/meta.json", body=b"stale" * 1000,
+                     headers={"If-Match": '"0123456789abcdef0123456789abcdef"'})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 412
+        assert conn.sock is sock, "the 412 closed the connection"
+        conn.request("GET", "/bkt/meta.json")
+        assert conn.getresponse().read() == b"v1"
+        assert conn.sock is sock
+    finally:
+        conn.close()
+        server.shutdown()
+        server.server_close()
+
+
 
 def _raw(port: int, method: str, path: str, body: bytes | None = None,
          headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
