@@ -1036,14 +1036,17 @@ def test_s3_store_bounds_its_etag_and_listing_caches(tmp_path: Path) -> None:
             s.server_close()
 
 
+@pytest.mark.parametrize("idempotent", [True, False], ids=["idempotent", "not-idempotent"])
 def test_api_producer_pipelined_groups_on_the_durable_broker_exactly_once(
-        tmp_path: Path, settings, catalog) -> None:  # noqa: ANN001 - conftest fixtures
-    """The API's producer (``BeliefProducer.send``: group commit, the next group prepared
-    while the previous one waits, sealing on) under 20 concurrent callers on the durable
-    broker: every acknowledged event is on the log at its acknowledged offset, and after
-    the projector folds the log each acknowledged event is in the read model exactly
-    once (one observation row and one belief per event; a retried group could store an
-    event twice on the log, which the fold counts once)."""
+        tmp_path: Path, settings, catalog, idempotent: bool) -> None:  # noqa: ANN001
+    """The API's producers (``BeliefProducer.send``: group commit, the next group prepared
+    while the previous one waits, sealing on), two of them as under ``up``'s two API
+    processes, under 20 concurrent callers on the durable broker, idempotent or not (``up``
+    turns idempotence off there): every acknowledged event is on the log at its
+    acknowledged offset, the offsets are contiguous from 0 (no two produces given the same
+    offsets), and after the projector folds the log each acknowledged event is in the
+    read model exactly once (one observation row and one belief per event; a retried
+    group could store an event twice on the log, which the fold counts once)."""
     import dataclasses
     import threading
     import uuid
@@ -1060,15 +1063,18 @@ def test_api_producer_pipelined_groups_on_the_durable_broker_exactly_once(
 
     with EmbeddedKafka(tmp_path / "kafka") as kafka:
         durable = dataclasses.replace(settings, kafka_bootstrap_servers=kafka.bootstrap_servers,
-                                      partitions=1)
+                                      partitions=1, idempotent_producer=idempotent)
         ensure_topics(kafka.bootstrap_servers, {durable.topic: 1, durable.dlq_topic: 1})
         acked: dict[str, tuple[int, int]] = {}
         refused: list[str] = []
         stop = time.monotonic() + 5
-        with BeliefProducer.from_settings(durable) as producer:
-            assert producer.serde.sealer is not None
+        with BeliefProducer.from_settings(durable) as first, \
+                BeliefProducer.from_settings(durable) as second:
+            assert first.serde.sealer is not None
+            assert first._config["enable_idempotence"] is idempotent
 
             def agent(i: int) -> None:
+                producer = (first, second)[i % 2]
                 while time.monotonic() < stop:
                     subject = f"agent{i}-{uuid.uuid4().hex[:8]}"
                     try:
@@ -1100,6 +1106,7 @@ def test_api_producer_pipelined_groups_on_the_durable_broker_exactly_once(
             consumer.close()
         assert {e: at.get(o) for e, (_, o) in acked.items()} == {e: e for e in acked}, \
             "an acknowledged event is not at its acknowledged offset"
+        assert sorted(at) == list(range(len(at))), "offsets not contiguous from 0"
         engine = catalog.engine(catalog.active().schema)
         with ProjectorWorker(durable, engine) as worker:
             worker.run(until_caught_up=True)
@@ -1107,3 +1114,37 @@ def test_api_producer_pipelined_groups_on_the_durable_broker_exactly_once(
             rows = conn.execute(sa.select(observations.c.event_id)).scalars().all()
         assert len(rows) == len(set(rows)) and {str(r) for r in rows} >= set(acked)
         assert len(read_beliefs(engine)) == len({str(r) for r in rows})
+
+
+def test_up_turns_producer_idempotence_off_only_on_its_durable_broker(
+        tmp_path: Path, settings, monkeypatch) -> None:  # noqa: ANN001 - conftest fixtures
+    """On the durable embedded broker `up` sets ``idempotent_producer`` off (Tansu 0.6.0's
+    idempotence costs one cluster-wide S3 read-modify-write per produce), unless
+    BELIEFSTORE_IDEMPOTENT_PRODUCER is set; the API worker processes get the choice
+    through their environment; a broker of one's own keeps it on."""
+    import contextlib
+    import dataclasses
+
+    from beliefstore.runtime import serve
+    from beliefstore.runtime.startup import start_missing_services
+    from beliefstore.settings import Settings, SettingsError
+
+    monkeypatch.delenv("BELIEFSTORE_IDEMPOTENT_PRODUCER", raising=False)
+    assert Settings.from_env({}, use_running=False).idempotent_producer is True
+    assert Settings.from_env({"BELIEFSTORE_IDEMPOTENT_PRODUCER": "off"},
+                             use_running=False).idempotent_producer is False
+    with pytest.raises(SettingsError, match="BELIEFSTORE_IDEMPOTENT_PRODUCER"):
+        Settings.from_env({"BELIEFSTORE_IDEMPOTENT_PRODUCER": "maybe"}, use_running=False)
+    own = dataclasses.replace(settings, home=tmp_path / "home", kafka_bootstrap_servers=None)
+    with contextlib.ExitStack() as stack:
+        started = start_missing_services(own, stack, durable=True)
+        assert started.kafka_bootstrap_servers and started.idempotent_producer is False
+        assert serve._producer_env(started) == [("BELIEFSTORE_IDEMPOTENT_PRODUCER", "off")]
+        monkeypatch.setenv("BELIEFSTORE_IDEMPOTENT_PRODUCER", "on")  # the user's choice kept
+        chosen = dataclasses.replace(own, home=tmp_path / "chosen")
+        assert start_missing_services(chosen, stack).idempotent_producer is True
+    assert serve._producer_env(settings) == []
+    monkeypatch.delenv("BELIEFSTORE_IDEMPOTENT_PRODUCER")
+    memory = dataclasses.replace(own, home=tmp_path / "mem")
+    with contextlib.ExitStack() as stack:
+        assert start_missing_services(memory, stack, durable=False).idempotent_producer is True
