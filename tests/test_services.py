@@ -1148,3 +1148,34 @@ def test_up_turns_producer_idempotence_off_only_on_its_durable_broker(
     memory = dataclasses.replace(own, home=tmp_path / "mem")
     with contextlib.ExitStack() as stack:
         assert start_missing_services(memory, stack, durable=False).idempotent_producer is True
+
+
+def test_s3_store_logs_failed_requests_only(tmp_path: Path) -> None:
+    """Successful S3 requests are not logged at all (a long-running broker's log stays
+    small, and the server does not format a line per request); failures still are."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from beliefstore.embedded import s3server
+
+    lines: list[str] = []
+
+    class Recording(s3server.configure()):  # type: ignore[misc]
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            lines.append(format % args)
+
+    Recording.data_root = tmp_path
+    (tmp_path / "bkt").mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recording)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        assert _raw(port, "PUT", "/bkt/a.json", b"{}")[0] == 200
+        assert _raw(port, "GET", "/bkt/a.json")[0] == 200
+        assert _raw(port, "GET", "/bkt?list-type=2")[0] == 200
+        assert not lines, lines
+        assert _raw(port, "GET", "/bkt/missing.json")[0] == 404
+        assert len(lines) == 1 and " 404 " in lines[0], lines
+    finally:
+        server.shutdown()
+        server.server_close()
