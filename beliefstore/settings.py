@@ -20,6 +20,8 @@ poll_timeout_ms                    BELIEFSTORE_POLL_TIMEOUT_MS      500 ms
 fetch_max_wait_ms                  BELIEFSTORE_FETCH_MAX_WAIT_MS    unset → 20 ms; 100 ms on ``up``'s
                                                                     durable embedded broker
 produce_timeout_s                  BELIEFSTORE_PRODUCE_TIMEOUT      30 s until a send must be acked
+idempotent_producer                BELIEFSTORE_IDEMPOTENT_PRODUCER  ``on`` (Kafka's idempotent producer);
+                                                                    ``off`` on ``up``'s durable broker
 api_host                           BELIEFSTORE_API_HOST             ``127.0.0.1``
 api_port                           BELIEFSTORE_API_PORT             8000
 api_url                            BELIEFSTORE_API_URL              ``http://<api_host>:<api_port>``
@@ -82,6 +84,7 @@ ENV_VARS = (
     "BELIEFSTORE_POLL_TIMEOUT_MS",
     "BELIEFSTORE_FETCH_MAX_WAIT_MS",
     "BELIEFSTORE_PRODUCE_TIMEOUT",
+    "BELIEFSTORE_IDEMPOTENT_PRODUCER",
     "BELIEFSTORE_API_HOST",
     "BELIEFSTORE_API_PORT",
     "BELIEFSTORE_API_URL",
@@ -210,6 +213,7 @@ class Settings:
     poll_timeout_ms: int = 500
     fetch_max_wait_ms: int | None = None
     produce_timeout_s: float = 30.0
+    idempotent_producer: bool = True
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_url: str = "http://127.0.0.1:8000"
@@ -272,6 +276,7 @@ class Settings:
             fetch_max_wait_ms=(int(_number(env, "BELIEFSTORE_FETCH_MAX_WAIT_MS", 100))
                                if env.get("BELIEFSTORE_FETCH_MAX_WAIT_MS") else None),
             produce_timeout_s=_number(env, "BELIEFSTORE_PRODUCE_TIMEOUT", 30.0, float),
+            idempotent_producer=_switch(env, "BELIEFSTORE_IDEMPOTENT_PRODUCER", True),
             api_host=host,
             api_port=port,
             api_url=(env.get("BELIEFSTORE_API_URL") or f"http://{host}:{port}").rstrip("/"),

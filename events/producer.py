@@ -214,6 +214,13 @@ class BeliefProducer:
         topic: the event topic (default ``beliefstore.events``).
         serde: the Avro serde (default: the shipped schemas).
         timeout_s: how long a send may wait for the broker's acknowledgement, seconds.
+        idempotent: Kafka's idempotent producer (default). ``False`` on ``up``'s durable
+            embedded broker (``BELIEFSTORE_IDEMPOTENT_PRODUCER``): there Tansu 0.6.0 keeps
+            every producer's sequences in one cluster-wide S3 object, read-modify-written
+            by each produce (one of its three S3 writes, and a conflict between the API
+            processes' producers); without it a retried record may be stored twice, which
+            the fold counts once (``event_id``). One request stays in flight, so records
+            keep their order.
         **kafka_config: more :class:`kafka.KafkaProducer` settings (e.g. ``security_protocol``,
             ``sasl_mechanism``); ``acks`` and ``enable_idempotence`` are fixed.
 
@@ -228,6 +235,7 @@ class BeliefProducer:
         *,
         serde: AvroSerde | None = None,
         timeout_s: float = 30.0,
+        idempotent: bool = True,
         **kafka_config: Any,
     ):
         self.topic = topic
@@ -252,7 +260,7 @@ class BeliefProducer:
             "max_in_flight_requests_per_connection": 1,
             **kafka_config,
             "acks": "all",
-            "enable_idempotence": True,
+            "enable_idempotence": idempotent,
         }
         self._producer = self._connect()
         self._failed = False
@@ -289,7 +297,8 @@ class BeliefProducer:
             )
         return cls(settings.kafka_bootstrap_servers, settings.topic,
                    serde=AvroSerde.for_settings(settings),
-                   timeout_s=settings.produce_timeout_s, **settings.kafka_client_config())
+                   timeout_s=settings.produce_timeout_s,
+                   idempotent=settings.idempotent_producer, **settings.kafka_client_config())
 
     # -- the three calls ---------------------------------------------------------------
 

@@ -358,6 +358,118 @@ def test_s3_store_honours_if_match_on_put(tmp_path: Path) -> None:
         server.server_close()
 
 
+def test_s3_store_etags_match_the_bytes_under_concurrent_read_modify_writes(
+        tmp_path: Path) -> None:
+    """Tansu allocates offsets by a read-modify-write of ``watermark.json`` (GET, then PUT
+    with ``If-Match`` the ETag it got). localbucket 1.2.1 opens the file and hashes it by
+    path afterwards, and caches ETags under (device, inode, size, mtime), which repeat on
+    ext4 (coarse mtimes, reused inodes): a GET during a rewrite answered old bytes with
+    the new ETag, the If-Match update on those bytes passed, and two produces got the same
+    offsets (acknowledged events then missing from the read model). Here 4 writers
+    increment a counter the same way while 2 readers GET it: every increment must count,
+    and every GET's ETag must be the MD5 of the bytes it came with. (Failed with the GET
+    unguarded: counters short by tens, GETs with another version's ETag.)"""
+    import hashlib
+    import http.client
+    import json
+    import threading
+
+    (tmp_path / "bkt").mkdir()
+    server = _serve_s3(tmp_path)
+    port = server.server_address[1]
+    path = "/bkt/clusters/c/topics/t/partitions/0000000000/watermark.json"
+    first = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    first.request("PUT", path, body=json.dumps({"high": 0}).encode())
+    assert first.getresponse().read() is not None
+    first.close()
+    per_writer, mismatched, errors = 150, [], []
+    stop = threading.Event()
+
+    def get(conn: http.client.HTTPConnection) -> tuple[str, bytes]:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read()
+        etag = (response.getheader("ETag") or "").strip('"')
+        if etag != hashlib.md5(body).hexdigest():
+            mismatched.append(etag)
+        return etag, body
+
+    def writer() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            done = 0
+            while done < per_writer:
+                etag, body = get(conn)
+                high = json.loads(body)["high"]
+                conn.request("PUT", path, body=json.dumps({"high": high + 1}).encode(),
+                             headers={"If-Match": f'"{etag}"'})
+                response = conn.getresponse()
+                response.read()
+                if response.status == 200:
+                    done += 1
+                elif response.status != 412:
+                    errors.append(response.status)
+                    return
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+        finally:
+            conn.close()
+
+    def reader() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            while not stop.is_set():
+                get(conn)
+        finally:
+            conn.close()
+
+    writers = [threading.Thread(target=writer) for _ in range(4)]
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    try:
+        for t in [*writers, *readers]:
+            t.start()
+        for t in writers:
+            t.join(120)
+        stop.set()
+        for t in readers:
+            t.join(30)
+        stored = json.loads((tmp_path / "bkt" / path.removeprefix("/bkt/")).read_bytes())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not errors, errors[:5]
+    assert stored["high"] == 4 * per_writer, "a read-modify-write was lost"
+    assert not mismatched, f"{len(mismatched)} GETs had an ETag of other bytes"
+
+
+def test_s3_store_keeps_the_connection_after_a_failed_precondition(tmp_path: Path) -> None:
+    """A 412 on ``If-Match`` reads the request's body and keeps the connection, so Tansu's
+    retry (a GET and a PUT at once) does not open a new connection (and a new server
+    thread) per conflict."""
+    import http.client
+
+    (tmp_path / "bkt").mkdir()
+    server = _serve_s3(tmp_path)
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+    try:
+        conn.request("PUT", "/bkt/meta.json", body=b"v1")
+        assert conn.getresponse().read() == b""
+        sock = conn.sock
+        conn.request("PUT", "/bkt/meta.json", body=b"stale" * 1000,
+                     headers={"If-Match": '"0123456789abcdef0123456789abcdef"'})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 412
+        assert conn.sock is sock, "the 412 closed the connection"
+        conn.request("GET", "/bkt/meta.json")
+        assert conn.getresponse().read() == b"v1"
+        assert conn.sock is sock
+    finally:
+        conn.close()
+        server.shutdown()
+        server.server_close()
+
+
 
 def _raw(port: int, method: str, path: str, body: bytes | None = None,
          headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -924,14 +1036,17 @@ def test_s3_store_bounds_its_etag_and_listing_caches(tmp_path: Path) -> None:
             s.server_close()
 
 
+@pytest.mark.parametrize("idempotent", [True, False], ids=["idempotent", "not-idempotent"])
 def test_api_producer_pipelined_groups_on_the_durable_broker_exactly_once(
-        tmp_path: Path, settings, catalog) -> None:  # noqa: ANN001 - conftest fixtures
-    """The API's producer (``BeliefProducer.send``: group commit, the next group prepared
-    while the previous one waits, sealing on) under 20 concurrent callers on the durable
-    broker: every acknowledged event is on the log at its acknowledged offset, and after
-    the projector folds the log each acknowledged event is in the read model exactly
-    once (one observation row and one belief per event; a retried group could store an
-    event twice on the log, which the fold counts once)."""
+        tmp_path: Path, settings, catalog, idempotent: bool) -> None:  # noqa: ANN001
+    """The API's producers (``BeliefProducer.send``: group commit, the next group prepared
+    while the previous one waits, sealing on), two of them as under ``up``'s two API
+    processes, under 20 concurrent callers on the durable broker, idempotent or not (``up``
+    turns idempotence off there): every acknowledged event is on the log at its
+    acknowledged offset, the offsets are contiguous from 0 (no two produces given the same
+    offsets), and after the projector folds the log each acknowledged event is in the
+    read model exactly once (one observation row and one belief per event; a retried
+    group could store an event twice on the log, which the fold counts once)."""
     import dataclasses
     import threading
     import uuid
@@ -948,15 +1063,18 @@ def test_api_producer_pipelined_groups_on_the_durable_broker_exactly_once(
 
     with EmbeddedKafka(tmp_path / "kafka") as kafka:
         durable = dataclasses.replace(settings, kafka_bootstrap_servers=kafka.bootstrap_servers,
-                                      partitions=1)
+                                      partitions=1, idempotent_producer=idempotent)
         ensure_topics(kafka.bootstrap_servers, {durable.topic: 1, durable.dlq_topic: 1})
         acked: dict[str, tuple[int, int]] = {}
         refused: list[str] = []
         stop = time.monotonic() + 5
-        with BeliefProducer.from_settings(durable) as producer:
-            assert producer.serde.sealer is not None
+        with BeliefProducer.from_settings(durable) as first, \
+                BeliefProducer.from_settings(durable) as second:
+            assert first.serde.sealer is not None
+            assert first._config["enable_idempotence"] is idempotent
 
             def agent(i: int) -> None:
+                producer = (first, second)[i % 2]
                 while time.monotonic() < stop:
                     subject = f"agent{i}-{uuid.uuid4().hex[:8]}"
                     try:
@@ -988,6 +1106,7 @@ def test_api_producer_pipelined_groups_on_the_durable_broker_exactly_once(
             consumer.close()
         assert {e: at.get(o) for e, (_, o) in acked.items()} == {e: e for e in acked}, \
             "an acknowledged event is not at its acknowledged offset"
+        assert sorted(at) == list(range(len(at))), "offsets not contiguous from 0"
         engine = catalog.engine(catalog.active().schema)
         with ProjectorWorker(durable, engine) as worker:
             worker.run(until_caught_up=True)
@@ -995,3 +1114,68 @@ def test_api_producer_pipelined_groups_on_the_durable_broker_exactly_once(
             rows = conn.execute(sa.select(observations.c.event_id)).scalars().all()
         assert len(rows) == len(set(rows)) and {str(r) for r in rows} >= set(acked)
         assert len(read_beliefs(engine)) == len({str(r) for r in rows})
+
+
+def test_up_turns_producer_idempotence_off_only_on_its_durable_broker(
+        tmp_path: Path, settings, monkeypatch) -> None:  # noqa: ANN001 - conftest fixtures
+    """On the durable embedded broker `up` sets ``idempotent_producer`` off (Tansu 0.6.0's
+    idempotence costs one cluster-wide S3 read-modify-write per produce), unless
+    BELIEFSTORE_IDEMPOTENT_PRODUCER is set; the API worker processes get the choice
+    through their environment; a broker of one's own keeps it on."""
+    import contextlib
+    import dataclasses
+
+    from beliefstore.runtime import serve
+    from beliefstore.runtime.startup import start_missing_services
+    from beliefstore.settings import Settings, SettingsError
+
+    monkeypatch.delenv("BELIEFSTORE_IDEMPOTENT_PRODUCER", raising=False)
+    assert Settings.from_env({}, use_running=False).idempotent_producer is True
+    assert Settings.from_env({"BELIEFSTORE_IDEMPOTENT_PRODUCER": "off"},
+                             use_running=False).idempotent_producer is False
+    with pytest.raises(SettingsError, match="BELIEFSTORE_IDEMPOTENT_PRODUCER"):
+        Settings.from_env({"BELIEFSTORE_IDEMPOTENT_PRODUCER": "maybe"}, use_running=False)
+    own = dataclasses.replace(settings, home=tmp_path / "home", kafka_bootstrap_servers=None)
+    with contextlib.ExitStack() as stack:
+        started = start_missing_services(own, stack, durable=True)
+        assert started.kafka_bootstrap_servers and started.idempotent_producer is False
+        assert serve._producer_env(started) == [("BELIEFSTORE_IDEMPOTENT_PRODUCER", "off")]
+        monkeypatch.setenv("BELIEFSTORE_IDEMPOTENT_PRODUCER", "on")  # the user's choice kept
+        chosen = dataclasses.replace(own, home=tmp_path / "chosen")
+        assert start_missing_services(chosen, stack).idempotent_producer is True
+    assert serve._producer_env(settings) == []
+    monkeypatch.delenv("BELIEFSTORE_IDEMPOTENT_PRODUCER")
+    memory = dataclasses.replace(own, home=tmp_path / "mem")
+    with contextlib.ExitStack() as stack:
+        assert start_missing_services(memory, stack, durable=False).idempotent_producer is True
+
+
+def test_s3_store_logs_failed_requests_only(tmp_path: Path) -> None:
+    """Successful S3 requests are not logged at all (a long-running broker's log stays
+    small, and the server does not format a line per request); failures still are."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from beliefstore.embedded import s3server
+
+    lines: list[str] = []
+
+    class Recording(s3server.configure()):  # type: ignore[misc]
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            lines.append(format % args)
+
+    Recording.data_root = tmp_path
+    (tmp_path / "bkt").mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recording)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        assert _raw(port, "PUT", "/bkt/a.json", b"{}")[0] == 200
+        assert _raw(port, "GET", "/bkt/a.json")[0] == 200
+        assert _raw(port, "GET", "/bkt?list-type=2")[0] == 200
+        assert not lines, lines
+        assert _raw(port, "GET", "/bkt/missing.json")[0] == 404
+        assert len(lines) == 1 and " 404 " in lines[0], lines
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -2,7 +2,7 @@
 public interface.
 
 Run as ``python -m beliefstore.embedded.s3server [--host H] [--port P] DATA_ROOT`` (the
-same arguments as ``localbucket``). Five things differ from ``python -m localbucket``, all
+same arguments as ``localbucket``). Seven things differ from ``python -m localbucket``, all
 made through public interfaces (``http.server``'s ``handle_one_request``,
 ``send_response`` and ``do_*`` methods, and localbucket's public functions and constants;
 none of its underscored methods is overridden):
@@ -66,6 +66,21 @@ none of its underscored methods is overridden):
   fetch then returns what precedes the gap and the next fetch the rest. The objects
   themselves are untouched; once no write is in flight, listings are localbucket's.
 
+* **A GET's ETag is its bytes' ETag.** localbucket 1.2.1 opens the file, then hashes it
+  by path, and caches ETags under (device, inode, size, mtime), which repeat here (ext4
+  mtimes move in ~4 ms ticks; a rewrite reuses the inode freed two rewrites before). So
+  a GET racing a rewrite of ``watermark.json`` answered old bytes with the new ETag,
+  Tansu's ``If-Match`` update on those bytes passed, and two produces were given the
+  same offsets: one batch refused (412, the produce failed and left its allocation
+  unwritten, so fetches waited out :data:`BARRIER_TIMEOUT_S`), or batches overlapping,
+  whose records a consumer then skipped (seen: 5 acknowledged events never in the read
+  model, in a 25-s run of ``bench/ingest_http.py``). Object GETs and HEADs now hold
+  the key's lock stripe (no PUT of that key in between), ``If-Match`` compares the MD5 of
+  the bytes on disk, and every overwrite gets a strictly increasing nanosecond mtime, so
+  no cached ETag of an older version can match it again.
+* **A 412 keeps the connection**: the request's body is read first, so Tansu's retry
+  does not need a new connection (and this server a new thread) per conflict.
+
 The localbucket version is pinned (:data:`LOCALBUCKET_VERSION`, and in pyproject.toml);
 ``tests/test_services.py`` fails if an assumption above stops holding (localbucket's
 listing bytes, or Tansu's object layout and produce order).
@@ -74,6 +89,8 @@ listing bytes, or Tansu's object layout and produce order).
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -111,6 +128,12 @@ class _ErrorsOnly(logging.Filter):
 _STRIPES = [threading.Lock() for _ in range(64)]
 
 #: localbucket's query parameters of ListObjectsV2 (and those it ignores on any request).
+def _stripe(target: Path) -> threading.Lock:
+    """The lock stripe of an object's file: held by a PUT from its ``If-Match`` check
+    through its response, and by a GET or HEAD while it reads the file and its ETag."""
+    return _STRIPES[zlib.crc32(str(target).encode()) % len(_STRIPES)]
+
+
 _V2_QUERY = frozenset({"list-type", "prefix", "delimiter", "max-keys", "start-after",
                        "continuation-token", "encoding-type"})
 
@@ -327,6 +350,44 @@ def _behind_barrier(key: str, barriers: list[tuple[str, int]]) -> bool:
     return False
 
 
+def _content_etag(path: Path) -> str | None:
+    """The MD5 ETag of the file's bytes as they are now (``None``: no such file), read
+    afresh: not localbucket's cached ETag, which is keyed by (device, inode, size, mtime)
+    and so can be another version's (see :func:`_unique_mtime`)."""
+    try:
+        return hashlib.md5(path.read_bytes()).hexdigest()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+
+
+_MTIME_LOCK = threading.Lock()
+_last_mtime_ns = 0
+
+
+def _unique_mtime(path: Path) -> None:
+    """Give a rewritten file an mtime no earlier version of any file here had.
+
+    localbucket caches each file's ETag under its (device, inode, size, mtime) and
+    reuses it while they are unchanged. On this machine's ext4 the mtime moves in
+    ~4 ms ticks and a rewrite (a temporary file renamed over the old one) reuses the
+    inode freed two rewrites before (4 distinct inodes in 200 rewrites), so versions of
+    ``watermark.json`` written within one tick share all four; a GET that computed one
+    version's ETag while another was being written then stores it for the other, and
+    the next reader is told a stale ETag. With ``If-Match`` trusting that, two of Tansu's
+    producers allocated the same offsets (seen: ``PUT …/records/<offset>.batch`` refused
+    412 and the produce failed, leaving an allocated offset without a batch). A
+    nanosecond mtime set here, strictly increasing, makes every version's signature its
+    own, so a stale entry can no longer match; ``If-Match`` itself reads the bytes
+    (:func:`_content_etag`).
+    """
+    global _last_mtime_ns
+    with _MTIME_LOCK:
+        ns = max(time.time_ns(), _last_mtime_ns + 1)
+        _last_mtime_ns = ns
+    with contextlib.suppress(OSError):
+        os.utime(path, ns=(ns, ns))
+
+
 def _high(path: Path) -> int:
     """The ``high`` of a Tansu ``watermark.json`` (0 if absent or unreadable)."""
     try:
@@ -366,14 +427,19 @@ def _handler_class() -> type:
         #: a watermark.json PUT: (records/ prefix, high before it), else None
         _watermark: tuple[str, int] | None = None
 
+        #: the file an object PUT (under its key's stripe) is writing, else None
+        _rewritten: Path | None = None
+
         def handle_one_request(self) -> None:
-            self._change = self._watermark = None
+            self._change = self._watermark = self._rewritten = None
             super().handle_one_request()
 
         def send_response(self, code: int, message: str | None = None) -> None:
-            # The response starts: a successful write is in the folder now, so the index
-            # learns it before the client can see the answer.
             change, self._change = self._change, None
+            rewritten, self._rewritten = self._rewritten, None
+            if rewritten is not None and 200 <= code < 300 and not _BATCH_KEY.fullmatch(
+                    rewritten.as_posix()):
+                _unique_mtime(rewritten)  # written, still under its key's stripe
             if change is not None and 200 <= code < 300:
                 op, bucket, key = change
                 folder = Path(self.data_root, bucket)
@@ -389,9 +455,30 @@ def _handler_class() -> type:
                     _forget_index(folder)
             super().send_response(code, message)
 
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            # The access log keeps errors only (_ErrorsOnly); a success is not even
+            # formatted (5 % of this server's CPU under bench/ingest_http.py's load).
+            if not (isinstance(code, int) and 200 <= code < 400):
+                super().log_request(code, size)
+
         def do_GET(self) -> None:
-            if not _USE_INDEX or not self._list_from_index():
+            if (target := self._target()) is not None:
+                # GetObject: under its key's stripe, so no PUT replaces the file between
+                # localbucket opening it and computing the ETag it sends with it (1.2.1
+                # opens first and hashes by path after: a rewrite in between sent the old
+                # bytes with the new version's ETag, and Tansu's If-Match update of a
+                # watermark then passed on stale data and lost an allocation).
+                with _stripe(target):
+                    super().do_GET()
+            elif not _USE_INDEX or not self._list_from_index():
                 super().do_GET()
+
+        def do_HEAD(self) -> None:
+            if (target := self._target()) is not None:
+                with _stripe(target):
+                    super().do_HEAD()
+            else:
+                super().do_HEAD()
 
         def do_POST(self) -> None:
             bucket, key, query = self._split()
@@ -415,15 +502,16 @@ def _handler_class() -> type:
             if target is None:  # not an object PUT we can check: localbucket decides
                 super().do_PUT()
                 return
-            with _STRIPES[zlib.crc32(str(target).encode()) % len(_STRIPES)]:
+            with _stripe(target):
                 if watermark := _WATERMARK_KEY.fullmatch(key):
                     self._watermark = (watermark[1] + "records/", _high(target))
                 if_match = self.headers.get("If-Match")
                 if if_match is not None:
-                    current = localbucket.object_etag(target) if target.is_file() else None
+                    current = _content_etag(target)
                     if current is None or not localbucket.etag_matches(if_match, current):
                         self._precondition_failed()
                         return
+                self._rewritten = target
                 super().do_PUT()
 
         def _split(self) -> tuple[str, str, dict[str, str]]:
@@ -521,14 +609,39 @@ def _handler_class() -> type:
             body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>PreconditionFailed'
                     b"</Code><Message>At least one of the pre-conditions you specified did not "
                     b"hold</Message></Error>")
-            # the request body is left unread, so the connection cannot be reused
-            self.close_connection = True
+            # Read the request body first, so the connection can carry the client's next
+            # request (Tansu re-reads and retries at once; a closed connection cost it a
+            # new one, and this server a new thread, per conflict).
+            drained = self._drain_body()
+            if not drained:
+                self.close_connection = True
             self.send_response(412)
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(body)))
-            self.send_header("Connection", "close")
+            if not drained:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(body)
+
+        def _drain_body(self) -> bool:
+            """Read and drop the request's body; whether the connection may be reused
+            (a ``Content-Length`` or chunked body read whole)."""
+            try:
+                if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                    localbucket.read_chunked(self.rfile)
+                    return True
+                length = self.headers.get("Content-Length")
+                if length is None:
+                    return False
+                remaining = int(length)
+                while remaining > 0:
+                    chunk = self.rfile.read(min(remaining, 1 << 16))
+                    if not chunk:
+                        return False
+                    remaining -= len(chunk)
+                return True
+            except (OSError, ValueError, localbucket.S3Error):
+                return False
 
     return ConditionalS3Handler
 

@@ -203,6 +203,12 @@ def listen_tcp(host: str, port: int, backlog: int = 2048) -> socket.socket:
     return sock
 
 
+def _producer_env(settings: Settings) -> list[tuple[str, str]]:
+    """The environment that gives API worker processes ``settings``' producer choice
+    (``up`` turns idempotence off on its durable embedded broker)."""
+    return [] if settings.idempotent_producer else [("BELIEFSTORE_IDEMPOTENT_PRODUCER", "off")]
+
+
 class ApiServer:
     """uvicorn serving :func:`create_app` on ``host:port``.
 
@@ -241,7 +247,8 @@ class ApiServer:
             self._socket = listen_tcp(self.host, self.port)
             return
         for name, value in (("DATABASE_URL", self.settings.database_url),
-                            ("KAFKA_BOOTSTRAP_SERVERS", self.settings.kafka_bootstrap_servers)):
+                            ("KAFKA_BOOTSTRAP_SERVERS", self.settings.kafka_bootstrap_servers),
+                            *_producer_env(self.settings)):
             if value:
                 os.environ[name] = value
         self._config = uvicorn.Config(
@@ -343,7 +350,8 @@ class ApiProcesses:
 
         env = dict(os.environ)
         for name, value in (("DATABASE_URL", self.settings.database_url),
-                            ("KAFKA_BOOTSTRAP_SERVERS", self.settings.kafka_bootstrap_servers)):
+                            ("KAFKA_BOOTSTRAP_SERVERS", self.settings.kafka_bootstrap_servers),
+                            *_producer_env(self.settings)):
             if value:
                 env[name] = value
         argv = [sys.executable, "-c", "from beliefstore.cli import main; main()", "api",
