@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import OffsetOutOfRangeError
 
 from beliefstore.errors import LogResetError, PoisonEvent
-from beliefstore.events.model import ObservationRecorded, SubjectErased
+from beliefstore.events.model import ObservationRecorded
 from beliefstore.events.sealing import EventShredded
 from beliefstore.events.serde import AvroSerde, DecodedEvent
 from beliefstore.events.topics import ensure_topics
@@ -123,7 +123,6 @@ class _Prepared:
         messages: every message polled; first_offsets: partition → first offset polled.
         epochs: the partitions' epochs when it was polled (the commit's fence).
         started: ``time.perf_counter()`` at the poll, seconds.
-        erasures: whether the batch holds an erasure.
     """
 
     batch: list[LoggedEvent]
@@ -134,7 +133,6 @@ class _Prepared:
     first_offsets: dict[int, int]
     epochs: dict[int, int]
     started: float
-    erasures: bool = False
 
 
 class ProjectorWorker:
@@ -187,10 +185,6 @@ class ProjectorWorker:
         # Freshness: the batch transactions (only they) commit asynchronously.
         self.recorder.asynchronous_commit = True
         self.stats = WorkerStats()
-        self.overlap = True
-        """Whether :meth:`run` polls and decodes the next batch while the current one
-        commits (:meth:`_run_overlapped`); never in a consumer group, whose rebalances run
-        inside the poll and must fall between batches."""
         self._wanted_partitions = partitions
         self.group = group
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -301,8 +295,6 @@ class ProjectorWorker:
         """
         if self._consumer is None:
             self.start()
-        if self.overlap and self.group is None:
-            return self._run_overlapped(stop, until_caught_up, on_batch, keep_running)
         while not (stop is not None and stop.is_set()):
             if keep_running is not None and not keep_running():
                 break
@@ -312,63 +304,6 @@ class ProjectorWorker:
             if until_caught_up and not applied and self.lag() == 0:
                 break
         return self.stats
-
-    def _run_overlapped(self, stop: threading.Event | None, until_caught_up: bool,
-                        on_batch: Callable[[WorkerStats], None] | None,
-                        keep_running: Callable[[], bool] | None) -> WorkerStats:
-        """:meth:`run` with batch N's transaction (:meth:`_commit`, on a second thread)
-        overlapping the poll and decoding of batch N+1 (:meth:`_prepare`, on this thread,
-        the only one that touches the consumer). Batches still commit one at a time and
-        in order, each with its offsets, so exactly-once is unchanged; a batch polled
-        after a failed commit is not applied, and the consumer is sought back to its
-        first offsets. Not used in a consumer group (see :attr:`overlap`)."""
-        pending: Future | None = None
-        in_flight: _Prepared | None = None
-        with ThreadPoolExecutor(1, thread_name_prefix="beliefstore-projector-commit") as pool:
-            try:
-                while True:
-                    stopping = (stop is not None and stop.is_set()) or (
-                        keep_running is not None and not keep_running())
-                    if stopping:
-                        break
-                    if pending is not None and in_flight is not None and in_flight.erasures \
-                            and self.serde.sealer is not None:
-                        # its erasures destroy data keys that the next batch's sealed
-                        # observations would be opened with: let them commit first
-                        self._finish(pending, on_batch)
-                        pending = None
-                    prepared = self._prepare()
-                    if pending is not None:
-                        try:
-                            self._finish(pending, on_batch)
-                        except BaseException:
-                            if prepared is not None:
-                                self._seek_back(prepared)
-                            raise
-                        finally:
-                            pending = None
-                    if prepared is None:
-                        if until_caught_up and self.lag() == 0:
-                            break
-                        continue
-                    in_flight = prepared
-                    pending = pool.submit(self._commit, prepared)
-            finally:
-                if pending is not None:
-                    self._finish(pending, on_batch)
-        return self.stats
-
-    def _finish(self, pending: Future, on_batch: Callable[[WorkerStats], None] | None) -> None:
-        """Wait for a batch's commit (raising its error) and report it."""
-        if pending.result() and on_batch is not None:
-            on_batch(self.stats)
-
-    def _seek_back(self, prepared: _Prepared) -> None:
-        """Seek the consumer back to the first offsets of a polled batch left unapplied."""
-        assert self._consumer is not None
-        for partition, offset in prepared.first_offsets.items():
-            with contextlib.suppress(Exception):
-                self._consumer.seek(TopicPartition(self.settings.topic, partition), offset)
 
     def lag(self) -> int | None:
         """Messages between this worker's positions and the high watermarks; ``None`` if a
@@ -452,8 +387,7 @@ class ProjectorWorker:
             messages=sum(len(records) for records in polled.values()),
             first_offsets={tp.partition: records[0].offset for tp, records in polled.items()
                            if records},
-            epochs=dict(self._epochs), started=started,
-            erasures=any(isinstance(item.event, SubjectErased) for item in batch))
+            epochs=dict(self._epochs), started=started)
 
     def _commit(self, p: _Prepared) -> int:
         """Apply a prepared batch in one transaction (PostgreSQL only); return its messages."""
