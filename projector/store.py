@@ -228,9 +228,9 @@ class ProjectionRecorder:
         self.asynchronous_commit = False
         self.timings: dict[str, float] = {}
         """Seconds :meth:`apply` spent in each of its phases since this recorder was made
-        (``rows``, ``fence``, ``copy_observations``, ``events_pipeline``, ``fold``,
-        ``belief_rows``, ``copy_beliefs``, ``beliefs_pipeline``, ``commit``), for
-        benchmarks and profiles."""
+        (``rows``, ``checkout``, ``copy_observations``, ``events_pipeline`` (the fence
+        included), ``fold``, ``belief_rows``, ``copy_beliefs``, ``beliefs_pipeline``,
+        ``commit``, ``checkin``), for benchmarks and profiles."""
         """Whether :meth:`apply`'s transactions commit without waiting for the WAL flush
         (``SET LOCAL synchronous_commit TO off``; the worker's choice, see
         :class:`~beliefstore.projector.worker.ProjectorWorker`)."""
@@ -305,7 +305,8 @@ class ProjectionRecorder:
         Two paths, the same statements: a batch of at most :attr:`small_batch`
         (:data:`SMALL_BATCH`) observations fills the staging tables with pipelined ``INSERT``s (three round
         trips in all: fence and events, beliefs and offsets, commit); a larger one with
-        ``COPY``, which is faster per row but ends a pipeline.
+        ``COPY``, which is faster per row but ends a pipeline (its observations are
+        loaded by ``COPY`` first, then the fence and the events go in one pipeline).
         """
         clock = _Clock(self.timings)
         rows = _BatchRows.of(batch)
@@ -318,24 +319,23 @@ class ProjectionRecorder:
             self._ensure_staging(conn, self.temp_buffers_kib)
             clock("checkout")
             with conn.begin(), raw.cursor() as cur, raw.cursor() as locked:
-                # The fence first (its row locks before anything else), then, for a small
-                # batch, its events too: one round trip.
+                if rows and not small:
+                    # The session's own staging table: nothing another worker sees, so it
+                    # may be loaded before the fence.
+                    bulk.copy_rows(cur, bulk.STAGE_OBS, bulk.OBS_COLUMNS, rows.observations)
+                    clock("copy_observations")
+                # One round trip: the fence first (its row locks before any shared table is
+                # written), then the events. A fenced batch's writes roll back with it.
                 with raw.pipeline():
                     if self.asynchronous_commit:
                         cur.execute(bulk.ASYNCHRONOUS_COMMIT)
                     if epochs is not None:
                         locked.execute(bulk.LOCK_OFFSETS,
                                        (self.projection, topic, sorted(epochs)))
-                    if small and rows:
-                        self._write_events(cur, rows, staged=False)
+                    if rows:
+                        self._write_events(cur, rows, staged=not small)
                 if epochs is not None:
                     self._check_epochs(dict(locked.fetchall()), epochs)
-                clock("fence")
-                if rows and not small:
-                    bulk.copy_rows(cur, bulk.STAGE_OBS, bulk.OBS_COLUMNS, rows.observations)
-                    clock("copy_observations")
-                    with raw.pipeline():
-                        self._write_events(cur, rows, staged=True)
                 touched = cur.fetchall() if rows else []
                 clock("events_pipeline")
                 if rows.erased and self.keyring is not None:
