@@ -84,7 +84,10 @@ def _worker_process(settings: Settings, partitions: list[int] | None, group: str
         engine.dispose()
         out.put({"partitions": partitions, "started": started, "finished": finished,
                  "events": stats.events, "poison": stats.poison, "batches": stats.batches,
-                 "beliefs_recomputed": stats.beliefs_recomputed})
+                 "beliefs_recomputed": stats.beliefs_recomputed,
+                 "apply_ms_per_batch": {
+                     phase: round(seconds * 1000 / max(stats.batches, 1), 2)
+                     for phase, seconds in worker.recorder.timings.items()}})
     except BaseException:  # reported to the parent
         out.put({"partitions": partitions, "error": traceback.format_exc()})
         barrier.abort()
@@ -143,6 +146,8 @@ def project(settings: Settings, mode: str, total: int, label: str) -> dict[str, 
         "beliefs_recomputed": sum(r["beliefs_recomputed"] for r in reports),
         "events_per_second": round((events + poison) / seconds, 1),
         "per_worker_seconds": [round(r["finished"] - go, 3) for r in reports],
+        # ProjectionRecorder.timings of each worker: ms per batch in each phase of apply
+        "apply_ms_per_batch": [r.get("apply_ms_per_batch", {}) for r in reports],
     }
 
 

@@ -27,6 +27,8 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from beliefstore.events.model import ObservationRecorded, ObservationRetracted, SubjectErased
 from beliefstore.projector.fold import Belief, Key
 from beliefstore.timefmt import from_millis
@@ -140,10 +142,11 @@ def erasure_row(e: SubjectErased, p: LogPosition) -> tuple:
 
 
 def belief_row(b: Belief) -> tuple:
-    """The :data:`BELIEF_COLUMNS` tuple of a belief (JSON columns as JSON text)."""
+    """The :data:`BELIEF_COLUMNS` tuple of a belief (JSON columns as JSON text, by
+    ``orjson``: the same JSON values as :func:`json.dumps`, written faster)."""
     return (b.subject_id, b.context, b.attribute, b.value, b.confidence, b.score,
-            json.dumps(b.alternatives), json.dumps(list(b.support)),
-            json.dumps(list(b.sources)), b.source_count, from_millis(b.last_observed_at))
+            orjson.dumps(b.alternatives).decode(), orjson.dumps(b.support).decode(),
+            orjson.dumps(b.sources).decode(), b.source_count, from_millis(b.last_observed_at))
 
 
 def copy_rows(cur: psycopg.Cursor, table: str, columns: Sequence[str],

@@ -184,6 +184,19 @@ def _position_of(row) -> LogPosition:
     )
 
 
+class _Clock:
+    """Adds the seconds since its previous call to ``timings[phase]`` at each call."""
+
+    def __init__(self, timings: dict[str, float]):
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.timings[phase] = self.timings.get(phase, 0.0) + now - self.last
+        self.last = now
+
+
 def _chunks(items: Sequence, size: int = _CHUNK) -> Iterable[Sequence]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
@@ -214,6 +227,11 @@ class ProjectionRecorder:
         self.small_batch = SMALL_BATCH
         """Most observations of a batch :meth:`apply` takes on the direct path."""
         self.asynchronous_commit = False
+        self.timings: dict[str, float] = {}
+        """Seconds :meth:`apply` spent in each of its phases since this recorder was made
+        (``rows``, ``checkout``, ``copy_observations``, ``events_pipeline`` (the fence
+        included), ``fold``, ``belief_rows``, ``copy_beliefs``, ``beliefs_pipeline``,
+        ``commit``, ``checkin``), for benchmarks and profiles."""
         """Whether :meth:`apply`'s transactions commit without waiting for the WAL flush
         (``SET LOCAL synchronous_commit TO off``; the worker's choice, see
         :class:`~beliefstore.projector.worker.ProjectorWorker`)."""
@@ -288,41 +306,50 @@ class ProjectionRecorder:
         Two paths, the same statements: a batch of at most :attr:`small_batch`
         (:data:`SMALL_BATCH`) observations fills the staging tables with pipelined ``INSERT``s (three round
         trips in all: fence and events, beliefs and offsets, commit); a larger one with
-        ``COPY``, which is faster per row but ends a pipeline.
+        ``COPY``, which is faster per row but ends a pipeline (its observations are
+        loaded by ``COPY`` first, then the fence and the events go in one pipeline).
         """
+        clock = _Clock(self.timings)
         rows = _BatchRows.of(batch)
+        clock("rows")
         small = len(rows.observations) <= self.small_batch
         epochs = {p: fence.get(p, -1) for p in progress} if fence is not None and progress \
             else None
         with self.engine.connect() as conn:
             raw = _driver(conn)
             self._ensure_staging(conn, self.temp_buffers_kib)
+            clock("checkout")
             with conn.begin(), raw.cursor() as cur, raw.cursor() as locked:
-                # The fence first (its row locks before anything else), then, for a small
-                # batch, its events too: one round trip.
+                if rows and not small:
+                    # The session's own staging table: nothing another worker sees, so it
+                    # may be loaded before the fence.
+                    bulk.copy_rows(cur, bulk.STAGE_OBS, bulk.OBS_COLUMNS, rows.observations)
+                    clock("copy_observations")
+                # One round trip: the fence first (its row locks before any shared table is
+                # written), then the events. A fenced batch's writes roll back with it.
                 with raw.pipeline():
                     if self.asynchronous_commit:
                         cur.execute(bulk.ASYNCHRONOUS_COMMIT)
                     if epochs is not None:
                         locked.execute(bulk.LOCK_OFFSETS,
                                        (self.projection, topic, sorted(epochs)))
-                    if small and rows:
-                        self._write_events(cur, rows, staged=False)
+                    if rows:
+                        self._write_events(cur, rows, staged=not small)
                 if epochs is not None:
                     self._check_epochs(dict(locked.fetchall()), epochs)
-                if rows and not small:
-                    bulk.copy_rows(cur, bulk.STAGE_OBS, bulk.OBS_COLUMNS, rows.observations)
-                    with raw.pipeline():
-                        self._write_events(cur, rows, staged=True)
                 touched = cur.fetchall() if rows else []
+                clock("events_pipeline")
                 if rows.erased and self.keyring is not None:
                     for x in rows.erased:
                         self.keyring.destroy(x.subject_id, x.occurred_at, now_millis(), conn)
                 keys, folded = self._refold(touched)
+                clock("fold")
                 staged = bulk.staged_belief_rows(keys, folded, subject_positions(batch)) \
                     if keys else []
+                clock("belief_rows")
                 if staged and not small:
                     bulk.copy_rows(cur, bulk.STAGE_BELIEFS, bulk.STAGE_BELIEF_COLUMNS, staged)
+                    clock("copy_beliefs")
                 with raw.pipeline():
                     if staged:
                         if small:
@@ -337,6 +364,9 @@ class ProjectionRecorder:
                              p.high_watermark)
                             for partition, p in sorted(progress.items())
                         ])
+                clock("beliefs_pipeline")
+            clock("commit")
+        clock("checkin")
         return len(keys)
 
     @staticmethod

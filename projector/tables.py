@@ -45,7 +45,6 @@ observations = sa.Table(
     sa.Column("erased_by", sa.Uuid(as_uuid=False), nullable=True,
               doc="event_id of the erasure that forgot it (value, evidence, metadata wiped)."),
     *_kafka_columns(),
-    sa.Index("observations_key", "subject_id", "context", "attribute"),
     sa.Index("observations_key_source", "subject_id", "context", "attribute", "source"),
     sa.Index("observations_counting_latest", "subject_id", "context", "attribute", "source",
              sa.text("occurred_at DESC"), sa.text("event_id DESC"),

@@ -90,7 +90,7 @@ def test_the_worker_processes_give_the_rows_of_one_process_and_the_pure_fold(set
     # built them again: the same as a migrated projection's
     live = catalog.active().schema
     want = indexes(catalog.engine(live), live)
-    assert {("observations", "observations_pkey"), ("observations", "observations_key")} <= {
+    assert {("observations", "observations_pkey"), ("observations", "observations_key_source")} <= {
         (t, i) for t, i, _ in want}
     for report in (serial, parallel):
         schema = report.projection.schema

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from beliefstore.errors import PoisonEvent
 from beliefstore.events import serde as serde_module
 from beliefstore.events.model import ObservationRecorded, ObservationRetracted, SubjectErased
-from beliefstore.events.serde import MAGIC, AvroSerde
+from beliefstore.events.serde import MAGIC, AvroSerde, encode_record
 from beliefstore.events.validation import validate
 
 SERDE = AvroSerde()
@@ -106,3 +106,39 @@ def test_mutated_valid_messages_never_raise_anything_but_poison(data):
 
 def test_the_valid_messages_decode():
     assert [SERDE.decode(d).event for d in VALID] == EVENTS
+
+
+def _outcome(decode, data: bytes):
+    """What ``decode(data)`` gives: ``("event", event)`` or ``("poison", kind, reason)``."""
+    try:
+        return ("event", decode(data).event)
+    except PoisonEvent as exc:
+        return ("poison", exc.kind, exc.reason)
+
+
+def _checked_decode(data: bytes):
+    """``decode`` with its fast path off: every message through the checked path."""
+    return SERDE.open_decoded(SERDE._decode_checked(data))
+
+
+@FUZZ
+@given(st.one_of(mutated(), st.sampled_from(VALID)))
+def test_the_fast_path_decodes_exactly_as_the_checked_path(data):
+    # AvroSerde.decode reads current-schema messages without fastavro's logical types and
+    # falls back to the checked path for anything unusual: the same events, the same
+    # poison kinds and reasons (the dead-letter headers) either way.
+    assert _outcome(SERDE.decode, data) == _outcome(_checked_decode, data)
+
+
+def test_the_fast_path_takes_the_common_case_and_leaves_the_rest():
+    assert all(SERDE._decode_fast(d) is not None for d in VALID)
+    # A non-canonical uuid on the wire (upper case): the checked path normalises it.
+    upper = encode_record({**vars(EVENTS[0]), "event_id": EVENTS[0].event_id.upper()},
+                          SERDE.registry.current(EVENTS[0].schema_name))
+    assert SERDE._decode_fast(upper) is None
+    assert SERDE.decode(upper).event == EVENTS[0]
+    # A time before the epoch: the checked path names the field.
+    early = encode_record({**vars(EVENTS[0]), "occurred_at": -1},
+                          SERDE.registry.current(EVENTS[0].schema_name))
+    assert SERDE._decode_fast(early) is None
+    assert _outcome(SERDE.decode, early) == _outcome(_checked_decode, early)
