@@ -39,9 +39,11 @@ def projector_env(settings, batch_size: int) -> dict[str, str]:
 
 
 def applied(engine) -> int:
+    """Events applied so far: the sum of the stored next offsets (PostgreSQL's ``sum`` of
+    bigints is a numeric, so it comes back as a Decimal; the test's arithmetic wants int)."""
     with engine.connect() as conn:
-        return conn.execute(sa.select(sa.func.coalesce(
-            sa.func.sum(projection_offsets.c.next_offset), 0))).scalar_one()
+        return int(conn.execute(sa.select(sa.func.coalesce(
+            sa.func.sum(projection_offsets.c.next_offset), 0))).scalar_one())
 
 
 def assert_read_model_equals_fold(engine, events, fold_settings):
