@@ -196,6 +196,10 @@ class _Clock:
         self.timings[phase] = self.timings.get(phase, 0.0) + now - self.last
         self.last = now
 
+    def skip(self) -> None:
+        """Start the next phase now: the seconds since the previous call count nowhere."""
+        self.last = time.perf_counter()
+
 
 def _chunks(items: Sequence, size: int = _CHUNK) -> Iterable[Sequence]:
     for i in range(0, len(items), size):
@@ -638,16 +642,16 @@ class FreshLoad:
         indexes; each part's ``belief_sources`` rows are sent as soon as it is folded.
         The belief tables' indexes (dropped when the load began) are built after their
         ``COPY``, as the observations' are."""
-        clock = time.perf_counter()
+        clock = _Clock(self.timings)
         self._copy.__exit__(None, None, None)
         self._open = False
         recorder, cur = self.recorder, self._cursor
-        self.timings["observations_copy_end_s"] = time.perf_counter() - clock
+        clock("observations_copy_end_s")
         if self._erased and recorder.keyring is not None:
             for subject, erased in self._erased.items():
                 for _, occurred_at in erased:
                     recorder.keyring.destroy(subject, occurred_at, now_millis(), self.conn)
-        clock = time.perf_counter()
+        clock.skip()  # the erased subjects' data keys: in no phase
         marks: list[tuple[str, str | None, str | None]] = []
         latest: dict[tuple[str, str, str, str], Counting] = {}
         own, erasures_of = self._own, self._erased
@@ -668,21 +672,18 @@ class FreshLoad:
             folding = pool.fold(counting, recorder.fold_settings, self._where)
         else:
             parts = [fold_chunk(counting, recorder.fold_settings, self._where)]
-        self.timings["marks_and_fold_s"] = time.perf_counter() - clock
-        clock = time.perf_counter()
+        clock("marks_and_fold_s")
         _copy_lines(cur, "retractions", bulk.RETRACTION_COLUMNS, self._retraction_lines)
         _copy_lines(cur, "erasures", bulk.ERASURE_COLUMNS, self._erasure_lines)
         if marks:
             bulk.copy_rows(cur, bulk.STAGE_MARKS, ("event_id", "retracted_by", "erased_by"),
                            marks)
             cur.execute(bulk.APPLY_MARKS)
-        self.timings["retractions_erasures_marks_s"] = time.perf_counter() - clock
-        clock = time.perf_counter()
+        clock("retractions_erasures_marks_s")
         cur.execute(f"SET LOCAL maintenance_work_mem = '{INDEX_BUILD_MEMORY_MB}MB'")
         for statement in self._indexes:
             cur.execute(statement)
-        self.timings["observation_indexes_s"] = time.perf_counter() - clock
-        clock = time.perf_counter()
+        clock("observation_indexes_s")
         if pool is not None:
             # each part's belief_sources lines go to PostgreSQL as soon as it is folded,
             # while the workers fold the others
@@ -699,11 +700,10 @@ class FreshLoad:
         _copy_lines(cur, "beliefs", bulk.BELIEF_COLUMNS, (p[2] for p in parts))
         _copy_lines(cur, "belief_changes", _CHANGE_COLUMNS, (p[3] for p in parts))
         count = sum(p[0] for p in parts)
-        self.timings["fold_wait_and_beliefs_copy_s"] = time.perf_counter() - clock
-        clock = time.perf_counter()
+        clock("fold_wait_and_beliefs_copy_s")
         for statement in self._belief_indexes:
             cur.execute(statement)
-        self.timings["belief_indexes_s"] = time.perf_counter() - clock
+        clock("belief_indexes_s")
         if count:
             cur.execute("SELECT max(id), current_schema() FROM belief_changes")
             max_id, schema = cur.fetchone()  # type: ignore[misc]
