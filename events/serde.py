@@ -36,7 +36,20 @@ from beliefstore.events.model import (
     SubjectErased,
 )
 from beliefstore.events.sealing import FieldSealer
-from beliefstore.events.validation import MAX_TIMESTAMP_MS, validate
+from beliefstore.events.validation import (
+    _BAD_ID,
+    _NAME,
+    _UNSTORABLE,
+    MAX_ID_LENGTH,
+    MAX_METADATA_ENTRIES,
+    MAX_METADATA_KEY_LENGTH,
+    MAX_METADATA_VALUE_LENGTH,
+    MAX_NAME_LENGTH,
+    MAX_TEXT_LENGTH,
+    MAX_TIMESTAMP_MS,
+    MAX_VALUE_LENGTH,
+    validate,
+)
 from beliefstore.timefmt import to_millis
 
 MAGIC = b"\xc3\x01"
@@ -333,14 +346,10 @@ class AvroSerde:
         self._plans[fingerprint] = plan
         return plan
 
-    def _decode_fast(self, data: bytes) -> DecodedEvent | None:
-        """The common case of :meth:`decode` in fewer steps, not yet validated or opened:
-        a message under a current schema read without fastavro's logical types (no
-        ``uuid.UUID`` or ``datetime`` built and turned back), giving the same event as
-        :meth:`_decode_checked` whenever its uuids are canonical and its time is in
-        range. ``None`` for anything else (a bad marker, an unknown or older schema, a
-        body that does not read cleanly, a non-canonical uuid, a time out of range):
-        the checked path then decodes it and names the fault."""
+    def _read_fast(self, data: bytes) -> tuple[_FastPlan, dict[str, Any]] | None:
+        """The read of :meth:`_decode_fast`: the plan and the plain record of a message
+        under a current schema whose uuids are canonical and whose time is in range;
+        ``None`` for anything else."""
         if data is None or len(data) < HEADER_LENGTH or data[:2] != MAGIC:
             return None
         plan = self._plan(bytes(data[2:HEADER_LENGTH]))
@@ -361,6 +370,42 @@ class AvroSerde:
         occurred_at = record.get("occurred_at")
         if not isinstance(occurred_at, int) or not 0 <= occurred_at <= MAX_TIMESTAMP_MS:
             return None
+        return plan, record
+
+    def decode_plain(self, data: bytes
+                     ) -> tuple[type[Event], RegisteredSchema, dict[str, Any]] | None:
+        """The bulk rebuild's decoding: ``(event class, writer schema, record)`` of a
+        message that :meth:`decode` would return as a valid, unsealed event whose fields
+        are the record's (``occurred_at`` epoch ms, ids strings), without building the
+        event or validating it field by field; ``None`` whenever that is not proven
+        (a bad marker, an older or unknown schema, a sealed observation, anything the
+        quick checks below do not pass): then :meth:`decode` decodes the message, and
+        names the fault if it is poison. So ``decode_plain`` changes no outcome, it only
+        skips work for the common case. The quick checks are sufficient conditions of
+        :func:`~beliefstore.events.validation.validate` (its own fast branches), not
+        all of it: a valid event may still get ``None`` (e.g. an id that starts with a
+        space). ``tests/test_serde_fuzz.py`` checks that every record it returns is
+        :meth:`decode`'s event."""
+        read = self._read_fast(data)
+        if read is None:
+            return None
+        plan, record = read
+        if not _plainly_valid(plan.cls, record):
+            return None
+        return plan.cls, plan.writer, record
+
+    def _decode_fast(self, data: bytes) -> DecodedEvent | None:
+        """The common case of :meth:`decode` in fewer steps, not yet validated or opened:
+        a message under a current schema read without fastavro's logical types (no
+        ``uuid.UUID`` or ``datetime`` built and turned back), giving the same event as
+        :meth:`_decode_checked` whenever its uuids are canonical and its time is in
+        range. ``None`` for anything else (a bad marker, an unknown or older schema, a
+        body that does not read cleanly, a non-canonical uuid, a time out of range):
+        the checked path then decodes it and names the fault."""
+        read = self._read_fast(data)
+        if read is None:
+            return None
+        plan, record = read
         known = plan.known
         event = plan.cls(**{k: v for k, v in record.items() if k in known})
         return DecodedEvent(event=event, writer=plan.writer, record=record)
@@ -436,6 +481,45 @@ class AvroSerde:
         except ValidationError as exc:
             raise PoisonEvent("invalid_event", str(exc)) from exc
         return DecodedEvent(event=event, writer=decoded.writer, record=decoded.record)
+
+
+def _plainly_valid(cls: type, r: dict[str, Any]) -> bool:
+    """Whether the plain record ``r`` of a current ``cls`` schema (its types the schema's:
+    strings ``str``, the confidence a ``float``, ``occurred_at`` and uuids already
+    checked by :meth:`AvroSerde._read_fast`) passes :func:`validate` by the same fast
+    branches validation takes (``_check_id``, ``_check_name``, ``_check_text``, the
+    value, confidence and metadata rules), and is not sealed. ``False`` only means
+    "not proven": :meth:`AvroSerde.decode` then decides."""
+    subject, source = r["subject_id"], r["source"]
+    if not (0 < len(subject) <= MAX_ID_LENGTH and 0 < len(source) <= MAX_ID_LENGTH
+            and not subject[0].isspace() and not source[0].isspace()
+            and not _BAD_ID.search(subject) and not _BAD_ID.search(source)):
+        return False
+    if cls is ObservationRecorded:
+        context, attribute, value = r["context"], r["attribute"], r["value"]
+        confidence, evidence, metadata = r["confidence"], r["evidence"], r["metadata"]
+        if r.get("sealed") is not None or not (
+                type(confidence) is float and 0.0 <= confidence <= 1.0
+                and len(context) <= MAX_NAME_LENGTH and len(attribute) <= MAX_NAME_LENGTH
+                and _NAME.fullmatch(context) and _NAME.fullmatch(attribute)
+                and 0 < len(value) <= MAX_VALUE_LENGTH and not _UNSTORABLE.search(value)
+                and type(metadata) is dict):
+            return False
+        if evidence is not None and (len(evidence) > MAX_TEXT_LENGTH
+                                     or _UNSTORABLE.search(evidence)):
+            return False
+        if metadata:
+            if len(metadata) > MAX_METADATA_ENTRIES:
+                return False
+            for k, v in metadata.items():
+                if not 0 < len(k) <= MAX_METADATA_KEY_LENGTH \
+                        or len(v) > MAX_METADATA_VALUE_LENGTH \
+                        or _UNSTORABLE.search(k) or _UNSTORABLE.search(v):
+                    return False
+        return True
+    reason = r.get("reason")
+    return reason is None or (len(reason) <= MAX_TEXT_LENGTH
+                              and not _UNSTORABLE.search(reason))
 
 
 def encode_record(record: dict[str, Any], schema: RegisteredSchema) -> bytes:

@@ -23,6 +23,8 @@ from beliefstore.projector.fold import Belief, Counting
 NULL = "\\N"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
+_MAX_MS = 253_402_300_800_000
+"""10000-01-01T00:00:00Z in epoch milliseconds: :func:`millis`' fast path ends before it."""
 
 
 def text(s: str) -> str:
@@ -38,9 +40,28 @@ def opt(s: str | None) -> str:
     return NULL if s is None else text(s)
 
 
+_DAYS: dict[int, str] = {}
+"""Day number since the epoch → its ``YYYY-MM-DD`` (the dates :func:`millis` has met)."""
+
+
 def millis(ms: int) -> str:
-    """Epoch milliseconds as a ``timestamptz`` literal in UTC (exact to the millisecond)."""
-    return (_EPOCH + ms * _MS).isoformat()
+    """Epoch milliseconds as a ``timestamptz`` literal in UTC (exact to the millisecond):
+    ``datetime.isoformat`` of that instant in UTC, written without building a
+    ``datetime`` for times in 0..9999-12-31 (the date cached per day)."""
+    if not 0 <= ms < _MAX_MS:
+        return (_EPOCH + ms * _MS).isoformat()
+    day, rest = divmod(ms, 86_400_000)
+    date = _DAYS.get(day)
+    if date is None:
+        if len(_DAYS) >= 100_000:
+            _DAYS.clear()
+        date = _DAYS[day] = (_EPOCH + timedelta(days=day)).date().isoformat()
+    seconds, milli = divmod(rest, 1000)
+    minutes, second = divmod(seconds, 60)
+    hour, minute = divmod(minutes, 60)
+    if milli:
+        return f"{date}T{hour:02d}:{minute:02d}:{second:02d}.{milli:03d}000+00:00"
+    return f"{date}T{hour:02d}:{minute:02d}:{second:02d}+00:00"
 
 
 def opt_millis(ms: int | None) -> str:

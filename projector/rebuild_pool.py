@@ -21,11 +21,13 @@ an observation of an erased subject (destroyed key) skipped.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -87,17 +89,51 @@ def _init(settings: Any, registry: SchemaRegistry, keyring_schema: str | None,
         _serde = AvroSerde(registry, FieldSealer(keyring))
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for the block (restored after it, also on an
+    error). The rebuild's hot loops allocate millions of tuples and strings that hold no
+    cycles; with the collector on, its passes over them cost about a quarter of a
+    worker's decoding time (measured: 16.9 → 12.9 µs a record). Whatever cycles the
+    block leaves are collected once the collector is back on."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def decode_chunk(topic: str, partition: int, records: Sequence[Record]) -> list[Item]:
+    """:func:`_decode_chunk` with the garbage collector paused (:func:`gc_paused`)."""
+    with gc_paused():
+        return _decode_chunk(topic, partition, records)
+
+
+def _decode_chunk(topic: str, partition: int, records: Sequence[Record]) -> list[Item]:
     """Decode records of one partition (in log order) into :data:`Item` s, in a worker.
+
+    A record that :meth:`AvroSerde.decode_plain
+    <beliefstore.events.serde.AvroSerde.decode_plain>` proves valid (the common case)
+    goes from its plain Avro record to its ``COPY`` line without an event object; any
+    other through :meth:`AvroSerde.decode <beliefstore.events.serde.AvroSerde.decode>`
+    as the projector decodes it, so the items (poison kinds and reasons included) are
+    the same either way.
 
     Never raises for a bad message (it becomes a ``POISON`` item); raises
     ``SealedEventError``/database errors as the projector's decoding does.
     """
     serde = _serde
     assert serde is not None, "decode_chunk runs in a RebuildPool worker"
-    first: list[DecodedEvent | PoisonEvent] = []
+    plain = serde.decode_plain
+    first: list[tuple[type, Any, dict[str, Any]] | DecodedEvent | PoisonEvent] = []
     key_ids: set[str] = set()
     for _, _, _, value in records:
+        quick = plain(value)  # type: ignore[arg-type]
+        if quick is not None:
+            first.append(quick)
+            continue
         try:
             decoded = serde.decode(value, open_sealed=False)  # type: ignore[arg-type]
         except PoisonEvent as exc:
@@ -110,42 +146,79 @@ def decode_chunk(topic: str, partition: int, records: Sequence[Record]) -> list[
     if key_ids and serde.sealer is not None:
         serde.sealer.keyring.prefetch(key_ids)
     out: list[Item] = []
+    append = out.append
+    hexes: dict[bytes, str] = {}
+    observation, retraction, erasure = (copytext.observation, copytext.retraction,
+                                        copytext.erasure)
     for index, ((offset, timestamp, key, _), parsed) in enumerate(zip(records, first,
                                                                        strict=True)):
+        if type(parsed) is tuple:  # decode_plain's (class, writer, record)
+            cls, writer, r = parsed
+            subject = r["subject_id"]
+            if key is not None and key != subject.encode("utf-8"):
+                append((POISON, index, "invalid_event",
+                        f"message key {key!r} is not the event's subject_id {subject!r}"))
+                continue
+            recorded_at = timestamp if timestamp is not None and timestamp >= 0 else None
+            fingerprint = hexes.get(writer.fingerprint)
+            if fingerprint is None:
+                fingerprint = hexes[writer.fingerprint] = writer.fingerprint.hex()
+            if cls is ObservationRecorded:
+                event_id, context, attribute = r["event_id"], r["context"], r["attribute"]
+                value, confidence, source = r["value"], r["confidence"], r["source"]
+                occurred_at = r["occurred_at"]
+                append((OBSERVED, offset, observation(
+                    event_id, subject, context, attribute, value, confidence, source,
+                    occurred_at, r["evidence"], r["metadata"], topic, partition, offset,
+                    recorded_at, fingerprint),
+                    (subject, context, attribute, source, event_id, occurred_at, value,
+                     confidence)))
+            elif cls is ObservationRetracted:
+                append((RETRACTED, offset, retraction(
+                    r["event_id"], subject, r["source"], r["occurred_at"],
+                    r["retracted_event_id"], r["reason"], topic, partition, offset,
+                    recorded_at, fingerprint),
+                    r["event_id"], subject, r["retracted_event_id"], r["source"]))
+            else:
+                append((ERASED, offset, erasure(
+                    r["event_id"], subject, r["source"], r["occurred_at"], r["reason"],
+                    topic, partition, offset, recorded_at, fingerprint),
+                    r["event_id"], subject, r["occurred_at"]))
+            continue
         try:
             if isinstance(parsed, PoisonEvent):
                 raise parsed
-            decoded = parsed
+            decoded = parsed  # type: ignore[assignment]
             if decoded.record.get("sealed") is not None and isinstance(
                     decoded.event, ObservationRecorded):
                 decoded = serde.open_decoded(decoded)
         except PoisonEvent as exc:
-            out.append((POISON, index, exc.kind, exc.reason))
+            append((POISON, index, exc.kind, exc.reason))
             continue
         except EventShredded:
-            out.append((SHREDDED, offset))
+            append((SHREDDED, offset))
             continue
         e = decoded.event
         if key is not None and key != e.subject_id.encode("utf-8"):
-            out.append((POISON, index, "invalid_event",
-                        f"message key {key!r} is not the event's subject_id {e.subject_id!r}"))
+            append((POISON, index, "invalid_event",
+                    f"message key {key!r} is not the event's subject_id {e.subject_id!r}"))
             continue
         recorded_at = timestamp if timestamp is not None and timestamp >= 0 else None
         fingerprint = decoded.writer.fingerprint.hex()
         if isinstance(e, ObservationRecorded):
-            out.append((OBSERVED, offset, copytext.observation(
+            append((OBSERVED, offset, observation(
                 e.event_id, e.subject_id, e.context, e.attribute, e.value, e.confidence,
                 e.source, e.occurred_at, e.evidence, e.metadata, topic, partition, offset,
                 recorded_at, fingerprint),
                 (e.subject_id, e.context, e.attribute, e.source, e.event_id, e.occurred_at,
                  e.value, e.confidence)))
         elif isinstance(e, ObservationRetracted):
-            out.append((RETRACTED, offset, copytext.retraction(
+            append((RETRACTED, offset, retraction(
                 e.event_id, e.subject_id, e.source, e.occurred_at, e.retracted_event_id,
                 e.reason, topic, partition, offset, recorded_at, fingerprint),
                 e.event_id, e.subject_id, e.retracted_event_id, e.source))
         else:
-            out.append((ERASED, offset, copytext.erasure(
+            append((ERASED, offset, erasure(
                 e.event_id, e.subject_id, e.source, e.occurred_at, e.reason, topic,
                 partition, offset, recorded_at, fingerprint),
                 e.event_id, e.subject_id, e.occurred_at))
@@ -193,6 +266,12 @@ def read_range(settings: Any, topic: str, partition: int, start: int,
         TimeoutError: no record arrived for :data:`READ_STALL_S` seconds.
         OffsetOutOfRangeError: ``start`` is outside the log (kafka-python).
     """
+    with gc_paused():  # kafka-python builds several objects per record
+        return _read_range(settings, topic, partition, start, stop)
+
+
+def _read_range(settings: Any, topic: str, partition: int, start: int,
+                stop: int | None) -> tuple[list[Item], dict[int, Record], int]:
     from kafka import TopicPartition
 
     fresh = (topic, partition) not in _consumers  # no position before its first seek
@@ -225,7 +304,7 @@ def read_range(settings: Any, topic: str, partition: int, start: int,
             raise TimeoutError(f"{topic}[{partition}]: no record after offset "
                                f"{position} for {READ_STALL_S:.0f} s (reading up to "
                                f"{'the log end' if stop is None else stop})")
-    items = decode_chunk(topic, partition, records)
+    items = _decode_chunk(topic, partition, records)
     return (items, {item[1]: records[item[1]] for item in items if item[0] == POISON},
             position if stop is None else stop)
 
@@ -303,6 +382,13 @@ belief_changes lines, subjects with a belief)``."""
 
 def fold_chunk(counting: list[Counting], settings: FoldSettings,
                where: dict[str, tuple[int, int]]) -> Folded:
+    """:func:`_fold_chunk` with the garbage collector paused (:func:`gc_paused`)."""
+    with gc_paused():
+        return _fold_chunk(counting, settings, where)
+
+
+def _fold_chunk(counting: list[Counting], settings: FoldSettings,
+                where: dict[str, tuple[int, int]]) -> Folded:
     """The end of a rebuild for some keys (every counting observation of each of them):
     :func:`~beliefstore.projector.fold.fold_counting`, then the ``COPY`` lines of their
     ``belief_sources``, ``beliefs`` and ``belief_changes`` rows (``where``: subject →

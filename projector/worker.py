@@ -43,6 +43,7 @@ from beliefstore.projector.rebuild_pool import (
     Item,
     RebuildPool,
     default_workers,
+    gc_paused,
 )
 from beliefstore.projector.store import (
     FreshLoad,
@@ -443,6 +444,8 @@ class ProjectorWorker:
         progress: dict[int, PartitionProgress] = {}
         clock = time.perf_counter()
         with contextlib.ExitStack() as stack:
+            # millions of rows' tuples and strings, no cycles: no collector passes over them
+            stack.enter_context(gc_paused())
             load = stack.enter_context(self.recorder.fresh_load(self.settings.topic,
                                                                 self._epochs))
             pool: RebuildPool | None = None
