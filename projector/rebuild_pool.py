@@ -188,7 +188,8 @@ def _decode_chunk(topic: str, partition: int, records: Sequence[Record]) -> list
         try:
             if isinstance(parsed, PoisonEvent):
                 raise parsed
-            decoded = parsed  # type: ignore[assignment]
+            assert isinstance(parsed, DecodedEvent)
+            decoded = parsed
             if decoded.record.get("sealed") is not None and isinstance(
                     decoded.event, ObservationRecorded):
                 decoded = serde.open_decoded(decoded)
