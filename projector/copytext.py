@@ -13,7 +13,7 @@ columns JSON text.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -86,11 +86,13 @@ def observation(event_id: str, subject_id: str, context: str, attribute: str, va
                 recorded_at: int | None, fingerprint: str) -> bytes:
     """The :data:`~beliefstore.projector.bulk.OBS_COLUMNS` line of an observation
     (times in epoch ms)."""
-    return line([event_id, text(subject_id), text(context), text(attribute), text(value),
-                 repr(confidence), text(source), millis(occurred_at), opt(evidence),
-                 NULL if metadata is None else jsonb(dict(metadata)), text(topic),
-                 str(partition), str(offset),
-                 opt_millis(recorded_at), fingerprint])
+    return (f"{event_id}\t{text(subject_id)}\t{text(context)}\t{text(attribute)}\t"
+            f"{text(value)}\t{confidence!r}\t{text(source)}\t{millis(occurred_at)}\t"
+            f"{NULL if evidence is None else text(evidence)}\t"
+            f"{NULL if metadata is None else ('{}' if not metadata else jsonb(dict(metadata)))}"
+            f"\t{text(topic)}\t{partition}\t{offset}\t"
+            f"{NULL if recorded_at is None else millis(recorded_at)}\t{fingerprint}\n"
+            ).encode()
 
 
 def retraction(event_id: str, subject_id: str, source: str, occurred_at: int,
@@ -133,3 +135,30 @@ def change(b: Belief, where: tuple[int, int] | None) -> bytes:
     p, o = (NULL, NULL) if where is None else (str(where[0]), str(where[1]))
     return line([text(b.subject_id), text(b.context), text(b.attribute), text(b.value),
                  repr(b.confidence), jsonb(b.alternatives), jsonb(list(b.sources)), p, o])
+
+
+def sources(counting: Iterable[Counting]) -> bytes:
+    """The :func:`source` lines of ``counting``, joined (one encoding for all)."""
+    return "".join([
+        f"{text(c[0])}\t{text(c[1])}\t{text(c[2])}\t{text(c[3])}\t{c[4]}\t{millis(c[5])}\t"
+        f"{text(c[6])}\t{c[7]!r}\n" for c in counting]).encode("utf-8")
+
+
+def beliefs_and_changes(beliefs: Iterable[Belief], where: Mapping[str, tuple[int, int]]
+                        ) -> tuple[bytes, bytes]:
+    """The :func:`belief` lines and the :func:`change` lines (``where``: subject → its
+    latest ``(partition, offset)``) of ``beliefs``, each joined: the columns they share
+    formatted once."""
+    lines: list[str] = []
+    changes: list[str] = []
+    for b in beliefs:
+        head = (f"{text(b.subject_id)}\t{text(b.context)}\t{text(b.attribute)}\t"
+                f"{text(b.value)}\t{b.confidence!r}")
+        alternatives = jsonb(b.alternatives) if b.alternatives else "{}"
+        sources = jsonb(b.sources)
+        lines.append(f"{head}\t{b.score!r}\t{alternatives}\t{jsonb(b.support)}\t{sources}\t"
+                     f"{b.source_count}\t{millis(b.last_observed_at)}\n")
+        at = where.get(b.subject_id)
+        changes.append(f"{head}\t{alternatives}\t{sources}\t{NULL}\t{NULL}\n" if at is None
+                       else f"{head}\t{alternatives}\t{sources}\t{at[0]}\t{at[1]}\n")
+    return "".join(lines).encode("utf-8"), "".join(changes).encode("utf-8")

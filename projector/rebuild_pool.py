@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import replace
+from sys import intern
 from typing import Any
 
 from beliefstore.errors import PoisonEvent
@@ -61,6 +62,10 @@ MIN_EVENTS = 50_000
 workers costs about a second)."""
 
 _serde: AvroSerde | None = None
+
+INTERN_VALUE = 32
+"""Observed values up to this many characters are interned by the workers (values repeat
+a lot: a handful per attribute)."""
 
 
 ORPHAN_CHECK_S = 1.0
@@ -164,14 +169,20 @@ def _decode_chunk(topic: str, partition: int, records: Sequence[Record]) -> list
             if fingerprint is None:
                 fingerprint = hexes[writer.fingerprint] = writer.fingerprint.hex()
             if cls is ObservationRecorded:
-                event_id, context, attribute = r["event_id"], r["context"], r["attribute"]
-                value, confidence, source = r["value"], r["confidence"], r["source"]
+                # the few contexts, attributes, sources and short values as one object
+                # each: pickled once per range (then by reference), kept once in the
+                # replaying process
+                event_id, context, attribute = r["event_id"], intern(r["context"]), \
+                    intern(r["attribute"])
+                observed, confidence, source = r["value"], r["confidence"], intern(r["source"])
+                if len(observed) <= INTERN_VALUE:
+                    observed = intern(observed)
                 occurred_at = r["occurred_at"]
                 append((OBSERVED, offset, observation(
-                    event_id, subject, context, attribute, value, confidence, source,
+                    event_id, subject, context, attribute, observed, confidence, source,
                     occurred_at, r["evidence"], r["metadata"], topic, partition, offset,
                     recorded_at, fingerprint),
-                    (subject, context, attribute, source, event_id, occurred_at, value,
+                    (subject, context, attribute, source, event_id, occurred_at, observed,
                      confidence)))
             elif cls is ObservationRetracted:
                 append((RETRACTED, offset, retraction(
@@ -310,6 +321,11 @@ def _read_range(settings: Any, topic: str, partition: int, start: int,
             position if stop is None else stop)
 
 
+FOLD_PARTS_PER_WORKER = 4
+"""Parts of the fold per worker process (:meth:`RebuildPool.fold`): smaller parts let
+PostgreSQL load the first parts' rows while the workers fold the rest."""
+
+
 def default_workers() -> int:
     """Worker processes for a large rebuild: one per CPU the process may use (at least 1)."""
     try:
@@ -358,10 +374,11 @@ class RebuildPool:
 
     def fold(self, counting: list[Counting], settings: FoldSettings,
              where: dict[str, tuple[int, int]]) -> list[Future]:
-        """:func:`fold_chunk` of ``counting`` split by subject over the workers: one
-        future per part, whose result is its :data:`Folded` (the caller may do other
-        work, e.g. PostgreSQL's, while the workers fold)."""
-        parts = split_by_subject(counting, where, self.workers)
+        """:func:`fold_chunk` of ``counting`` split by subject into
+        :data:`FOLD_PARTS_PER_WORKER` parts per worker: one future per part, whose
+        result is its :data:`Folded` (the caller may do other work, e.g. PostgreSQL's,
+        while the workers fold, and load each part's rows as soon as it is folded)."""
+        parts = split_by_subject(counting, where, self.workers * FOLD_PARTS_PER_WORKER)
         return [self._executor.submit(fold_chunk, group, settings, w)
                 for group, w in parts if group]
 
@@ -395,9 +412,8 @@ def _fold_chunk(counting: list[Counting], settings: FoldSettings,
     ``belief_sources``, ``beliefs`` and ``belief_changes`` rows (``where``: subject →
     its latest ``(partition, offset)``). Pure; runs in a worker or in the caller."""
     folded = fold_counting(counting, settings)
-    return (len(folded), b"".join(map(copytext.source, counting)),
-            b"".join(map(copytext.belief, folded)),
-            b"".join(copytext.change(b, where.get(b.subject_id)) for b in folded),
+    beliefs, changes = copytext.beliefs_and_changes(folded, where)
+    return (len(folded), copytext.sources(counting), beliefs, changes,
             [b.subject_id for b in folded])
 
 

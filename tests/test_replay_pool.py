@@ -313,3 +313,36 @@ def test_a_sigkilled_replay_leaves_the_live_projection_untouched_and_no_worker(s
         except sa.exc.OperationalError:
             assert time.monotonic() < deadline
             time.sleep(0.2)
+
+
+def test_the_joined_copy_lines_equal_the_row_by_row_ones():
+    # copytext's joined builders (one encoding per table, shared columns formatted once)
+    # write the bytes of its per-row functions, escapes, NULLs and floats included.
+    from beliefstore.projector import copytext
+    from beliefstore.projector.fold import Belief
+
+    odd = ["a\\b", "tab\there", "new\nline", "cr\rx", "é👤", "\\N", "plain"]
+    counting = [(s, "ctx", "attr", src, "6f1c2a3b-0000-4000-8000-00000000abcd", at, v, c)
+                for s, src, v, at, c in zip(odd, reversed(odd), odd[1:] + odd[:1],
+                                            [0, 1, 999, 1000, 1767225600123,
+                                             253402300799999, 86400000],
+                                            [0.0, 1.0, 0.1, 1 / 3, 5e-324, 0.999, 0.5],
+                                            strict=True)]
+    beliefs = [Belief(c[0], c[1], c[2], c[6], c[7], -c[7] * 3, {"x\ty": 0.25, "\\": 0.5}
+                      if i % 2 else {}, (c[4], c[4]), (c[3], "other\"agent"), i, c[5])
+               for i, c in enumerate(counting)]
+    where = {s: (i, 10 * i) for i, s in enumerate(odd[::2])}
+    assert copytext.sources(counting) == b"".join(map(copytext.source, counting))
+    assert copytext.beliefs_and_changes(beliefs, where) == (
+        b"".join(map(copytext.belief, beliefs)),
+        b"".join(copytext.change(b, where.get(b.subject_id)) for b in beliefs))
+    for c, evidence, metadata, recorded_at in zip(
+            counting, [None, "e\tv", "", "x"] * 2, [None, {}, {"k\n": "v\\"}, {"a": "b"}] * 2,
+            [None, 0, 1767225600001, 5] * 2, strict=False):
+        assert copytext.observation(c[4], c[0], c[1], c[2], c[6], c[7], c[3], c[5], evidence,
+                                    metadata, "top\tic", 3, 12345, recorded_at, "abcd") == \
+            copytext.line([c[4], copytext.text(c[0]), "ctx", "attr", copytext.text(c[6]),
+                           repr(c[7]), copytext.text(c[3]), copytext.millis(c[5]),
+                           copytext.opt(evidence),
+                           copytext.NULL if metadata is None else copytext.jsonb(metadata),
+                           "top\\tic", "3", "12345", copytext.opt_millis(recorded_at), "abcd"])
