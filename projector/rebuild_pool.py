@@ -358,6 +358,8 @@ class RebuildPool:
         if workers < 1:
             raise ValueError(f"a rebuild pool needs at least 1 worker, not {workers}")
         self.workers = workers
+        self.fold_seconds = 0.0
+        """Seconds from :meth:`fold` to its last part folded (for benchmarks and logs)."""
         self._settings = settings
         keyring_schema = serde.sealer.keyring.schema if serde.sealer is not None else None
         self._executor = ProcessPoolExecutor(
@@ -379,8 +381,16 @@ class RebuildPool:
         result is its :data:`Folded` (the caller may do other work, e.g. PostgreSQL's,
         while the workers fold, and load each part's rows as soon as it is folded)."""
         parts = split_by_subject(counting, where, self.workers * FOLD_PARTS_PER_WORKER)
-        return [self._executor.submit(fold_chunk, group, settings, w)
-                for group, w in parts if group]
+        started = time.perf_counter()
+        futures = [self._executor.submit(fold_chunk, group, settings, w)
+                   for group, w in parts if group]
+
+        def done(_: Future) -> None:
+            self.fold_seconds = max(self.fold_seconds, time.perf_counter() - started)
+
+        for future in futures:
+            future.add_done_callback(done)
+        return futures
 
     def close(self) -> None:
         """Stop the worker processes (queued chunks cancelled)."""

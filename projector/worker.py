@@ -425,8 +425,10 @@ class ProjectorWorker:
         (``total``: messages to read, ``None`` until every high watermark is known). Afterwards
         ``rebuild_timings`` holds the seconds of each phase (reading and streaming the
         log, then those of :attr:`FreshLoad.timings
-        <beliefstore.projector.store.FreshLoad.timings>`). Without a crash the result
-        equals what :meth:`run` would have built; a crash leaves the projection empty.
+        <beliefstore.projector.store.FreshLoad.timings>`, and with worker processes
+        ``fold_in_workers_s``: from the fold's start to its last part). Without a crash
+        the result equals what :meth:`run` would have built; a crash leaves the
+        projection empty.
 
         Raises:
             ValueError: the projection already holds events, or the worker is in a
@@ -488,6 +490,8 @@ class ProjectorWorker:
             self.stats.beliefs_recomputed += load.finish(progress, pool)
             self.rebuild_timings: dict[str, float] = {"read_and_stream_s": read_s, **load.timings,
                                     "workers": pool.workers if pool else 0}
+            if pool is not None:  # the workers' fold, from its start (in marks_and_fold_s)
+                self.rebuild_timings["fold_in_workers_s"] = pool.fold_seconds
         self.rebuild_timings["total_s"] = time.perf_counter() - clock
         log.info("rebuild phases: %s", self.rebuild_timings)
         self.stats.batches += 1
