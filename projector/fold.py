@@ -371,3 +371,91 @@ def fold_counting(counting: Iterable[Counting],
                 tuple(sorted({c[3] for c in group if c[6] == winner})), len(group), t_ref)
         out.append(belief)
     return out
+
+
+def fold_counting_unordered(counting: Iterable[Counting],
+                            settings: FoldSettings | None = None) -> list[Belief]:
+    """:func:`fold_counting`'s beliefs, in no particular order, computed with less work
+    per row: for the bulk rebuild, whose ``COPY`` does not need them sorted.
+
+    The arithmetic is :func:`fold_counting`'s, operation for operation (so the floats
+    are equal, not just close): each distinct confidence's :func:`logit` and each
+    source's trust are computed once and reused, and the keys are not sorted.
+    ``tests/test_fold_unordered.py`` checks the result equals :func:`fold_counting`'s
+    and :func:`fold`'s as a set.
+
+    Returns:
+        One :class:`Belief` per key.
+    """
+    settings = settings or FoldSettings()
+    by_key: dict[Key, list[Counting]] = {}
+    for c in counting:
+        key = (c[0], c[1], c[2])
+        group = by_key.get(key)
+        if group is None:
+            by_key[key] = [c]
+        else:
+            group.append(c)
+    out: list[Belief] = []
+    append = out.append
+    fsum, exp2 = math.fsum, 2.0
+    half_lives: dict[str, float] = {}
+    trusts: dict[str, float] = {}
+    log_odds: dict[float, float] = {}
+    trust_of = settings.trust_of
+    for key, group in by_key.items():
+        if len(group) == 1:  # one source: its weight is trust · log-odds (decay 2^0 = 1)
+            c = group[0]
+            trust = trusts.get(c[3])
+            if trust is None:
+                trust = trusts[c[3]] = trust_of(c[3])
+            lo = log_odds.get(c[7])
+            if lo is None:
+                lo = log_odds[c[7]] = logit(c[7])
+            score = fsum((trust * lo * 1.0,))
+            append(Belief(key[0], key[1], key[2], c[6], sigmoid(score - 0.0), score, {},
+                          (c[4],), (c[3],), 1, c[5]))
+            continue
+        t_ref = max(c[5] for c in group)
+        half_life_ms = half_lives.get(key[1])
+        if half_life_ms is None:
+            half_life_ms = half_lives[key[1]] = settings.half_life_s(key[1]) * 1000.0
+        weights: dict[str, list[float]] = {}
+        newest: dict[str, int] = {}
+        for c in group:
+            occurred_at, value = c[5], c[6]
+            trust = trusts.get(c[3])
+            if trust is None:
+                trust = trusts[c[3]] = trust_of(c[3])
+            lo = log_odds.get(c[7])
+            if lo is None:
+                lo = log_odds[c[7]] = logit(c[7])
+            w = trust * lo * exp2 ** (-(t_ref - occurred_at) / half_life_ms)
+            ws = weights.get(value)
+            if ws is None:
+                weights[value] = [w]
+                newest[value] = occurred_at
+            else:
+                ws.append(w)
+                if occurred_at > newest[value]:
+                    newest[value] = occurred_at
+        if len(weights) == 1:
+            ((winner, ws),) = weights.items()
+            score = fsum(ws)
+            append(Belief(key[0], key[1], key[2], winner, sigmoid(score - max(0.0, 0.0)),
+                          score, {}, tuple(sorted(c[4] for c in group)),
+                          tuple(sorted({c[3] for c in group})), len(group), t_ref))
+            continue
+        scores = {v: fsum(ws) for v, ws in weights.items()}
+        winner = max(scores, key=lambda v: (scores[v], newest[v], v))
+
+        def confidence(v: str, scores: dict[str, float] = scores) -> float:
+            rival = max((s for u, s in scores.items() if u != v), default=0.0)
+            return sigmoid(scores[v] - max(0.0, rival))
+
+        append(Belief(
+            key[0], key[1], key[2], winner, confidence(winner), scores[winner],
+            {v: confidence(v) for v in sorted(scores) if v != winner},
+            tuple(sorted(c[4] for c in group if c[6] == winner)),
+            tuple(sorted({c[3] for c in group if c[6] == winner})), len(group), t_ref))
+    return out
