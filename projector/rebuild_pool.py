@@ -16,7 +16,9 @@ Decoding follows :meth:`ProjectorWorker._decode_all
 <beliefstore.projector.worker.ProjectorWorker._decode_all>`: the same
 :class:`~beliefstore.events.serde.AvroSerde` (validation included), sealed observations
 opened after one key prefetch per chunk, a message whose key is not its subject poison,
-an observation of an erased subject (destroyed key) skipped.
+an observation of an erased subject (destroyed key) skipped; a message that
+:meth:`~beliefstore.events.serde.AvroSerde.decode_plain` proves valid goes from its
+plain record to its ``COPY`` line without an event object (same lines, same poison).
 """
 
 from __future__ import annotations
