@@ -301,91 +301,27 @@ source, event_id, occurred_at, value, confidence)`` (``occurred_at`` in epoch ms
 column order of ``belief_sources``."""
 
 
-def fold_counting(counting: Iterable[Counting],
-                  settings: FoldSettings | None = None) -> list[Belief]:
+def fold_counting(counting: Iterable[Counting], settings: FoldSettings | None = None, *,
+                  ordered: bool = True) -> list[Belief]:
     """The beliefs of counting observations: steps 4–6 of :func:`fold` without the trace.
 
     ``counting`` must already be what steps 1–3 leave (deduplicated, retractions and
-    erasures dropped, one observation per ``(key, source)``: its latest), as the bulk
-    rebuild computes it; then the result equals ``fold`` of the events they came from
-    (same arithmetic: weights summed with :func:`math.fsum`, same tie-breaks).
+    erasures dropped, one observation per ``(key, source)``: its latest), as the batch
+    apply reads it from ``belief_sources`` and the bulk rebuild computes it; then the
+    result equals ``fold`` of the events they came from (same arithmetic: weights summed
+    with :func:`math.fsum`, same tie-breaks). Each distinct confidence's :func:`logit` and
+    each source's trust are computed once per call and reused (the same floats, fewer
+    calls: about a quarter less CPU a row on the realistic workload).
+
+    Args:
+        counting: the counting rows (:data:`Counting`), in any order.
+        settings: half-lives and trust; the defaults when ``None``.
+        ordered: sort the beliefs by key; the bulk rebuild, whose ``COPY`` does not need
+            them sorted, passes ``False``.
 
     Returns:
-        One :class:`Belief` per key, sorted by ``(subject_id, context, attribute)``.
-    """
-    settings = settings or FoldSettings()
-    by_key: dict[Key, list[Counting]] = {}
-    for c in counting:
-        key = (c[0], c[1], c[2])
-        group = by_key.get(key)
-        if group is None:
-            by_key[key] = [c]
-        else:
-            group.append(c)
-    out = []
-    half_lives: dict[str, float] = {}
-    trust_of = settings.trust_of
-    for key in sorted(by_key):
-        group = by_key[key]
-        if len(group) == 1:  # one source: its weight is trust · log-odds (decay 2^0 = 1)
-            c = group[0]
-            score = math.fsum((trust_of(c[3]) * logit(c[7]) * 1.0,))
-            out.append(Belief(key[0], key[1], key[2], c[6], sigmoid(score - 0.0), score, {},
-                              (c[4],), (c[3],), 1, c[5]))
-            continue
-        t_ref = max(c[5] for c in group)
-        half_life_ms = half_lives.get(key[1])
-        if half_life_ms is None:
-            half_life_ms = half_lives[key[1]] = settings.half_life_s(key[1]) * 1000.0
-        weights: dict[str, list[float]] = {}
-        newest: dict[str, int] = {}
-        for c in group:
-            occurred_at, value = c[5], c[6]
-            w = trust_of(c[3]) * logit(c[7]) * 2.0 ** (-(t_ref - occurred_at) / half_life_ms)
-            ws = weights.get(value)
-            if ws is None:
-                weights[value] = [w]
-                newest[value] = occurred_at
-            else:
-                ws.append(w)
-                if occurred_at > newest[value]:
-                    newest[value] = occurred_at
-        if len(weights) == 1:
-            ((winner, ws),) = weights.items()
-            score = math.fsum(ws)
-            belief = Belief(key[0], key[1], key[2], winner, sigmoid(score - max(0.0, 0.0)),
-                            score, {}, tuple(sorted(c[4] for c in group)),
-                            tuple(sorted({c[3] for c in group})), len(group), t_ref)
-        else:
-            scores = {v: math.fsum(ws) for v, ws in weights.items()}
-            winner = max(scores, key=lambda v: (scores[v], newest[v], v))
-
-            def confidence(v: str, scores: dict[str, float] = scores) -> float:
-                rival = max((s for u, s in scores.items() if u != v), default=0.0)
-                return sigmoid(scores[v] - max(0.0, rival))
-
-            belief = Belief(
-                key[0], key[1], key[2], winner, confidence(winner), scores[winner],
-                {v: confidence(v) for v in sorted(scores) if v != winner},
-                tuple(sorted(c[4] for c in group if c[6] == winner)),
-                tuple(sorted({c[3] for c in group if c[6] == winner})), len(group), t_ref)
-        out.append(belief)
-    return out
-
-
-def fold_counting_unordered(counting: Iterable[Counting],
-                            settings: FoldSettings | None = None) -> list[Belief]:
-    """:func:`fold_counting`'s beliefs, in no particular order, computed with less work
-    per row: for the bulk rebuild, whose ``COPY`` does not need them sorted.
-
-    The arithmetic is :func:`fold_counting`'s, operation for operation (so the floats
-    are equal, not just close): each distinct confidence's :func:`logit` and each
-    source's trust are computed once and reused, and the keys are not sorted.
-    ``tests/test_fold_unordered.py`` checks the result equals :func:`fold_counting`'s
-    and :func:`fold`'s as a set.
-
-    Returns:
-        One :class:`Belief` per key.
+        One :class:`Belief` per key, sorted by ``(subject_id, context, attribute)`` when
+        ``ordered``, else in no particular order.
     """
     settings = settings or FoldSettings()
     by_key: dict[Key, list[Counting]] = {}
@@ -398,12 +334,12 @@ def fold_counting_unordered(counting: Iterable[Counting],
             group.append(c)
     out: list[Belief] = []
     append = out.append
-    fsum, exp2 = math.fsum, 2.0
+    fsum = math.fsum
     half_lives: dict[str, float] = {}
     trusts: dict[str, float] = {}
     log_odds: dict[float, float] = {}
     trust_of = settings.trust_of
-    for key, group in by_key.items():
+    for key, group in (sorted(by_key.items()) if ordered else by_key.items()):
         if len(group) == 1:  # one source: its weight is trust · log-odds (decay 2^0 = 1)
             c = group[0]
             trust = trusts.get(c[3])
@@ -430,7 +366,7 @@ def fold_counting_unordered(counting: Iterable[Counting],
             lo = log_odds.get(c[7])
             if lo is None:
                 lo = log_odds[c[7]] = logit(c[7])
-            w = trust * lo * exp2 ** (-(t_ref - occurred_at) / half_life_ms)
+            w = trust * lo * 2.0 ** (-(t_ref - occurred_at) / half_life_ms)
             ws = weights.get(value)
             if ws is None:
                 weights[value] = [w]

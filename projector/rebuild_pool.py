@@ -40,7 +40,7 @@ from beliefstore.events.model import ObservationRecorded, ObservationRetracted
 from beliefstore.events.sealing import EventShredded, FieldSealer
 from beliefstore.events.serde import AvroSerde, DecodedEvent, SchemaRegistry
 from beliefstore.projector import copytext
-from beliefstore.projector.fold import Counting, FoldSettings, fold_counting_unordered
+from beliefstore.projector.fold import Counting, FoldSettings, fold_counting
 
 OBSERVED, RETRACTED, ERASED, POISON, SHREDDED = range(5)
 """Kinds of :data:`Item`."""
@@ -420,11 +420,11 @@ def fold_chunk(counting: list[Counting], settings: FoldSettings,
 def _fold_chunk(counting: list[Counting], settings: FoldSettings,
                 where: dict[str, tuple[int, int]]) -> Folded:
     """The end of a rebuild for some keys (every counting observation of each of them):
-    :func:`~beliefstore.projector.fold.fold_counting_unordered`, then the ``COPY``
+    :func:`~beliefstore.projector.fold.fold_counting` (``ordered=False``), then the ``COPY``
     lines of their ``belief_sources``, ``beliefs`` and ``belief_changes`` rows
     (``where``: subject → its latest ``(partition, offset)``). Pure; runs in a worker
     or in the caller."""
-    folded = fold_counting_unordered(counting, settings)
+    folded = fold_counting(counting, settings, ordered=False)
     beliefs, changes = copytext.beliefs_and_changes(folded, where)
     return (len(folded), copytext.sources(counting), beliefs, changes,
             [b.subject_id for b in folded])

@@ -1,6 +1,6 @@
-"""The bulk rebuild's fold (``fold.fold_counting_unordered``): the beliefs of
-``fold_counting`` and of the pure fold, same floats, in any order; on generated workloads
-with trust and half-lives, and on the merge vectors."""
+"""The bulk rebuild's fold (``fold.fold_counting(..., ordered=False)``): the beliefs of
+the ordered ``fold_counting`` and of the pure fold, same floats, in any order; on
+generated workloads with trust and half-lives, and on the merge vectors."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from beliefstore.projector.fold import (
     FoldSettings,
     fold,
     fold_counting,
-    fold_counting_unordered,
 )
 from tests.conftest import case_events, load_cases
 from tests.test_fold import counting_rows, fold_settings
@@ -38,10 +37,12 @@ def test_the_unordered_fold_equals_fold_counting_and_the_pure_fold(seed, count, 
     fs = FoldSettings(default_half_life_s=half_life_s, half_lives=half_lives, trust=trust)
     rows = [row for held in counting_rows(events).values() for row in held]
     random.Random(seed).shuffle(rows)
-    unordered = fold_counting_unordered(rows, fs)
+    unordered = fold_counting(rows, fs, ordered=False)
+    ordered = fold_counting(rows, fs)
     assert len(unordered) == len(by_key(unordered))  # one belief per key
-    assert by_key(unordered) == by_key(fold_counting(rows, fs)) == by_key(fold(events, fs))
-    assert fold_counting_unordered([], fs) == []
+    assert by_key(unordered) == by_key(ordered) == by_key(fold(events, fs))
+    assert [b.key for b in ordered] == sorted(b.key for b in ordered)
+    assert fold_counting([], fs, ordered=False) == []
 
 
 def test_the_unordered_fold_of_the_merge_vectors():
@@ -49,5 +50,5 @@ def test_the_unordered_fold_of_the_merge_vectors():
         events = case_events(case)
         rows = [row for held in counting_rows(events).values() for row in held]
         fs = fold_settings(case)
-        assert by_key(fold_counting_unordered(rows, fs)) == by_key(fold(events, fs)), \
+        assert by_key(fold_counting(rows, fs, ordered=False)) == by_key(fold(events, fs)), \
             case["name"]
