@@ -443,8 +443,9 @@ def main(argv: list[str] | None = None) -> int:
                       "ratio": round(last.get(name, 0) / first[name], 3) if first[name] else None}
                for name in first
                if name not in ("t_s", "postgres backends", "postgres processes")}
-        # PostgreSQL's processes share its buffer pool (shared_buffers: a quarter of the memory, 128 MiB to 1 GiB): it is a
-        # cache that becomes resident page by page as the tables grow (and as the replay
+        # PostgreSQL's processes share its buffer pool (shared_buffers: a quarter of the
+        # memory, 128 MiB to 1 GiB): it is a cache that becomes resident page by page as
+        # the tables grow (and as the replay
         # writes a second copy of the read model), up to its fixed size, and summed RSS
         # counts each of its pages once per process that touched it. A leak shows in the
         # processes' own heap: PostgreSQL's flatness is judged on its summed Pss_Anon;
