@@ -1113,6 +1113,13 @@ def test_s3_store_answers_full_pages_of_a_long_partition_from_its_page_cache(
         assert listed() == list(range(count))
         assert computed - first <= 1000, "full pages must not recompute their fragments"
         same_as_localbucket()
+        # a batch appended after the last page: listed (that page is extended), once
+        before = computed
+        assert _raw(port, "PUT", f"/bkt/{part}records/{count:020d}.batch", b"tail")[0] == 200
+        count += 1
+        assert listed() == list(range(count))
+        assert computed - before == 1
+        same_as_localbucket()
         # a rewrite inside a cached page: that page is answered afresh, as localbucket's
         assert _raw(port, "PUT", f"/bkt/{part}records/{5:020d}.batch", b"longer batch 5")[0] \
             == 200

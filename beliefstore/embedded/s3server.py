@@ -159,13 +159,16 @@ class BucketIndex:
     written or deleted again, for the :data:`FRAGMENT_CACHE_SIZE` most recently listed
     keys (a fetch lists the tail of a partition; a replay reads it once, in order); the
     ``<Key>`` element is built per page (it is most of the fragment, and the log's keys
-    are what grows). A full page without delimiter (``max_keys`` keys and more after it)
-    is kept as it was answered, with the range of keys it covers, until a key in that
-    range is written, or one in or after it deleted, for at most :data:`PAGE_CACHE_SIZE` pages (the first
+    are what grows). A page without delimiter is kept as it was answered, with the range
+    of keys it covers, until a key in that range is written, or one in or after it
+    deleted: a full one (``max_keys`` keys and more after it) is answered as kept, and
+    the last one of a listing is extended by the keys written after it since (Tansu
+    appends record batches after the last), for at most :data:`PAGE_CACHE_SIZE` pages (the first
     ones listed; none is evicted for a newer one, so a listing longer than the bound
     still finds its first pages). Tansu lists a partition from its first batch on every
     fetch and appends after its last, so every page but the last is answered from here,
-    and its fragments are not recomputed when the fragment cache has evicted them. A
+    its fragments not recomputed when the fragment cache has evicted them, and the last
+    page costs the batches written since the previous listing. A
     page with a record batch behind an unwritten allocation in its range (see
     :meth:`allocate`) is neither kept nor answered from here. Built by walking the
     folder on first use, skipping localbucket's temporary files. Thread-safe (one lock).
@@ -261,9 +264,15 @@ class BucketIndex:
             self._build()
             barriers = self._barriers()
             cached = None if delimiter else self._pages.get(query)
+            start, after = low, False
             if cached is not None and not _barrier_within(low, cached[1], barriers):
-                return cached[2]
-            for raw in self._keys.irange(minimum=low):
+                if cached[2][2]:
+                    return cached[2]
+                # the last page, when it was listed: only keys after it can have come
+                # (a write in its range or a deletion dropped it), so it is extended
+                contents, last_entry = list(cached[2][0]), cached[2][3]
+                start, after = cached[1], True
+            for raw in self._keys.irange(minimum=start, inclusive=(not after, True)):
                 if not raw.startswith(raw_prefix):
                     break  # sorted by bytes: the keys under the prefix are contiguous
                 if raw_marker and (raw <= raw_marker
@@ -292,7 +301,7 @@ class BucketIndex:
                 contents.append("<Contents>" + _element(
                     "Key", key if encode is None else encode(key)) + tail)
                 last_entry = "K:" + key
-            if truncated and not delimiter and contents:
+            if not delimiter and contents:
                 last = last_entry[2:].encode()
                 if not _barrier_within(low, last, barriers) and (
                         query in self._pages or len(self._pages) < PAGE_CACHE_SIZE):
