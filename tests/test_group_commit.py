@@ -217,7 +217,7 @@ def test_waiting_callers_are_woken_only_for_their_own_turn(monkeypatch):
 
     monkeypatch.setattr(producer._Slot, "__init__", counting_slot)
     queued = threading.Event()
-    flush = Recorder(0.0)
+    flush = Recorder(0.05)  # a group waits for the broker a while
     commit = GroupCommit(lambda events: (queued.wait(10), flush(events))[1])
     events: list[Event] = [observed(f"s{i}") for i in range(20)]
     results: dict[str, Receipt] = {}
