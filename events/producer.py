@@ -233,13 +233,12 @@ class BeliefProducer:
         topic: the event topic (default ``beliefstore.events``).
         serde: the Avro serde (default: the shipped schemas).
         timeout_s: how long a send may wait for the broker's acknowledgement, seconds.
-        idempotent: Kafka's idempotent producer (default). ``False`` on ``up``'s durable
-            embedded broker (``BELIEFSTORE_IDEMPOTENT_PRODUCER``): there Tansu 0.6.0 keeps
-            every producer's sequences in one cluster-wide S3 object, read-modify-written
-            by each produce (one of its three S3 writes, and a conflict between the API
-            processes' producers); without it a retried record may be stored twice, which
-            the fold counts once (``event_id``). One request stays in flight, so records
-            keep their order.
+        idempotent: Kafka's idempotent producer (default; ``BELIEFSTORE_IDEMPOTENT_PRODUCER``
+            off turns it off, ``up`` included). Without it, Tansu 0.6.0 skips one of its
+            three S3 writes per produce (every producer's sequences live in one
+            cluster-wide S3 object, read-modify-written by each produce), and a retried
+            record may be stored twice, which the fold counts once (``event_id``). One
+            request stays in flight, so records keep their order.
         **kafka_config: more :class:`kafka.KafkaProducer` settings (e.g. ``security_protocol``,
             ``sasl_mechanism``); ``acks`` and ``enable_idempotence`` are fixed.
 
