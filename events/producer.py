@@ -91,6 +91,12 @@ class GroupCommit:
     any event of a later group is sealed. :class:`BeliefProducer` uses 1: on the durable
     embedded broker two gave no more accepted requests (bench/README.md, section 8).
 
+    Each waiting caller sleeps on its own condition (on the one lock): a finished group
+    wakes its own callers, and only the first caller still queued is woken when the next
+    group may start. (One condition for all woke every waiting caller on every change,
+    most of them to sleep again: with 20 concurrent callers, a quarter of the API
+    process's time holding the GIL went to those wake-ups, bench/README.md section 8.)
+
     With ``prepare``, a group is flushed in two steps: ``prepare(events)`` (the work
     before the broker: data keys, encoding, handing the records to the Kafka producer)
     counts as the group being in flight, and returns a function that waits for the
@@ -116,7 +122,7 @@ class GroupCommit:
         self._prepare = prepare
         self._max_group = max_group
         self._max_inflight = max_inflight
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._queue: list[_Slot] = []
         self._inflight = 0
         self._waiting = 0  # prepared groups waiting for their acknowledgements
@@ -136,11 +142,11 @@ class GroupCommit:
         Raises:
             ProduceError: this event was not acknowledged.
         """
-        slot = _Slot(event)
-        with self._cond:
+        slot = _Slot(event, self._lock)
+        with self._lock:
             self._queue.append(slot)
             while not slot.done and (slot.taken or not self._may_lead()):
-                self._cond.wait()
+                slot.wake.wait()
             if slot.done:
                 return slot.outcome()
             # first come first, up to the limit; the leader's own event always in its group
@@ -163,11 +169,11 @@ class GroupCommit:
                     results = list(self._flush(events))
                 else:
                     wait = self._prepare(events)
-                    with self._cond:  # the next leader may prepare its group now
+                    with self._lock:  # the next leader may prepare its group now
                         self._inflight -= 1
                         self._waiting += 1
                         released = True
-                        self._cond.notify_all()
+                        self._wake_next()
                     results = list(wait())
             except Exception as exc:  # noqa: BLE001 - every caller of the group gets it
                 results = [exc] * len(group)
@@ -175,29 +181,42 @@ class GroupCommit:
             # interrupted (KeyboardInterrupt in the leader): the others must not wait forever
             results += [ProduceError("the send was interrupted before the broker answered")
                         ] * (len(group) - len(results))
-            with self._cond:
+            with self._lock:
                 for s, r in zip(group, results, strict=True):
                     s.result, s.done = r, True
+                    if s is not slot:
+                        s.wake.notify()
                 if released:
                     self._waiting -= 1
                 else:
                     self._inflight -= 1
                 if exclusive:
                     self._exclusive = False
-                self._cond.notify_all()
+                self._wake_next()
         return slot.outcome()
+
+    def _wake_next(self) -> None:
+        """Wake the first queued caller, which leads the next group if it may (whether one
+        may lead depends on the state, not on the caller; caller holds the lock)."""
+        for s in self._queue:
+            if not s.taken:
+                s.wake.notify()
+                return
 
 
 class _Slot:
     """One caller's event in a :class:`GroupCommit` and, once produced, its result."""
 
-    __slots__ = ("event", "result", "done", "taken")
+    __slots__ = ("event", "result", "done", "taken", "wake")
 
-    def __init__(self, event: Event):
+    def __init__(self, event: Event, lock: threading.Lock):
         self.event = event
         self.result: Receipt | Exception | None = None
         self.done = False
         self.taken = False
+        #: this caller's own condition on the group's lock: woken when its result is in,
+        #: or when it is first in the queue and the next group may start
+        self.wake = threading.Condition(lock)
 
     def outcome(self) -> Receipt:
         if isinstance(self.result, Exception):
@@ -214,13 +233,12 @@ class BeliefProducer:
         topic: the event topic (default ``beliefstore.events``).
         serde: the Avro serde (default: the shipped schemas).
         timeout_s: how long a send may wait for the broker's acknowledgement, seconds.
-        idempotent: Kafka's idempotent producer (default). ``False`` on ``up``'s durable
-            embedded broker (``BELIEFSTORE_IDEMPOTENT_PRODUCER``): there Tansu 0.6.0 keeps
-            every producer's sequences in one cluster-wide S3 object, read-modify-written
-            by each produce (one of its three S3 writes, and a conflict between the API
-            processes' producers); without it a retried record may be stored twice, which
-            the fold counts once (``event_id``). One request stays in flight, so records
-            keep their order.
+        idempotent: Kafka's idempotent producer (default; ``BELIEFSTORE_IDEMPOTENT_PRODUCER``
+            off turns it off, ``up`` included). Without it, Tansu 0.6.0 skips one of its
+            three S3 writes per produce (every producer's sequences live in one
+            cluster-wide S3 object, read-modify-written by each produce), and a retried
+            record may be stored twice, which the fold counts once (``event_id``). One
+            request stays in flight, so records keep their order.
         **kafka_config: more :class:`kafka.KafkaProducer` settings (e.g. ``security_protocol``,
             ``sasl_mechanism``); ``acks`` and ``enable_idempotence`` are fixed.
 

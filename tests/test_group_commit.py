@@ -192,3 +192,51 @@ def test_with_prepare_an_erasure_is_flushed_whole_once_nothing_else_is_in_flight
     assert pipe.flushed and all(any(isinstance(e, SubjectErased) for e in g)
                                 for g in pipe.flushed)
     assert not pipe.erasure_overlapped
+
+
+def test_waiting_callers_are_woken_only_for_their_own_turn(monkeypatch):
+    """Each waiting caller sleeps on its own condition: a finished group wakes its own
+    callers and the first caller still queued, not every waiting caller (with one
+    condition for all, 19 callers queued behind a group were all woken when it ended,
+    and again when the next one did)."""
+    from beliefstore.events import producer
+
+    wakeups = 0
+    original = producer._Slot.__init__
+
+    class Counting(threading.Condition):
+        def wait(self, timeout: float | None = None) -> bool:
+            nonlocal wakeups
+            woken = super().wait(timeout)
+            wakeups += 1  # the lock is held again here
+            return woken
+
+    def counting_slot(self: producer._Slot, event: Event, lock: threading.Lock) -> None:
+        original(self, event, lock)
+        self.wake = Counting(lock)
+
+    monkeypatch.setattr(producer._Slot, "__init__", counting_slot)
+    queued = threading.Event()
+    flush = Recorder(0.05)  # a group waits for the broker a while
+    commit = GroupCommit(lambda events: (queued.wait(10), flush(events))[1])
+    events: list[Event] = [observed(f"s{i}") for i in range(20)]
+    results: dict[str, Receipt] = {}
+
+    def call(e: Event) -> None:
+        results[e.event_id] = commit.submit(e)
+
+    threads = [threading.Thread(target=call, args=(e,)) for e in events]
+    threads[0].start()
+    time.sleep(0.05)  # the first caller leads a group of one and waits in its flush
+    for t in threads[1:]:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(commit._queue) < 19 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    queued.set()
+    for t in threads:
+        t.join(30)
+    assert set(results) == {e.event_id for e in events}
+    assert [len(g) for g in flush.groups] == [1, 19]
+    # the first queued caller woken to lead, the 18 others once with their result
+    assert wakeups == 19

@@ -1036,6 +1036,114 @@ def test_s3_store_bounds_its_etag_and_listing_caches(tmp_path: Path) -> None:
             s.server_close()
 
 
+def test_s3_store_answers_full_pages_of_a_long_partition_from_its_page_cache(
+        tmp_path: Path) -> None:
+    """Tansu 0.6.0 lists a partition from its first record batch on every fetch. Past
+    FRAGMENT_CACHE_SIZE batches the fragment cache was evicted by each listing and every
+    fragment recomputed (a stat and an MD5 per batch, per fetch): the projector fell
+    minutes behind. Full pages are now kept until a key in their range changes: a second
+    listing computes no fragment, answers localbucket's bytes, and a page is not answered
+    from the cache once it is stale (a write in its range, a deletion after it) or holds
+    a batch behind an unwritten allocation."""
+    import json as _json
+    import re
+    import threading
+    from http.server import ThreadingHTTPServer
+    from urllib.parse import quote
+
+    import localbucket
+
+    from beliefstore.embedded import s3server
+
+    (tmp_path / "bkt").mkdir()
+    server = _serve_s3(tmp_path)
+    port = int(server.server_address[1])
+    part = "clusters/c/topics/t/partitions/0000000000/"
+    count = s3server.FRAGMENT_CACHE_SIZE + 1500
+
+    class Reference(localbucket.S3Handler):  # type: ignore[misc, name-defined]
+        data_root = tmp_path
+
+    reference = ThreadingHTTPServer(("127.0.0.1", 0), Reference)
+    threading.Thread(target=reference.serve_forever, daemon=True).start()
+    index = s3server._index(tmp_path / "bkt")
+    computed = 0
+    fragment = index._fragment
+
+    def counting(raw: bytes, key: str) -> str | None:
+        nonlocal computed
+        computed += 1
+        return fragment(raw, key)
+
+    index._fragment = counting  # type: ignore[method-assign]
+
+    def listed() -> list[int]:
+        """Every batch offset of the partition's listing, page by page (as Tansu lists),
+        each page compared with localbucket's."""
+        offsets: list[int] = []
+        query = f"/bkt?list-type=2&prefix={part}records/"
+        path = query
+        while True:
+            mine = _raw(port, "GET", path)
+            offsets += [int(o) for o in re.findall(rb"records/([0-9]{20})\.batch</Key>",
+                                                   mine[2])]
+            token = re.search(rb"<NextContinuationToken>([^<]*)<", mine[2])
+            if token is None:
+                return offsets
+            path = f"{query}&continuation-token={quote(token[1].decode())}"
+
+    def same_as_localbucket() -> None:
+        query = f"/bkt?list-type=2&prefix={part}records/"
+        path = query
+        while True:
+            mine = _raw(port, "GET", path)
+            assert mine == _raw(int(reference.server_address[1]), "GET", path)
+            token = re.search(rb"<NextContinuationToken>([^<]*)<", mine[2])
+            if token is None:
+                return
+            path = f"{query}&continuation-token={quote(token[1].decode())}"
+
+    try:
+        for offset in range(count):
+            assert _raw(port, "PUT", f"/bkt/{part}records/{offset:020d}.batch",
+                        f"batch {offset}".encode())[0] == 200
+        assert listed() == list(range(count))
+        first = computed
+        assert first >= count
+        assert listed() == list(range(count))
+        assert computed - first <= 1000, "full pages must not recompute their fragments"
+        same_as_localbucket()
+        # a batch appended after the last page: listed (that page is extended), once
+        before = computed
+        assert _raw(port, "PUT", f"/bkt/{part}records/{count:020d}.batch", b"tail")[0] == 200
+        count += 1
+        assert listed() == list(range(count))
+        assert computed - before == 1
+        same_as_localbucket()
+        # a rewrite inside a cached page: that page is answered afresh, as localbucket's
+        assert _raw(port, "PUT", f"/bkt/{part}records/{5:020d}.batch", b"longer batch 5")[0] \
+            == 200
+        same_as_localbucket()
+        # a deletion after every full page flips the last full page's "truncated" no more
+        # than localbucket's: compared again after deleting the tail
+        for offset in range(count - 1, (count // 1000) * 1000 - 1, -1):
+            assert _raw(port, "DELETE", f"/bkt/{part}records/{offset:020d}.batch")[0] == 204
+        same_as_localbucket()
+        kept = (count // 1000) * 1000
+        # an allocation below cached pages (offset 0 re-allocated: high 0 -> n): the
+        # batches after it are not listed, cached or not, until its batch is written
+        body = _json.dumps({"low": None, "high": kept, "timestamps": None}).encode()
+        assert _raw(port, "PUT", f"/bkt/{part}watermark.json", body)[0] == 200
+        assert listed() == [0]
+        assert _raw(port, "PUT", f"/bkt/{part}records/{0:020d}.batch", b"batch 0")[0] == 200
+        assert listed() == list(range(kept))
+        same_as_localbucket()
+    finally:
+        for s in (server, reference):
+            s.shutdown()
+            s.server_close()
+
+
 @pytest.mark.parametrize("idempotent", [True, False], ids=["idempotent", "not-idempotent"])
 def test_api_producer_pipelined_groups_on_the_durable_broker_exactly_once(
         tmp_path: Path, settings, catalog, idempotent: bool) -> None:  # noqa: ANN001

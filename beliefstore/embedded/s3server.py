@@ -42,7 +42,13 @@ none of its underscored methods is overridden):
   CopyObject, CompleteMultipartUpload and DeleteObject that goes through this handler
   (before the response is sent, so a client that got its 200 sees its key listed); a
   page is a range of that list, scoped to the prefix, and each key's ``<Contents>``
-  fragment is computed once and reused, so a page is a join. Prefix, delimiter,
+  fragment is computed once and reused, so a page is a join; a full page (1,000 keys, no
+  delimiter) is kept whole until a key in its range is written (or one in or after it
+  deleted), so the pages
+  before the log's tail, which Tansu lists again on every fetch, cost a lookup (before,
+  a log past the 4,096 fragments kept recomputed every fragment, a stat and an MD5, on
+  every listing: a 60-s run of ``bench/ingest_http.py`` with ~5,000 record batches then
+  left the projector 2.5 minutes behind). Prefix, delimiter,
   start-after, continuation-token, max-keys and encoding-type are honoured exactly as
   localbucket does (the same bytes: ``tests/test_services.py`` compares both listings
   over one folder, and fails if localbucket changes); malformed listings and ListObjects
@@ -109,7 +115,7 @@ from cachetools import LRUCache
 from sortedcontainers import SortedList
 
 __all__ = ["BARRIER_TIMEOUT_S", "ETAG_CACHE_SIZE", "FRAGMENT_CACHE_SIZE", "LOCALBUCKET_VERSION",
-           "BucketIndex", "configure", "main"]
+           "PAGE_CACHE_SIZE", "BucketIndex", "configure", "main"]
 
 #: The localbucket release this module was written and measured against.
 LOCALBUCKET_VERSION = "1.2.1"
@@ -153,10 +159,22 @@ class BucketIndex:
     written or deleted again, for the :data:`FRAGMENT_CACHE_SIZE` most recently listed
     keys (a fetch lists the tail of a partition; a replay reads it once, in order); the
     ``<Key>`` element is built per page (it is most of the fragment, and the log's keys
-    are what grows). Built by walking the folder on first use, skipping localbucket's
-    temporary files. Thread-safe (one lock). Memory: about 140 bytes per key (its UTF-8
-    bytes in the sorted list), plus at most :data:`FRAGMENT_CACHE_SIZE` fragments of about
-    250 bytes.
+    are what grows). A page without delimiter is kept as it was answered, with the range
+    of keys it covers, until a key in that range is written, or one in or after it
+    deleted: a full one (``max_keys`` keys and more after it) is answered as kept, and
+    the last one of a listing is extended by the keys written after it since (Tansu
+    appends record batches after the last), for at most :data:`PAGE_CACHE_SIZE` pages (the first
+    ones listed; none is evicted for a newer one, so a listing longer than the bound
+    still finds its first pages). Tansu lists a partition from its first batch on every
+    fetch and appends after its last, so every page but the last is answered from here,
+    its fragments not recomputed when the fragment cache has evicted them, and the last
+    page costs the batches written since the previous listing. A
+    page with a record batch behind an unwritten allocation in its range (see
+    :meth:`allocate`) is neither kept nor answered from here. Built by walking the
+    folder on first use, skipping localbucket's temporary files. Thread-safe (one lock).
+    Memory: about 140 bytes per key (its UTF-8 bytes in the sorted list), plus at most
+    :data:`FRAGMENT_CACHE_SIZE` fragments of about 250 bytes and :data:`PAGE_CACHE_SIZE`
+    pages of about 300 bytes per key.
     """
 
     def __init__(self, folder: Path) -> None:
@@ -172,6 +190,10 @@ class BucketIndex:
         self._fragments: LRUCache[bytes, str] = LRUCache(maxsize=FRAGMENT_CACHE_SIZE)
         #: a partition's records/ prefix -> {allocated offset without its batch: when}
         self._pending: dict[str, dict[int, float]] = {}
+        #: full pages (truncated, no delimiter) as :meth:`page` returned them, by their
+        #: query; each with the range of keys it covers, (lowest, last), inclusive
+        self._pages: dict[tuple[str, str, bool, int, bool],
+                          tuple[bytes, bytes, tuple[list[str], list[str], bool, str]]] = {}
 
     def allocate(self, records_prefix: str, offset: int) -> None:
         """Record that offsets from ``offset`` were allocated in the partition whose
@@ -188,6 +210,7 @@ class BucketIndex:
             if raw not in self._keys:
                 self._keys.add(raw)
             self._fragments.pop(raw, None)
+            self._changed(raw)
             if self._pending and (batch := _BATCH_KEY.fullmatch(key)):
                 pending = self._pending.get(batch[1])
                 if pending is not None:
@@ -202,6 +225,16 @@ class BucketIndex:
             raw = key.encode()
             self._fragments.pop(raw, None)
             self._keys.discard(raw)
+            self._changed(raw, deleted=True)
+
+    def _changed(self, raw: bytes, deleted: bool = False) -> None:
+        """Forget the cached pages whose range holds ``raw``, or, for a ``deleted`` key,
+        that it may follow (a page's "truncated" says a key follows it; caller holds the
+        lock)."""
+        if self._pages:
+            for query in [q for q, (low, last, _) in self._pages.items()
+                          if low <= raw and (deleted or raw <= last)]:
+                del self._pages[query]
 
     def page(self, prefix: str, delimiter: str, marker: str, marker_is_prefix: bool,
              max_keys: int, encode: Callable[[str], str] | None = None,
@@ -225,10 +258,21 @@ class BucketIndex:
         last_entry = ""
         truncated = False
         raw_prefix, raw_marker = prefix.encode(), marker.encode()
+        low = max(raw_prefix, raw_marker)
+        query = (prefix, marker, marker_is_prefix, max_keys, encode is None)
         with self._lock:
             self._build()
             barriers = self._barriers()
-            for raw in self._keys.irange(minimum=max(raw_prefix, raw_marker)):
+            cached = None if delimiter else self._pages.get(query)
+            start, after = low, False
+            if cached is not None and not _barrier_within(low, cached[1], barriers):
+                if cached[2][2]:
+                    return cached[2]
+                # the last page, when it was listed: only keys after it can have come
+                # (a write in its range or a deletion dropped it), so it is extended
+                contents, last_entry = list(cached[2][0]), cached[2][3]
+                start, after = cached[1], True
+            for raw in self._keys.irange(minimum=start, inclusive=(not after, True)):
                 if not raw.startswith(raw_prefix):
                     break  # sorted by bytes: the keys under the prefix are contiguous
                 if raw_marker and (raw <= raw_marker
@@ -257,6 +301,12 @@ class BucketIndex:
                 contents.append("<Contents>" + _element(
                     "Key", key if encode is None else encode(key)) + tail)
                 last_entry = "K:" + key
+            if not delimiter and contents:
+                last = last_entry[2:].encode()
+                if not _barrier_within(low, last, barriers) and (
+                        query in self._pages or len(self._pages) < PAGE_CACHE_SIZE):
+                    self._pages[query] = (low, last, (contents, common_prefixes, truncated,
+                                                      last_entry))
         return contents, common_prefixes, truncated, last_entry
 
     def _barriers(self) -> list[tuple[str, int]]:
@@ -288,6 +338,7 @@ class BucketIndex:
         except FileNotFoundError:
             self._fragments.pop(raw, None)
             self._keys.discard(raw)
+            self._changed(raw, deleted=True)
             return None
         tail = (f"<LastModified>{localbucket.iso_timestamp(stat.st_mtime)}</LastModified>"
                 f'<ETag>"{etag}"</ETag><Size>{stat.st_size}</Size>'
@@ -313,6 +364,7 @@ class BucketIndex:
                     continue
         self._keys = SortedList(keys)
         self._fragments.clear()
+        self._pages.clear()
         self._built = True
 
 
@@ -340,6 +392,23 @@ _WATERMARK_KEY = re.compile(r"(.*/partitions/[^/]+/)watermark\.json")
 
 #: ListObjectsV2 from the index (else localbucket's walk): BELIEFSTORE_S3_LISTING != "walk"
 _USE_INDEX = os.environ.get("BELIEFSTORE_S3_LISTING", "index") != "walk"
+
+#: How many full listing pages a :class:`BucketIndex` keeps (see there): a page of 1,000
+#: keys is about 300 KB, so at most about 40 MB per bucket, for the first ~128,000
+#: record batches of the log; pages past the bound are computed on each listing.
+PAGE_CACHE_SIZE = 128
+
+
+def _barrier_within(low: bytes, last: bytes, barriers: list[tuple[str, int]]) -> bool:
+    """Whether a batch behind one of ``barriers`` may sort within ``low``..``last``
+    (conservative: any key of the barrier's partition after its offset)."""
+    for records_prefix, offset in barriers:
+        raw_prefix = records_prefix.encode()
+        if last > (records_prefix + f"{offset:020d}").encode() \
+                and low < raw_prefix + b"\xff":
+            return True
+    return False
+
 
 def _behind_barrier(key: str, barriers: list[tuple[str, int]]) -> bool:
     """Whether ``key`` is a record batch after an allocated offset still unwritten."""
