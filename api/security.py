@@ -10,13 +10,16 @@ times ``BELIEFSTORE_RATE_LIMIT`` requests per second in all.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import HTTPException
 from fastapi.security import HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from beliefstore.api.models import ErrorOut
+
+if TYPE_CHECKING:
+    from beliefstore.access.scopes import Principal
 
 bearer = HTTPBearer(
     auto_error=False,
@@ -36,6 +39,25 @@ def unauthorized(message: str, reason: str) -> HTTPException:
 
 def forbidden(message: str) -> HTTPException:
     return HTTPException(403, message)
+
+
+def require_own_source(caller: Principal, source: str, events: str, fix: str) -> None:
+    """403 unless ``source`` is ``caller``'s agent: an agent writes events only as itself
+    (an unrestricted admin key may write any source).
+
+    Args:
+        caller: the request's key.
+        source: the event's ``source``.
+        events: what is posted, plural, for the message (``"observations"``).
+        fix: the sentence that ends the message and says what to do instead.
+
+    Raises:
+        HTTPException: 403 naming the source, the key and ``fix``.
+    """
+    if not caller.unrestricted and source != caller.agent:
+        raise forbidden(
+            f"source {source!r} is not this key's agent: {events} posted with "
+            f"{caller.describe()} must have source {caller.agent!r}. {fix}")
 
 
 def too_many_requests(message: str, retry_after_s: float) -> HTTPException:

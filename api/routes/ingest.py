@@ -36,6 +36,7 @@ from beliefstore.api.routes.reads import _error, bearer_credentials
 from beliefstore.api.security import (
     WRITE_RESPONSES,
     forbidden,
+    require_own_source,
 )
 from beliefstore.errors import ProduceError, ValidationError
 from beliefstore.events.model import ObservationRecorded
@@ -153,21 +154,18 @@ def check_writable(caller: Principal, event: ObservationRecorded,
     Raises:
         HTTPException: 403, naming the source or context and the fix.
     """
-    if not caller.unrestricted:
-        if event.source != caller.agent:
-            raise forbidden(
-                f"source {event.source!r} is not this key's agent: observations posted with "
-                f"{caller.describe()} must have source {caller.agent!r}. An agent records "
-                f"only its own observations; {event.source!r} needs its own key")
-        if not caller.may_write(event.context, restricted):
-            why = (f"context {event.context!r} is restricted and * does not cover it"
-                   if event.context in restricted and WILDCARD in caller.write else
-                   f"context {event.context!r} is not in its write scope "
-                   f"({format_scope(caller.write)})")
-            raise forbidden(
-                f"{caller.describe()} may not write context {event.context!r}: {why}; ask "
-                f"an admin for a key made with `beliefstore keys create --agent "
-                f"{caller.agent} --write {event.context}`")
+    require_own_source(caller, event.source, "observations",
+                       f"An agent records only its own observations; {event.source!r} "
+                       "needs its own key")
+    if not caller.unrestricted and not caller.may_write(event.context, restricted):
+        why = (f"context {event.context!r} is restricted and * does not cover it"
+               if event.context in restricted and WILDCARD in caller.write else
+               f"context {event.context!r} is not in its write scope "
+               f"({format_scope(caller.write)})")
+        raise forbidden(
+            f"{caller.describe()} may not write context {event.context!r}: {why}; ask "
+            f"an admin for a key made with `beliefstore keys create --agent "
+            f"{caller.agent} --write {event.context}`")
 
 
 # -- the lean lane -------------------------------------------------------------------------

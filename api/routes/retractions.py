@@ -11,7 +11,7 @@ from fastapi import APIRouter, HTTPException
 
 from beliefstore.api.deps import Caller, State
 from beliefstore.api.models import ErrorOut, ReceiptOut, RetractionIn
-from beliefstore.api.security import WRITE_RESPONSES, forbidden
+from beliefstore.api.security import WRITE_RESPONSES, forbidden, require_own_source
 from beliefstore.errors import ProduceError, ValidationError
 from beliefstore.events.model import ObservationRetracted
 from beliefstore.events.validation import validate
@@ -45,17 +45,13 @@ def post_retraction(caller: Caller, body: RetractionIn, state: State) -> Receipt
         source=source, occurred_at=now_millis() if occurred is None else occurred,
         retracted_event_id=body.retracted_event_id, reason=body.reason,
     ))
-    if not caller.unrestricted:
-        if source != caller.agent:
-            raise forbidden(
-                f"source {source!r} is not this key's agent: retractions posted with "
-                f"{caller.describe()} have source {caller.agent!r} (leave source out). An "
-                "agent retracts only its own observations")
-        if not caller.write:
-            raise forbidden(
-                f"{caller.describe()} may not write (its write scope is empty); ask an admin "
-                f"for a key made with `beliefstore keys create --agent {caller.agent} "
-                "--write CONTEXTS`")
+    require_own_source(caller, source, "retractions",
+                       "Leave source out: an agent retracts only its own observations")
+    if not caller.unrestricted and not caller.write:
+        raise forbidden(
+            f"{caller.describe()} may not write (its write scope is empty); ask an admin "
+            f"for a key made with `beliefstore keys create --agent {caller.agent} "
+            "--write CONTEXTS`")
     try:
         receipt = state.producer().send(event)
     except ProduceError as exc:
