@@ -25,7 +25,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -181,6 +181,35 @@ def api_url(settings: Settings, engine: sa.Engine) -> Iterator[str]:
     server = ApiServer(settings, "127.0.0.1", free_port()).start_in_thread()
     yield server.url
     server.stop()
+
+
+@dataclass
+class OwnBroker:
+    """An API on a broker of its own, for a test that stops or restarts the broker."""
+
+    kafka: EmbeddedKafka
+    settings: Settings
+    url: str
+
+
+@pytest.fixture
+def api_on_own_broker(settings: Settings, engine: sa.Engine,
+                      tmp_path: Path) -> Iterator[OwnBroker]:
+    """The API served on a free loopback port, producing to an embedded Tansu broker of
+    this test's own (in memory, its log in ``tmp_path/kafka``, which ``kafka.start()``
+    after ``kafka.stop()`` keeps), with a produce timeout of 3 s; both stopped after."""
+    kafka = EmbeddedKafka(tmp_path / "kafka").start()
+    try:
+        local = replace(settings, kafka_bootstrap_servers=kafka.bootstrap_servers,
+                        produce_timeout_s=3.0)
+        ensure_topics(kafka.bootstrap_servers, {local.topic: 3, local.access_topic: 1})
+        server = ApiServer(local, "127.0.0.1", free_port()).start_in_thread()
+        try:
+            yield OwnBroker(kafka, local, server.url)
+        finally:
+            server.stop()
+    finally:
+        kafka.stop()
 
 
 @pytest.fixture

@@ -18,8 +18,7 @@ from dataclasses import replace
 import httpx
 import pytest
 
-from beliefstore.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
-from beliefstore.events.topics import ensure_topics
+from beliefstore.embedded import EmbeddedPostgres, free_port
 from beliefstore.projector.catalog import ProjectionCatalog
 from beliefstore.runtime.serve import ApiServer
 
@@ -97,40 +96,29 @@ def test_unstorable_text_in_a_post_body_is_a_422_naming_the_field(api_url, auth)
     assert response.status_code == 422 and "metadata.k" in response.text, response.text
 
 
-def test_broker_down_post_is_503_with_retry_after_and_recovers(settings, engine, auth, tmp_path):
-    kafka = EmbeddedKafka(tmp_path / "kafka").start()
-    try:
-        local = replace(settings, kafka_bootstrap_servers=kafka.bootstrap_servers,
-                        produce_timeout_s=3.0)
-        ensure_topics(kafka.bootstrap_servers, {local.topic: 3, local.access_topic: 1})
-        server = ApiServer(local, "127.0.0.1", free_port()).start_in_thread()
-        try:
-            url = f"{server.url}/v1/observations"
-            assert httpx.post(url, json=observation(), headers=auth, timeout=30).status_code == 201
-            kafka.stop()
-            start = time.monotonic()
-            down = httpx.post(url, json=observation(value="tense"), headers=auth, timeout=60)
-            took = time.monotonic() - start
-            assert down.status_code == 503, down.text
-            assert int(down.headers["retry-after"]) > 0
-            assert "event_id" in down.json()["detail"]
-            assert took < local.produce_timeout_s + 5, took  # not kafka-python's 60 s block
-            ready = httpx.get(f"{server.url}/readyz", timeout=10)
-            assert ready.status_code == 503 and ready.json()["failing"] == ["broker"], ready.text
-            assert "retry-after" in ready.headers
-            kafka.start()  # same port, same log directory
-            deadline = time.monotonic() + 60
-            while True:
-                again = httpx.post(url, json=observation(value="relieved"), headers=auth,
-                                   timeout=60)
-                if again.status_code == 201 or time.monotonic() > deadline:
-                    break
-            assert again.status_code == 201, again.text
-            assert httpx.get(f"{server.url}/readyz", timeout=10).json()["failing"] == []
-        finally:
-            server.stop()
-    finally:
-        kafka.stop()
+def test_broker_down_post_is_503_with_retry_after_and_recovers(auth, api_on_own_broker):
+    kafka, local = api_on_own_broker.kafka, api_on_own_broker.settings
+    url = f"{api_on_own_broker.url}/v1/observations"
+    assert httpx.post(url, json=observation(), headers=auth, timeout=30).status_code == 201
+    kafka.stop()
+    start = time.monotonic()
+    down = httpx.post(url, json=observation(value="tense"), headers=auth, timeout=60)
+    took = time.monotonic() - start
+    assert down.status_code == 503, down.text
+    assert int(down.headers["retry-after"]) > 0
+    assert "event_id" in down.json()["detail"]
+    assert took < local.produce_timeout_s + 5, took  # not kafka-python's 60 s block
+    ready = httpx.get(f"{api_on_own_broker.url}/readyz", timeout=10)
+    assert ready.status_code == 503 and ready.json()["failing"] == ["broker"], ready.text
+    assert "retry-after" in ready.headers
+    kafka.start()  # same port, same log directory
+    deadline = time.monotonic() + 60
+    while True:
+        again = httpx.post(url, json=observation(value="relieved"), headers=auth, timeout=60)
+        if again.status_code == 201 or time.monotonic() > deadline:
+            break
+    assert again.status_code == 201, again.text
+    assert httpx.get(f"{api_on_own_broker.url}/readyz", timeout=10).json()["failing"] == []
 
 
 def test_postgres_down_reads_are_503_with_retry_after_and_recover(settings, tmp_path):

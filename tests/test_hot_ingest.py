@@ -12,7 +12,6 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import UTC, datetime
 
 import httpx
@@ -21,9 +20,8 @@ from fastapi import HTTPException
 from prometheus_client import REGISTRY
 
 from beliefstore.api.deps import get_caller
-from beliefstore.embedded import EmbeddedKafka, free_port
+from beliefstore.embedded import free_port
 from beliefstore.events.serde import AvroSerde
-from beliefstore.events.topics import ensure_topics
 from beliefstore.runtime.serve import ApiServer
 from tests.conftest import read_topic
 
@@ -180,35 +178,24 @@ def test_the_lane_counts_in_the_metrics(server, auth):
 
 
 def test_broker_down_the_lane_and_the_route_answer_503_with_retry_after(
-        settings, engine, auth, tmp_path):
-    kafka = EmbeddedKafka(tmp_path / "kafka").start()
-    try:
-        local = replace(settings, kafka_bootstrap_servers=kafka.bootstrap_servers,
-                        produce_timeout_s=3.0)
-        ensure_topics(kafka.bootstrap_servers, {local.topic: 3, local.access_topic: 1})
-        server = ApiServer(local, "127.0.0.1", free_port()).start_in_thread()
-        warm(server.url, auth)
-        try:
-            url = f"{server.url}/v1/observations"
-            assert httpx.post(url, json=observation(), headers=auth, timeout=30
-                              ).status_code == 201
-            kafka.stop()
-            start = time.monotonic()
-            lane = httpx.post(url, json=observation(value="tense"), headers=auth, timeout=60)
-            assert time.monotonic() - start < local.produce_timeout_s + 5
-            route = httpx.post(url, json=via_route(observation(value="tense")), headers=auth,
-                               timeout=60)
-            assert lane.status_code == route.status_code == 503, (lane.text, route.text)
-            assert lane.headers["retry-after"] == route.headers["retry-after"]
-            assert int(lane.headers["retry-after"]) > 0
-            # the first failure is the send's; after it the producer starts afresh, so the
-            # second may be the reconnection's ("cannot reach Kafka"): same ending
-            assert "the broker did not acknowledge" in lane.json()["detail"], lane.text
-            for r in (lane, route):
-                assert r.json()["detail"].endswith(
-                    "; retry later (with the same event_id the retry is safe: events are "
-                    "deduplicated by event_id)"), r.text
-        finally:
-            server.stop()
-    finally:
-        kafka.stop()
+        auth, api_on_own_broker):
+    kafka, local = api_on_own_broker.kafka, api_on_own_broker.settings
+    warm(api_on_own_broker.url, auth)
+    url = f"{api_on_own_broker.url}/v1/observations"
+    assert httpx.post(url, json=observation(), headers=auth, timeout=30).status_code == 201
+    kafka.stop()
+    start = time.monotonic()
+    lane = httpx.post(url, json=observation(value="tense"), headers=auth, timeout=60)
+    assert time.monotonic() - start < local.produce_timeout_s + 5
+    route = httpx.post(url, json=via_route(observation(value="tense")), headers=auth,
+                       timeout=60)
+    assert lane.status_code == route.status_code == 503, (lane.text, route.text)
+    assert lane.headers["retry-after"] == route.headers["retry-after"]
+    assert int(lane.headers["retry-after"]) > 0
+    # the first failure is the send's; after it the producer starts afresh, so the
+    # second may be the reconnection's ("cannot reach Kafka"): same ending
+    assert "the broker did not acknowledge" in lane.json()["detail"], lane.text
+    for r in (lane, route):
+        assert r.json()["detail"].endswith(
+            "; retry later (with the same event_id the retry is safe: events are "
+            "deduplicated by event_id)"), r.text
