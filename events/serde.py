@@ -36,20 +36,7 @@ from beliefstore.events.model import (
     SubjectErased,
 )
 from beliefstore.events.sealing import FieldSealer
-from beliefstore.events.validation import (
-    _BAD_ID,
-    _NAME,
-    _UNSTORABLE,
-    MAX_ID_LENGTH,
-    MAX_METADATA_ENTRIES,
-    MAX_METADATA_KEY_LENGTH,
-    MAX_METADATA_VALUE_LENGTH,
-    MAX_NAME_LENGTH,
-    MAX_TEXT_LENGTH,
-    MAX_TIMESTAMP_MS,
-    MAX_VALUE_LENGTH,
-    validate,
-)
+from beliefstore.events.validation import MAX_TIMESTAMP_MS, plainly_valid, validate
 from beliefstore.timefmt import to_millis
 
 MAGIC = b"\xc3\x01"
@@ -390,7 +377,7 @@ class AvroSerde:
         if read is None:
             return None
         plan, record = read
-        if not _plainly_valid(plan.cls, record):
+        if not plainly_valid(plan.cls, record):
             return None
         return plan.cls, plan.writer, record
 
@@ -481,45 +468,6 @@ class AvroSerde:
         except ValidationError as exc:
             raise PoisonEvent("invalid_event", str(exc)) from exc
         return DecodedEvent(event=event, writer=decoded.writer, record=decoded.record)
-
-
-def _plainly_valid(cls: type, r: dict[str, Any]) -> bool:
-    """Whether the plain record ``r`` of a current ``cls`` schema (its types the schema's:
-    strings ``str``, the confidence a ``float``, ``occurred_at`` and uuids already
-    checked by :meth:`AvroSerde._read_fast`) passes :func:`validate` by the same fast
-    branches validation takes (``_check_id``, ``_check_name``, ``_check_text``, the
-    value, confidence and metadata rules), and is not sealed. ``False`` only means
-    "not proven": :meth:`AvroSerde.decode` then decides."""
-    subject, source = r["subject_id"], r["source"]
-    if not (0 < len(subject) <= MAX_ID_LENGTH and 0 < len(source) <= MAX_ID_LENGTH
-            and not subject[0].isspace() and not source[0].isspace()
-            and not _BAD_ID.search(subject) and not _BAD_ID.search(source)):
-        return False
-    if cls is ObservationRecorded:
-        context, attribute, value = r["context"], r["attribute"], r["value"]
-        confidence, evidence, metadata = r["confidence"], r["evidence"], r["metadata"]
-        if r.get("sealed") is not None or not (
-                type(confidence) is float and 0.0 <= confidence <= 1.0
-                and len(context) <= MAX_NAME_LENGTH and len(attribute) <= MAX_NAME_LENGTH
-                and _NAME.fullmatch(context) and _NAME.fullmatch(attribute)
-                and 0 < len(value) <= MAX_VALUE_LENGTH and not _UNSTORABLE.search(value)
-                and type(metadata) is dict):
-            return False
-        if evidence is not None and (len(evidence) > MAX_TEXT_LENGTH
-                                     or _UNSTORABLE.search(evidence)):
-            return False
-        if metadata:
-            if len(metadata) > MAX_METADATA_ENTRIES:
-                return False
-            for k, v in metadata.items():
-                if not 0 < len(k) <= MAX_METADATA_KEY_LENGTH \
-                        or len(v) > MAX_METADATA_VALUE_LENGTH \
-                        or _UNSTORABLE.search(k) or _UNSTORABLE.search(v):
-                    return False
-        return True
-    reason = r.get("reason")
-    return reason is None or (len(reason) <= MAX_TEXT_LENGTH
-                              and not _UNSTORABLE.search(reason))
 
 
 def encode_record(record: dict[str, Any], schema: RegisteredSchema) -> bytes:

@@ -183,6 +183,48 @@ def check_name(name: str, value: Any) -> list[FieldError]:
     return errors
 
 
+def plainly_valid(cls: type, r: dict[str, Any]) -> bool:
+    """Whether the plain record ``r`` of a current ``cls`` schema (its types the schema's:
+    strings ``str``, the confidence a ``float``, ``occurred_at`` and uuids already
+    checked by the caller, as ``AvroSerde._read_fast`` does) passes :func:`validate` by
+    the same fast branches validation takes (``_check_id``, ``_check_name``,
+    ``_check_text``, the value, confidence and metadata rules), and is not sealed. ``False`` only means
+    "not proven": the caller then validates the event (``AvroSerde.decode_plain``
+    returns ``None`` and ``decode`` decides). Kept beside the rules it mirrors so a
+    change of one is seen next to the other; ``tests/test_serde_fuzz.py`` checks that
+    every record it passes is the event ``decode`` returns."""
+    subject, source = r["subject_id"], r["source"]
+    if not (0 < len(subject) <= MAX_ID_LENGTH and 0 < len(source) <= MAX_ID_LENGTH
+            and not subject[0].isspace() and not source[0].isspace()
+            and not _BAD_ID.search(subject) and not _BAD_ID.search(source)):
+        return False
+    if cls is ObservationRecorded:
+        context, attribute, value = r["context"], r["attribute"], r["value"]
+        confidence, evidence, metadata = r["confidence"], r["evidence"], r["metadata"]
+        if r.get("sealed") is not None or not (
+                type(confidence) is float and 0.0 <= confidence <= 1.0
+                and len(context) <= MAX_NAME_LENGTH and len(attribute) <= MAX_NAME_LENGTH
+                and _NAME.fullmatch(context) and _NAME.fullmatch(attribute)
+                and 0 < len(value) <= MAX_VALUE_LENGTH and not _UNSTORABLE.search(value)
+                and type(metadata) is dict):
+            return False
+        if evidence is not None and (len(evidence) > MAX_TEXT_LENGTH
+                                     or _UNSTORABLE.search(evidence)):
+            return False
+        if metadata:
+            if len(metadata) > MAX_METADATA_ENTRIES:
+                return False
+            for k, v in metadata.items():
+                if not 0 < len(k) <= MAX_METADATA_KEY_LENGTH \
+                        or len(v) > MAX_METADATA_VALUE_LENGTH \
+                        or _UNSTORABLE.search(k) or _UNSTORABLE.search(v):
+                    return False
+        return True
+    reason = r.get("reason")
+    return reason is None or (len(reason) <= MAX_TEXT_LENGTH
+                              and not _UNSTORABLE.search(reason))
+
+
 def validate(event: Event) -> Event:
     """Check every field of ``event`` and return it unchanged.
 
