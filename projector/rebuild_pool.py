@@ -161,81 +161,59 @@ def _decode_chunk(topic: str, partition: int, records: Sequence[Record]) -> list
                                                                        strict=True)):
         if type(parsed) is tuple:  # decode_plain's (class, writer, record)
             cls, writer, r = parsed
-            subject = r["subject_id"]
-            if key is not None and key != subject.encode("utf-8"):
-                append((POISON, index, "invalid_event",
-                        f"message key {key!r} is not the event's subject_id {subject!r}"))
+        else:
+            try:
+                if isinstance(parsed, PoisonEvent):
+                    raise parsed
+                assert isinstance(parsed, DecodedEvent)
+                decoded = parsed
+                if decoded.record.get("sealed") is not None and isinstance(
+                        decoded.event, ObservationRecorded):
+                    decoded = serde.open_decoded(decoded)
+            except PoisonEvent as exc:
+                append((POISON, index, exc.kind, exc.reason))
                 continue
-            recorded_at = timestamp if timestamp is not None and timestamp >= 0 else None
-            fingerprint = hexes.get(writer.fingerprint)
-            if fingerprint is None:
-                fingerprint = hexes[writer.fingerprint] = writer.fingerprint.hex()
-            if cls is ObservationRecorded:
-                # the few contexts, attributes, sources and short values as one object
-                # each: pickled once per range (then by reference), kept once in the
-                # replaying process
-                event_id, context, attribute = r["event_id"], intern(r["context"]), \
-                    intern(r["attribute"])
-                observed, confidence, source = r["value"], r["confidence"], intern(r["source"])
-                if len(observed) <= INTERN_VALUE:
-                    observed = intern(observed)
-                occurred_at = r["occurred_at"]
-                append((OBSERVED, offset, observation(
-                    event_id, subject, context, attribute, observed, confidence, source,
-                    occurred_at, r["evidence"], r["metadata"], topic, partition, offset,
-                    recorded_at, fingerprint),
-                    (subject, context, attribute, source, event_id, occurred_at, observed,
-                     confidence)))
-            elif cls is ObservationRetracted:
-                append((RETRACTED, offset, retraction(
-                    r["event_id"], subject, r["source"], r["occurred_at"],
-                    r["retracted_event_id"], r["reason"], topic, partition, offset,
-                    recorded_at, fingerprint),
-                    r["event_id"], subject, r["retracted_event_id"], r["source"]))
-            else:
-                append((ERASED, offset, erasure(
-                    r["event_id"], subject, r["source"], r["occurred_at"], r["reason"],
-                    topic, partition, offset, recorded_at, fingerprint),
-                    r["event_id"], subject, r["occurred_at"]))
-            continue
-        try:
-            if isinstance(parsed, PoisonEvent):
-                raise parsed
-            assert isinstance(parsed, DecodedEvent)
-            decoded = parsed
-            if decoded.record.get("sealed") is not None and isinstance(
-                    decoded.event, ObservationRecorded):
-                decoded = serde.open_decoded(decoded)
-        except PoisonEvent as exc:
-            append((POISON, index, exc.kind, exc.reason))
-            continue
-        except EventShredded:
-            append((SHREDDED, offset))
-            continue
-        e = decoded.event
-        if key is not None and key != e.subject_id.encode("utf-8"):
+            except EventShredded:
+                append((SHREDDED, offset))
+                continue
+            # the validated (and opened) event's fields, by the record's names
+            cls, writer, r = type(decoded.event), decoded.writer, vars(decoded.event)
+        subject = r["subject_id"]
+        if key is not None and key != subject.encode("utf-8"):
             append((POISON, index, "invalid_event",
-                    f"message key {key!r} is not the event's subject_id {e.subject_id!r}"))
+                    f"message key {key!r} is not the event's subject_id {subject!r}"))
             continue
         recorded_at = timestamp if timestamp is not None and timestamp >= 0 else None
-        fingerprint = decoded.writer.fingerprint.hex()
-        if isinstance(e, ObservationRecorded):
+        fingerprint = hexes.get(writer.fingerprint)
+        if fingerprint is None:
+            fingerprint = hexes[writer.fingerprint] = writer.fingerprint.hex()
+        if cls is ObservationRecorded:
+            # the few contexts, attributes, sources and short values as one object
+            # each: pickled once per range (then by reference), kept once in the
+            # replaying process
+            event_id, context, attribute = r["event_id"], intern(r["context"]), \
+                intern(r["attribute"])
+            observed, confidence, source = r["value"], r["confidence"], intern(r["source"])
+            if len(observed) <= INTERN_VALUE:
+                observed = intern(observed)
+            occurred_at = r["occurred_at"]
             append((OBSERVED, offset, observation(
-                e.event_id, e.subject_id, e.context, e.attribute, e.value, e.confidence,
-                e.source, e.occurred_at, e.evidence, e.metadata, topic, partition, offset,
+                event_id, subject, context, attribute, observed, confidence, source,
+                occurred_at, r["evidence"], r["metadata"], topic, partition, offset,
                 recorded_at, fingerprint),
-                (e.subject_id, e.context, e.attribute, e.source, e.event_id, e.occurred_at,
-                 e.value, e.confidence)))
-        elif isinstance(e, ObservationRetracted):
+                (subject, context, attribute, source, event_id, occurred_at, observed,
+                 confidence)))
+        elif cls is ObservationRetracted:
             append((RETRACTED, offset, retraction(
-                e.event_id, e.subject_id, e.source, e.occurred_at, e.retracted_event_id,
-                e.reason, topic, partition, offset, recorded_at, fingerprint),
-                e.event_id, e.subject_id, e.retracted_event_id, e.source))
+                r["event_id"], subject, r["source"], r["occurred_at"],
+                r["retracted_event_id"], r["reason"], topic, partition, offset,
+                recorded_at, fingerprint),
+                r["event_id"], subject, r["retracted_event_id"], r["source"]))
         else:
             append((ERASED, offset, erasure(
-                e.event_id, e.subject_id, e.source, e.occurred_at, e.reason, topic,
-                partition, offset, recorded_at, fingerprint),
-                e.event_id, e.subject_id, e.occurred_at))
+                r["event_id"], subject, r["source"], r["occurred_at"], r["reason"],
+                topic, partition, offset, recorded_at, fingerprint),
+                r["event_id"], subject, r["occurred_at"]))
     return out
 
 
