@@ -113,32 +113,9 @@ def erasure(event_id: str, subject_id: str, source: str, occurred_at: int,
                  opt_millis(recorded_at), fingerprint])
 
 
-def source(c: Counting) -> bytes:
-    """The :data:`~beliefstore.projector.bulk.SOURCE_COLUMNS` line of a counting
-    observation."""
-    return line([text(c[0]), text(c[1]), text(c[2]), text(c[3]), c[4], millis(c[5]),
-                 text(c[6]), repr(c[7])])
-
-
-def belief(b: Belief) -> bytes:
-    """The :data:`~beliefstore.projector.bulk.BELIEF_COLUMNS` line of a belief."""
-    return line([text(b.subject_id), text(b.context), text(b.attribute), text(b.value),
-                 repr(b.confidence), repr(b.score), jsonb(b.alternatives),
-                 jsonb(list(b.support)), jsonb(list(b.sources)), str(b.source_count),
-                 millis(b.last_observed_at)])
-
-
-def change(b: Belief, where: tuple[int, int] | None) -> bytes:
-    """The ``belief_changes`` line of a belief (columns ``subject_id, context, attribute,
-    value, confidence, alternatives, sources, kafka_partition, kafka_offset``), with the
-    subject's latest ``(partition, offset)`` or NULLs."""
-    p, o = (NULL, NULL) if where is None else (str(where[0]), str(where[1]))
-    return line([text(b.subject_id), text(b.context), text(b.attribute), text(b.value),
-                 repr(b.confidence), jsonb(b.alternatives), jsonb(list(b.sources)), p, o])
-
-
 def sources(counting: Iterable[Counting]) -> bytes:
-    """The :func:`source` lines of ``counting``, joined (one encoding for all)."""
+    """The :data:`~beliefstore.projector.bulk.SOURCE_COLUMNS` lines of the counting
+    observations ``counting``, joined (one encoding for all)."""
     return "".join([
         f"{text(c[0])}\t{text(c[1])}\t{text(c[2])}\t{text(c[3])}\t{c[4]}\t{millis(c[5])}\t"
         f"{text(c[6])}\t{c[7]!r}\n" for c in counting]).encode("utf-8")
@@ -146,9 +123,11 @@ def sources(counting: Iterable[Counting]) -> bytes:
 
 def beliefs_and_changes(beliefs: Iterable[Belief], where: Mapping[str, tuple[int, int]]
                         ) -> tuple[bytes, bytes]:
-    """The :func:`belief` lines and the :func:`change` lines (``where``: subject → its
-    latest ``(partition, offset)``) of ``beliefs``, each joined: the columns they share
-    formatted once."""
+    """The :data:`~beliefstore.projector.bulk.BELIEF_COLUMNS` lines and the
+    ``belief_changes`` lines (columns ``subject_id, context, attribute, value,
+    confidence, alternatives, sources, kafka_partition, kafka_offset``; ``where``:
+    subject → its latest ``(partition, offset)``, else NULLs) of ``beliefs``, each
+    joined: the columns they share formatted once."""
     lines: list[str] = []
     changes: list[str] = []
     for b in beliefs:

@@ -317,7 +317,8 @@ def test_a_sigkilled_replay_leaves_the_live_projection_untouched_and_no_worker(s
 
 def test_the_joined_copy_lines_equal_the_row_by_row_ones():
     # copytext's joined builders (one encoding per table, shared columns formatted once)
-    # write the bytes of its per-row functions, escapes, NULLs and floats included.
+    # write the bytes of each row's fields escaped one by one and joined by copytext.line,
+    # escapes, NULLs and floats included.
     from beliefstore.projector import copytext
     from beliefstore.projector.fold import Belief
 
@@ -332,10 +333,20 @@ def test_the_joined_copy_lines_equal_the_row_by_row_ones():
                       if i % 2 else {}, (c[4], c[4]), (c[3], "other\"agent"), i, c[5])
                for i, c in enumerate(counting)]
     where = {s: (i, 10 * i) for i, s in enumerate(odd[::2])}
-    assert copytext.sources(counting) == b"".join(map(copytext.source, counting))
+    line, text, jsonb, millis = copytext.line, copytext.text, copytext.jsonb, copytext.millis
+    assert copytext.sources(counting) == b"".join(
+        line([text(c[0]), text(c[1]), text(c[2]), text(c[3]), c[4], millis(c[5]),
+              text(c[6]), repr(c[7])]) for c in counting)
+    at = {b.subject_id: where.get(b.subject_id) for b in beliefs}
     assert copytext.beliefs_and_changes(beliefs, where) == (
-        b"".join(map(copytext.belief, beliefs)),
-        b"".join(copytext.change(b, where.get(b.subject_id)) for b in beliefs))
+        b"".join(line([text(b.subject_id), text(b.context), text(b.attribute), text(b.value),
+                       repr(b.confidence), repr(b.score), jsonb(b.alternatives),
+                       jsonb(list(b.support)), jsonb(list(b.sources)), str(b.source_count),
+                       millis(b.last_observed_at)]) for b in beliefs),
+        b"".join(line([text(b.subject_id), text(b.context), text(b.attribute), text(b.value),
+                       repr(b.confidence), jsonb(b.alternatives), jsonb(list(b.sources)),
+                       *((copytext.NULL, copytext.NULL) if at[b.subject_id] is None
+                         else map(str, at[b.subject_id]))]) for b in beliefs))
     for c, evidence, metadata, recorded_at in zip(
             counting, [None, "e\tv", "", "x"] * 2, [None, {}, {"k\n": "v\\"}, {"a": "b"}] * 2,
             [None, 0, 1767225600001, 5] * 2, strict=False):
