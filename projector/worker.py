@@ -198,7 +198,20 @@ class ProjectorWorker:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        """Create the topics if needed, assign partitions and seek to the stored offsets."""
+        """Create the topics if needed, assign partitions and seek to the stored offsets.
+
+        On failure (the broker or PostgreSQL unreachable, most often at the claim) the
+        Kafka clients made so far are closed before the error propagates: each has a
+        network thread that would otherwise keep reconnecting for the life of the
+        process (one more per retry of :class:`~beliefstore.runtime.serve.ProjectorThread`).
+        """
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
         s = self.settings
         assert s.kafka_bootstrap_servers  # checked in __init__
         ensure_topics(

@@ -23,6 +23,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -86,6 +87,25 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     own = session.config.stash.get(_OWN_BASETEMP, None)
     if own is not None and exitstatus == 0:
         shutil.rmtree(own, ignore_errors=True)
+
+def kafka_client_threads() -> set[threading.Thread]:
+    """The live network threads of kafka-python clients (``kafka-io-<client_id>``)."""
+    return {t for t in threading.enumerate() if t.name.startswith("kafka-io-")}
+
+
+@pytest.fixture(autouse=True)
+def no_kafka_client_left_open() -> Iterator[None]:
+    """Fail a test that leaves a Kafka client open: its network thread would keep
+    reconnecting (with kafka-python's jitter from the global ``random``, which also
+    trips Hypothesis in later tests) for the rest of the session. A client closing
+    in the background gets 5 s."""
+    before = kafka_client_threads()
+    yield
+    deadline = time.monotonic() + 5.0
+    while (left := kafka_client_threads() - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, f"Kafka clients left open by the test: {sorted(t.name for t in left)}"
+
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:

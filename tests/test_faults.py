@@ -20,7 +20,7 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
-from beliefstore.embedded import EmbeddedKafka, EmbeddedPostgres
+from beliefstore.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
 from beliefstore.errors import ProduceError
 from beliefstore.events.producer import BeliefProducer, Receipt
 from beliefstore.events.topics import ensure_topics
@@ -28,7 +28,9 @@ from beliefstore.events.workload import generate
 from beliefstore.projector.catalog import ProjectionCatalog
 from beliefstore.projector.replay import read_log
 from beliefstore.projector.tables import projection_offsets
+from beliefstore.projector.worker import ProjectorWorker
 from beliefstore.runtime.serve import ProjectorThread, wait_projected
+from tests.conftest import kafka_client_threads
 from tests.test_crash import assert_read_model_equals_fold
 
 
@@ -162,3 +164,21 @@ def test_broker_and_postgres_killed_and_restarted_mid_stream(settings, tmp_path)
             catalog.dispose()
         pg.stop()
         kafka.stop()
+
+
+def test_a_worker_that_cannot_claim_closes_its_kafka_clients(settings, engine):
+    """PostgreSQL unreachable at the start: the claim fails after the consumer and the
+    dead-letter producer are made; both are closed before the error propagates (each
+    retry of the projector thread would otherwise leak two network threads)."""
+    before = kafka_client_threads()
+    unreachable = sa.create_engine(
+        f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/postgres",
+        connect_args={"connect_timeout": 2})
+    worker = ProjectorWorker(settings, unreachable)
+    try:
+        with pytest.raises(sa.exc.OperationalError):
+            worker.start()
+        assert kafka_client_threads() - before == set()
+        assert worker._consumer is None and worker._dlq is None
+    finally:
+        unreachable.dispose()
