@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import os
 import queue
 import sys
 import time
@@ -75,6 +76,9 @@ def _worker_process(settings: Settings, partitions: list[int] | None, group: str
             worker = ProjectorWorker(settings, engine, group=group)
         else:
             worker = ProjectorWorker(settings, engine, partitions=partitions)
+        worker.overlap = os.environ.get("BENCH_PROJECTOR_OVERLAP", "1") != "0"
+        if os.environ.get("BENCH_SWITCH_INTERVAL"):
+            sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
         worker.start()
         barrier.wait(timeout=120)
         started = time.time()
@@ -87,7 +91,11 @@ def _worker_process(settings: Settings, partitions: list[int] | None, group: str
                  "beliefs_recomputed": stats.beliefs_recomputed,
                  "apply_ms_per_batch": {
                      phase: round(seconds * 1000 / max(stats.batches, 1), 2)
-                     for phase, seconds in worker.recorder.timings.items()}})
+                     for phase, seconds in worker.recorder.timings.items()},
+                 "main_ms_per_batch": {
+                     phase: round(seconds * 1000 / max(stats.batches, 1), 2)
+                     for phase, seconds in worker.timings.items()},
+                 "overlap": worker.overlap})
     except BaseException:  # reported to the parent
         out.put({"partitions": partitions, "error": traceback.format_exc()})
         barrier.abort()
@@ -148,6 +156,9 @@ def project(settings: Settings, mode: str, total: int, label: str) -> dict[str, 
         "per_worker_seconds": [round(r["finished"] - go, 3) for r in reports],
         # ProjectionRecorder.timings of each worker: ms per batch in each phase of apply
         "apply_ms_per_batch": [r.get("apply_ms_per_batch", {}) for r in reports],
+        # ProjectorWorker.timings: the main thread's poll, decode and wait for the apply
+        "main_ms_per_batch": [r.get("main_ms_per_batch", {}) for r in reports],
+        "overlap": all(r.get("overlap") for r in reports),
     }
 
 
