@@ -20,7 +20,9 @@ has caught up with the high watermark:
 Every worker runs in its own spawned process (multiprocessing, ``spawn``), all into the
 same schema; the clock starts when every worker has started (assigned and seeked its
 partitions, or subscribed to the group: a barrier) and stops when the last one has
-caught up. After each run the ``beliefs`` table must equal the pure fold of the workload
+caught up. ``BENCH_PROJECTOR_OVERLAP=1`` (``0``) runs the workers with
+``ProjectorWorker.overlap`` on (off); unset: the worker's default (off). After each run
+the ``beliefs`` table must equal the pure fold of the workload
 (value, support, alternatives; confidence within 1e-9): a difference fails the run.
 """
 
@@ -76,7 +78,8 @@ def _worker_process(settings: Settings, partitions: list[int] | None, group: str
             worker = ProjectorWorker(settings, engine, group=group)
         else:
             worker = ProjectorWorker(settings, engine, partitions=partitions)
-        worker.overlap = os.environ.get("BENCH_PROJECTOR_OVERLAP", "1") != "0"
+        if os.environ.get("BENCH_PROJECTOR_OVERLAP"):  # 1: ProjectorWorker.overlap on
+            worker.overlap = os.environ["BENCH_PROJECTOR_OVERLAP"] != "0"
         if os.environ.get("BENCH_SWITCH_INTERVAL"):
             sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
         worker.start()

@@ -7,6 +7,7 @@ twice, skipped, or committed after a failed one shows in the ranges."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -44,8 +45,8 @@ class RecordingRecorder(ProjectionRecorder):
         return recomputed
 
 
-def recording_worker(settings, engine) -> ProjectorWorker:
-    worker = ProjectorWorker(settings, engine)
+def recording_worker(settings, engine, group: str | None = None) -> ProjectorWorker:
+    worker = ProjectorWorker(settings, engine, group=group)
     old = worker.recorder
     worker.recorder = RecordingRecorder(old.engine, old.projection, old.fold_settings,
                                         old.keyring, temp_buffers_kib=old.temp_buffers_kib)
@@ -159,3 +160,63 @@ def test_stop_commits_the_batch_in_flight_and_leaves_no_thread(settings, engine,
         assert consumer is not None
         positions = {tp.partition: consumer.position(tp) for tp in consumer.assignment()}
         assert all(positions[p] == o for p, o in stored.items()), (positions, stored)
+
+
+def test_a_rebalance_waits_for_the_batch_in_flight(settings, engine, producer):
+    # Two overlapped members of one consumer group: the second joins while the first
+    # is applying; every offset of every partition is committed once, by one of them.
+    events = generate(4_000, seed=24, subjects=400, profile="realistic")
+    ends = log_ends(producer.send_many(events))
+    stop = threading.Event()
+    committed: list[dict[int, tuple[int, int]]] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def member() -> None:
+        while not stop.is_set():  # as run_active_projection: a fenced member rejoins
+            worker = recording_worker(settings, engine, group="overlap-test")
+            try:
+                with worker:
+                    worker.run(stop)
+            except FencedError:
+                continue
+            except BaseException as exc:
+                errors.append(exc)
+                return
+            finally:
+                with lock:
+                    committed.extend(worker.recorder.committed)
+
+    first = threading.Thread(target=member)
+    first.start()
+    second = threading.Thread(target=member)
+    try:
+        deadline = time.monotonic() + 60
+        while sum(stored_offsets(engine).values()) < len(events) // 4:
+            assert time.monotonic() < deadline, "the first member applied nothing"
+            time.sleep(0.05)
+        second.start()
+        deadline = time.monotonic() + 120
+        while stored_offsets(engine) != ends:
+            assert time.monotonic() < deadline, f"not caught up: {stored_offsets(engine)}"
+            assert not errors, errors
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        first.join(60)
+        if second.is_alive() or second.ident is not None:
+            second.join(60)
+    assert not errors, errors
+    assert not any(t.name.startswith(APPLY_THREAD) for t in threading.enumerate())
+    per_partition: dict[int, list[tuple[int, int]]] = {}
+    for ranges in committed:
+        for part, (start, next_offset) in ranges.items():
+            per_partition.setdefault(part, []).append((start, next_offset))
+    for part, spans in per_partition.items():
+        spans.sort()
+        reached = 0
+        for start, next_offset in spans:
+            assert start in (-1, reached), f"partition {part}: {spans}"
+            reached = next_offset
+        assert reached == ends[part]
+    assert_read_model_equals_fold(engine, events, settings.fold_settings)
