@@ -310,6 +310,7 @@ class ProjectorWorker:
         """Process batches until ``stop`` is set, or ``keep_running()`` turns false (checked
         between batches), or, with ``until_caught_up``, every partition's position reaches
         its high watermark. The batch in progress is always finished and committed first.
+        With :attr:`overlap`, batches overlap by one (:meth:`_run_overlapped`).
         """
         if self._consumer is None:
             self.start()
