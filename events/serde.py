@@ -373,13 +373,30 @@ class AvroSerde:
         all of it: a valid event may still get ``None`` (e.g. an id that starts with a
         space). ``tests/test_serde_fuzz.py`` checks that every record it returns is
         :meth:`decode`'s event."""
+        read = self._read_valid(data)
+        return None if read is None else (read[0].cls, read[0].writer, read[1])
+
+    def _read_valid(self, data: bytes) -> tuple[_FastPlan, dict[str, Any]] | None:
+        """:meth:`_read_fast`'s plan and record when the quick checks prove the event valid
+        (:func:`~beliefstore.events.validation.plainly_valid`), else ``None``."""
         read = self._read_fast(data)
+        if read is None or not plainly_valid(read[0].cls, read[1]):
+            return None
+        return read
+
+    def decode_valid(self, data: bytes) -> DecodedEvent | None:
+        """The live projector's decoding of the common case: :meth:`decode`'s event for a
+        message :meth:`decode_plain` takes (valid, unsealed, under a current schema),
+        built from its record without validating it field by field; ``None`` for
+        anything else, which :meth:`decode` then decodes (and names the fault of).
+        ``tests/test_serde_fuzz.py`` checks the event equals :meth:`decode`'s."""
+        read = self._read_valid(data)
         if read is None:
             return None
         plan, record = read
-        if not plainly_valid(plan.cls, record):
-            return None
-        return plan.cls, plan.writer, record
+        known = plan.known
+        return DecodedEvent(event=plan.cls(**{k: v for k, v in record.items() if k in known}),
+                            writer=plan.writer, record=record)
 
     def _decode_fast(self, data: bytes) -> DecodedEvent | None:
         """The common case of :meth:`decode` in fewer steps, not yet validated or opened:

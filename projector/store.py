@@ -415,7 +415,9 @@ class ProjectionRecorder:
         the pure fold's dedupe, marks and supersession (equal results:
         ``tests/test_fold.py``)."""
         keys = sorted({(row[0], row[1], row[2]) for row in rows})
-        beliefs = fold_counting((row for row in rows if row[3] is not None), self.fold_settings)
+        # unordered: the keys are sorted above, the beliefs only looked up by key
+        beliefs = fold_counting((row for row in rows if row[3] is not None), self.fold_settings,
+                                ordered=False)
         return keys, {(b.subject_id, b.context, b.attribute): b for b in beliefs}
 
     @contextmanager
