@@ -20,9 +20,7 @@ has caught up with the high watermark:
 Every worker runs in its own spawned process (multiprocessing, ``spawn``), all into the
 same schema; the clock starts when every worker has started (assigned and seeked its
 partitions, or subscribed to the group: a barrier) and stops when the last one has
-caught up. ``BENCH_PROJECTOR_OVERLAP=1`` (``0``) runs the workers with
-``ProjectorWorker.overlap`` on (off); unset: the worker's default (off). After each run
-the ``beliefs`` table must equal the pure fold of the workload
+caught up. After each run the ``beliefs`` table must equal the pure fold of the workload
 (value, support, alternatives; confidence within 1e-9): a difference fails the run.
 """
 
@@ -30,7 +28,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
-import os
 import queue
 import sys
 import time
@@ -78,10 +75,6 @@ def _worker_process(settings: Settings, partitions: list[int] | None, group: str
             worker = ProjectorWorker(settings, engine, group=group)
         else:
             worker = ProjectorWorker(settings, engine, partitions=partitions)
-        if os.environ.get("BENCH_PROJECTOR_OVERLAP"):  # 1: ProjectorWorker.overlap on
-            worker.overlap = os.environ["BENCH_PROJECTOR_OVERLAP"] != "0"
-        if os.environ.get("BENCH_SWITCH_INTERVAL"):
-            sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
         worker.start()
         barrier.wait(timeout=120)
         started = time.time()
@@ -97,8 +90,7 @@ def _worker_process(settings: Settings, partitions: list[int] | None, group: str
                      for phase, seconds in worker.recorder.timings.items()},
                  "main_ms_per_batch": {
                      phase: round(seconds * 1000 / max(stats.batches, 1), 2)
-                     for phase, seconds in worker.timings.items()},
-                 "overlap": worker.overlap})
+                     for phase, seconds in worker.timings.items()}})
     except BaseException:  # reported to the parent
         out.put({"partitions": partitions, "error": traceback.format_exc()})
         barrier.abort()
@@ -159,9 +151,8 @@ def project(settings: Settings, mode: str, total: int, label: str) -> dict[str, 
         "per_worker_seconds": [round(r["finished"] - go, 3) for r in reports],
         # ProjectionRecorder.timings of each worker: ms per batch in each phase of apply
         "apply_ms_per_batch": [r.get("apply_ms_per_batch", {}) for r in reports],
-        # ProjectorWorker.timings: the main thread's poll, decode and wait for the apply
+        # ProjectorWorker.timings: ms per batch polling, and decoding + dead-lettering
         "main_ms_per_batch": [r.get("main_ms_per_batch", {}) for r in reports],
-        "overlap": all(r.get("overlap") for r in reports),
     }
 
 

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import OffsetOutOfRangeError
 
 from beliefstore.errors import LogResetError, PoisonEvent
-from beliefstore.events.model import ObservationRecorded, SubjectErased
+from beliefstore.events.model import ObservationRecorded
 from beliefstore.events.sealing import EventShredded
 from beliefstore.events.serde import AvroSerde, DecodedEvent
 from beliefstore.events.topics import ensure_topics
@@ -124,7 +124,6 @@ class _Prepared:
         messages: every message polled; first_offsets: partition → first offset polled.
         epochs: the partitions' epochs when it was polled (the commit's fence).
         started: ``time.perf_counter()`` at the poll, seconds.
-        erases: the batch holds an erasure (its commit destroys data keys).
     """
 
     batch: list[LoggedEvent]
@@ -135,7 +134,6 @@ class _Prepared:
     first_offsets: dict[int, int]
     epochs: dict[int, int]
     started: float
-    erases: bool = False
 
 
 class ProjectorWorker:
@@ -188,21 +186,10 @@ class ProjectorWorker:
         # Freshness: the batch transactions (only they) commit asynchronously.
         self.recorder.asynchronous_commit = True
         self.stats = WorkerStats()
-        self.overlap = False
-        """Whether :meth:`run` polls and decodes the next batch while the current one is
-        applied on a second thread (:meth:`_run_overlapped`); ``False`` (default): one
-        batch after the other (:meth:`process_batch`). Off by default: on this 2-core
-        machine the two threads contend for the GIL (each of the apply's round trips
-        waits for it on its return) and the overlap measured slower (bench/README,
-        "Fourth stop")."""
         self.timings: dict[str, float] = {}
-        """Seconds :meth:`run` spent in its main thread's phases since this worker was
-        made: ``poll``, ``decode`` (decoding and dead-lettering), ``wait`` (for the
-        previous batch's apply, when overlapped), for benchmarks and profiles."""
-        #: the batch being applied on the apply thread (overlapped :meth:`run` only)
-        self._inflight: tuple[Future[int], _Prepared] | None = None
-        #: an apply that failed while a rebalance waited for it, raised by :meth:`run`
-        self._inflight_error: BaseException | None = None
+        """Seconds spent since this worker was made polling (``poll``) and decoding and
+        dead-lettering (``decode``) its batches, for benchmarks and profiles (the
+        apply's own phases are :attr:`ProjectionRecorder.timings`)."""
         self._wanted_partitions = partitions
         self.group = group
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -323,12 +310,9 @@ class ProjectorWorker:
         """Process batches until ``stop`` is set, or ``keep_running()`` turns false (checked
         between batches), or, with ``until_caught_up``, every partition's position reaches
         its high watermark. The batch in progress is always finished and committed first.
-        With :attr:`overlap`, batches overlap by one (:meth:`_run_overlapped`).
         """
         if self._consumer is None:
             self.start()
-        if self.overlap:
-            return self._run_overlapped(stop, until_caught_up, on_batch, keep_running)
         while not (stop is not None and stop.is_set()):
             if keep_running is not None and not keep_running():
                 break
@@ -338,98 +322,6 @@ class ProjectorWorker:
             if until_caught_up and not applied and self.lag() == 0:
                 break
         return self.stats
-
-    def _run_overlapped(self, stop: threading.Event | None, until_caught_up: bool,
-                        on_batch: Callable[[WorkerStats], None] | None,
-                        keep_running: Callable[[], bool] | None) -> WorkerStats:
-        """:meth:`run` with batches overlapping by one: while batch N's transaction runs on
-        a second thread (:meth:`_commit`: PostgreSQL only), this thread (the consumer's
-        only user) polls and decodes batch N+1 (:meth:`_prepare`: Kafka only). N+1 is
-        handed to the apply thread only after N has committed, so batches commit one at
-        a time, in log order, each with its offsets: exactly once as without the overlap.
-
-        - N failed (fenced, PostgreSQL gone, any error): N+1 is dropped, never applied;
-          the consumer is sought back to the first offset of N and N+1 on each of their
-          partitions (what PostgreSQL still stores as next), and the error is raised.
-        - A rebalance (its callbacks run inside the poll, on this thread) first waits
-          for N to commit (:meth:`_drain`); a batch polled for a partition revoked
-          since fails its epoch fence instead of committing.
-        - N holds an erasure and events are sealed: N commits before N+1 is decoded (its
-          commit destroys data keys N+1's sealed observations would be opened with).
-        - Stopping (``stop``, ``keep_running``, caught up) or an error here: N is
-          finished (committed or failed) and the apply thread ended before returning.
-        """
-        pool = ThreadPoolExecutor(1, thread_name_prefix="beliefstore-projector-apply")
-        following: _Prepared | None = None
-        try:
-            while not (stop is not None and stop.is_set()):
-                if keep_running is not None and not keep_running():
-                    break
-                if self._inflight is not None and self._inflight[1].erases \
-                        and self.serde.sealer is not None:
-                    self._finish(on_batch)
-                following = self._prepare()
-                self._finish(on_batch)
-                if following is not None:
-                    self._inflight = (pool.submit(self._commit, following), following)
-                    following = None
-                elif until_caught_up and self.lag() == 0:
-                    break
-            self._finish(on_batch)
-        except BaseException:
-            unapplied = [following] if following is not None else []
-            if self._inflight is not None:
-                with contextlib.suppress(BaseException):
-                    self._inflight[0].result()  # let it end (commit or fail) first
-                if not self._inflight[0].done() or self._inflight[0].exception() is not None:
-                    unapplied.insert(0, self._inflight[1])
-                self._inflight = None
-            self._rewind(unapplied)
-            raise
-        finally:
-            pool.shutdown(wait=True)
-            self._inflight_error = None
-        return self.stats
-
-    def _drain(self) -> None:
-        """Wait for the batch on the apply thread to commit or fail (a failure is kept for
-        :meth:`_finish` to raise); for a rebalance callback, inside the poll."""
-        if self._inflight is None:
-            return
-        clock = time.perf_counter()
-        try:
-            self._inflight[0].result()
-        except BaseException as exc:  # raised by _finish, on the loop's own terms
-            self._inflight_error = exc
-        self.timings["wait"] = self.timings.get("wait", 0.0) + time.perf_counter() - clock
-
-    def _finish(self, on_batch: Callable[[WorkerStats], None] | None) -> None:
-        """Wait for the batch on the apply thread, raise its error, report it."""
-        if self._inflight is None:
-            return
-        self._drain()
-        error, self._inflight_error = self._inflight_error, None
-        if error is not None:
-            raise error  # the caller rewinds: the batch is still in self._inflight
-        self._inflight = None
-        if on_batch is not None:
-            on_batch(self.stats)
-
-    def _rewind(self, unapplied: list[_Prepared]) -> None:
-        """Seek every owned partition of ``unapplied`` batches back to its first offset
-        there: the consumer's positions then match the offsets PostgreSQL stores, so a
-        caller that keeps this worker neither skips nor repeats a batch."""
-        if self._consumer is None or not unapplied:
-            return
-        first: dict[int, int] = {}
-        for prepared in unapplied:
-            for partition, offset in prepared.first_offsets.items():
-                first[partition] = min(offset, first.get(partition, offset))
-        owned = {tp.partition: tp for tp in self._consumer.assignment()}
-        for partition, offset in first.items():
-            if partition in owned:
-                with contextlib.suppress(Exception):
-                    self._consumer.seek(owned[partition], offset)
 
     def lag(self) -> int | None:
         """Messages between this worker's positions and the high watermarks; ``None`` if a
@@ -517,8 +409,7 @@ class ProjectorWorker:
             messages=sum(len(records) for records in polled.values()),
             first_offsets={tp.partition: records[0].offset for tp, records in polled.items()
                            if records},
-            epochs=dict(self._epochs), started=started,
-            erases=any(isinstance(item.event, SubjectErased) for item in batch))
+            epochs=dict(self._epochs), started=started)
 
     def _commit(self, p: _Prepared) -> int:
         """Apply a prepared batch in one transaction (PostgreSQL only); return its messages."""
@@ -820,19 +711,15 @@ class ProjectorWorker:
 class _Rebalance(ConsumerRebalanceListener):
     """Claims the partitions the group assigns, and forgets the ones it revokes.
 
-    Kafka runs these callbacks inside ``poll()``; a batch of the overlapped
-    :meth:`ProjectorWorker.run` still being applied then is waited for first, so no batch
-    of this worker is in flight when a partition moves; a worker that stalls past the
-    session timeout is fenced off by the epoch check instead.
+    Kafka runs these callbacks inside ``poll()``, between batches, so no batch of this
+    worker is in flight when a partition moves; a worker that stalls past the session
+    timeout is fenced off by the epoch check instead.
     """
 
     def __init__(self, worker: ProjectorWorker):
         self.worker = worker
 
     def on_partitions_revoked(self, revoked) -> None:
-        # A batch of the overlapped run may be committing for these partitions: let it
-        # end before another member claims them (its failure is raised after the poll).
-        self.worker._drain()
         for tp in revoked:
             self.worker._epochs.pop(tp.partition, None)
         if revoked:
