@@ -472,8 +472,8 @@ def test_s3_store_keeps_the_connection_after_a_failed_precondition(tmp_path: Pat
 
 def test_s3_store_answers_a_get_with_a_current_if_none_match_not_modified(
         tmp_path: Path) -> None:
-    """Tansu reads meta.json and watermark.json with ``If-None-Match`` (the ETag it holds)
-    on every produce and fetch: an unchanged object is a ``304`` with its ETag and no body
+    """Tansu reads meta.json (every produce and fetch) and watermark.json (every fetch)
+    with ``If-None-Match``, the ETag it holds: an unchanged object is a ``304`` with its ETag and no body
     (S3's conditional GET; localbucket alone sends the whole object), on the same
     connection; a changed one, or another ETag, is the object as before."""
     import hashlib

@@ -88,9 +88,9 @@ none of its underscored methods is overridden):
   does not need a new connection (and this server a new thread) per conflict.
 * **Conditional GETs** (``If-None-Match: "<etag>"``): an object whose ETag is listed is
   answered ``304 Not Modified`` with its ETag and no body, as S3 does (localbucket 1.2.1
-  sends the whole object). Tansu 0.6.0 reads ``meta.json`` and the partition's
-  ``watermark.json`` that way, with the ETag it holds, on every produce and fetch: a
-  304 keeps its copy, where a 200 replaces it: a fetch's read of the version before
+  sends the whole object). Tansu 0.6.0 reads ``meta.json`` that way, with the ETag it
+  holds, on every produce and fetch, and the partition's ``watermark.json`` on every
+  fetch: a 304 keeps its copy, where a 200 replaces it: a fetch's read of the version before
   a produce's update, answered after that update, could leave Tansu holding the stale
   version, whose next ``If-Match`` write then fails (412, read again, written again).
 
