@@ -470,6 +470,47 @@ def test_s3_store_keeps_the_connection_after_a_failed_precondition(tmp_path: Pat
         server.server_close()
 
 
+def test_s3_store_answers_a_get_with_a_current_if_none_match_not_modified(
+        tmp_path: Path) -> None:
+    """Tansu reads meta.json (every produce and fetch) and watermark.json (every fetch)
+    with ``If-None-Match``, the ETag it holds: an unchanged object is a ``304`` with its ETag and no body
+    (S3's conditional GET; localbucket alone sends the whole object), on the same
+    connection; a changed one, or another ETag, is the object as before."""
+    import hashlib
+    import http.client
+
+    (tmp_path / "bkt").mkdir()
+    server = _serve_s3(tmp_path)
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+    first = b'{"high":1}'
+    try:
+        conn.request("PUT", "/bkt/watermark.json", body=first)
+        response = conn.getresponse()
+        response.read()
+        etag = response.getheader("ETag")
+        assert etag == f'"{hashlib.md5(first).hexdigest()}"'
+        sock = conn.sock
+        conn.request("GET", "/bkt/watermark.json", headers={"If-None-Match": etag})
+        response = conn.getresponse()
+        assert (response.status, response.read(), response.getheader("ETag")) == (304, b"", etag)
+        assert conn.sock is sock, "the 304 closed the connection"
+        conn.request("PUT", "/bkt/watermark.json", body=b'{"high":2}')
+        response = conn.getresponse()
+        response.read()
+        for header in (etag, '"0123456789abcdef0123456789abcdef"'):  # stale, or another
+            conn.request("GET", "/bkt/watermark.json", headers={"If-None-Match": header})
+            response = conn.getresponse()
+            assert (response.status, response.read()) == (200, b'{"high":2}')
+        conn.request("GET", "/bkt/missing.json", headers={"If-None-Match": etag})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 404
+    finally:
+        conn.close()
+        server.shutdown()
+        server.server_close()
+
+
 
 def _raw(port: int, method: str, path: str, body: bytes | None = None,
          headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -1224,12 +1265,12 @@ def test_api_producer_pipelined_groups_on_the_durable_broker_exactly_once(
         assert len(read_beliefs(engine)) == len({str(r) for r in rows})
 
 
-def test_producer_idempotence_setting_reaches_up_and_its_api_workers(
+def test_up_turns_producer_idempotence_off_only_on_its_durable_broker(
         tmp_path: Path, settings, monkeypatch) -> None:  # noqa: ANN001 - conftest fixtures
-    """BELIEFSTORE_IDEMPOTENT_PRODUCER: ``on`` by default, also on `up`'s durable embedded
-    broker (turned off there by default, two API processes' producers left the projector
-    minutes behind: bench/README.md, section 8); the user's ``off`` reaches the API worker
-    processes through their environment; anything else is refused with the setting named."""
+    """On the durable embedded broker `up` sets ``idempotent_producer`` off (Tansu 0.6.0's
+    idempotence costs one cluster-wide S3 read-modify-write per produce), unless
+    BELIEFSTORE_IDEMPOTENT_PRODUCER is set; the API worker processes get the choice
+    through their environment; a broker of one's own keeps it on."""
     import contextlib
     import dataclasses
 
@@ -1239,16 +1280,23 @@ def test_producer_idempotence_setting_reaches_up_and_its_api_workers(
 
     monkeypatch.delenv("BELIEFSTORE_IDEMPOTENT_PRODUCER", raising=False)
     assert Settings.from_env({}, use_running=False).idempotent_producer is True
-    off = Settings.from_env({"BELIEFSTORE_IDEMPOTENT_PRODUCER": "off"}, use_running=False)
-    assert off.idempotent_producer is False
-    assert serve._producer_env(off) == [("BELIEFSTORE_IDEMPOTENT_PRODUCER", "off")]
+    assert Settings.from_env({"BELIEFSTORE_IDEMPOTENT_PRODUCER": "off"},
+                             use_running=False).idempotent_producer is False
     with pytest.raises(SettingsError, match="BELIEFSTORE_IDEMPOTENT_PRODUCER"):
         Settings.from_env({"BELIEFSTORE_IDEMPOTENT_PRODUCER": "maybe"}, use_running=False)
     own = dataclasses.replace(settings, home=tmp_path / "home", kafka_bootstrap_servers=None)
     with contextlib.ExitStack() as stack:
         started = start_missing_services(own, stack, durable=True)
-        assert started.kafka_bootstrap_servers and started.idempotent_producer is True
-        assert serve._producer_env(started) == []
+        assert started.kafka_bootstrap_servers and started.idempotent_producer is False
+        assert serve._producer_env(started) == [("BELIEFSTORE_IDEMPOTENT_PRODUCER", "off")]
+        monkeypatch.setenv("BELIEFSTORE_IDEMPOTENT_PRODUCER", "on")  # the user's choice kept
+        chosen = dataclasses.replace(own, home=tmp_path / "chosen")
+        assert start_missing_services(chosen, stack).idempotent_producer is True
+    assert serve._producer_env(settings) == []
+    monkeypatch.delenv("BELIEFSTORE_IDEMPOTENT_PRODUCER")
+    memory = dataclasses.replace(own, home=tmp_path / "mem")
+    with contextlib.ExitStack() as stack:
+        assert start_missing_services(memory, stack, durable=False).idempotent_producer is True
 
 
 def test_s3_store_logs_failed_requests_only(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 public interface.
 
 Run as ``python -m beliefstore.embedded.s3server [--host H] [--port P] DATA_ROOT`` (the
-same arguments as ``localbucket``). Seven things differ from ``python -m localbucket``, all
+same arguments as ``localbucket``). Eight things differ from ``python -m localbucket``, all
 made through public interfaces (``http.server``'s ``handle_one_request``,
 ``send_response`` and ``do_*`` methods, and localbucket's public functions and constants;
 none of its underscored methods is overridden):
@@ -86,6 +86,13 @@ none of its underscored methods is overridden):
   no cached ETag of an older version can match it again.
 * **A 412 keeps the connection**: the request's body is read first, so Tansu's retry
   does not need a new connection (and this server a new thread) per conflict.
+* **Conditional GETs** (``If-None-Match: "<etag>"``): an object whose ETag is listed is
+  answered ``304 Not Modified`` with its ETag and no body, as S3 does (localbucket 1.2.1
+  sends the whole object). Tansu 0.6.0 reads ``meta.json`` that way, with the ETag it
+  holds, on every produce and fetch, and the partition's ``watermark.json`` on every
+  fetch: a 304 keeps its copy, where a 200 replaces it: a fetch's read of the version before
+  a produce's update, answered after that update, could leave Tansu holding the stale
+  version, whose next ``If-Match`` write then fails (412, read again, written again).
 
 The localbucket version is pinned (:data:`LOCALBUCKET_VERSION`, and in pyproject.toml);
 ``tests/test_services.py`` fails if an assumption above stops holding (localbucket's
@@ -488,8 +495,8 @@ def _handler_class() -> type:
     import localbucket
 
     class ConditionalS3Handler(localbucket.S3Handler):  # type: ignore[misc, name-defined]
-        """localbucket's handler, plus ``If-Match`` on PutObject and ListObjectsV2 from
-        a :class:`BucketIndex` (see the module doc)."""
+        """localbucket's handler, plus ``If-Match`` on PutObject, ``If-None-Match`` on
+        GetObject and ListObjectsV2 from a :class:`BucketIndex` (see the module doc)."""
 
         #: the index change the current request makes if it succeeds: (op, bucket, key)
         _change: tuple[str, str, str] | None = None
@@ -538,7 +545,8 @@ def _handler_class() -> type:
                 # bytes with the new version's ETag, and Tansu's If-Match update of a
                 # watermark then passed on stale data and lost an allocation).
                 with _stripe(target):
-                    super().do_GET()
+                    if not self._not_modified(target):
+                        super().do_GET()
             elif not _USE_INDEX or not self._list_from_index():
                 super().do_GET()
 
@@ -582,6 +590,22 @@ def _handler_class() -> type:
                         return
                 self._rewritten = target
                 super().do_PUT()
+
+        def _not_modified(self, target: Path) -> bool:
+            """Answer a GetObject whose ``If-None-Match`` lists the object's current ETag
+            with ``304 Not Modified`` (no body), as S3 does; ``False`` (nothing sent) for
+            any other request (caller holds the key's stripe)."""
+            if_none_match = self.headers.get("If-None-Match")
+            if if_none_match is None:
+                return False
+            current = _content_etag(target)
+            if current is None or not localbucket.etag_matches(if_none_match, current):
+                return False
+            self.send_response(304)
+            self.send_header("x-amz-request-id", uuid.uuid4().hex.upper()[:16])
+            self.send_header("ETag", f'"{current}"')
+            self.end_headers()
+            return True
 
         def _split(self) -> tuple[str, str, dict[str, str]]:
             """(bucket, key, query) of the request, parsed as localbucket parses them."""
