@@ -20,8 +20,7 @@ poll_timeout_ms                    BELIEFSTORE_POLL_TIMEOUT_MS      500 ms
 fetch_max_wait_ms                  BELIEFSTORE_FETCH_MAX_WAIT_MS    unset → 20 ms; 100 ms on ``up``'s
                                                                     durable embedded broker
 produce_timeout_s                  BELIEFSTORE_PRODUCE_TIMEOUT      30 s until a send must be acked
-idempotent_producer                BELIEFSTORE_IDEMPOTENT_PRODUCER  ``on`` (Kafka's idempotent producer);
-                                                                    ``off`` on ``up``'s durable broker
+idempotent_producer                BELIEFSTORE_IDEMPOTENT_PRODUCER  ``on`` (Kafka's idempotent producer)
 api_host                           BELIEFSTORE_API_HOST             ``127.0.0.1``
 api_port                           BELIEFSTORE_API_PORT             8000
 api_url                            BELIEFSTORE_API_URL              ``http://<api_host>:<api_port>``

@@ -1265,12 +1265,13 @@ def test_api_producer_pipelined_groups_on_the_durable_broker_exactly_once(
         assert len(read_beliefs(engine)) == len({str(r) for r in rows})
 
 
-def test_up_turns_producer_idempotence_off_only_on_its_durable_broker(
+def test_producer_idempotence_setting_reaches_up_and_its_api_workers(
         tmp_path: Path, settings, monkeypatch) -> None:  # noqa: ANN001 - conftest fixtures
-    """On the durable embedded broker `up` sets ``idempotent_producer`` off (Tansu 0.6.0's
-    idempotence costs one cluster-wide S3 read-modify-write per produce), unless
-    BELIEFSTORE_IDEMPOTENT_PRODUCER is set; the API worker processes get the choice
-    through their environment; a broker of one's own keeps it on."""
+    """BELIEFSTORE_IDEMPOTENT_PRODUCER: ``on`` by default, also on `up`'s durable embedded
+    broker (Kafka's default; off there, ingest was faster on a quiet machine but the
+    freshness tail far longer on a loaded one: bench/README.md, section 8, fourth stop);
+    the user's ``off`` reaches the API worker processes through their environment;
+    anything else is refused with the setting named."""
     import contextlib
     import dataclasses
 
@@ -1280,23 +1281,16 @@ def test_up_turns_producer_idempotence_off_only_on_its_durable_broker(
 
     monkeypatch.delenv("BELIEFSTORE_IDEMPOTENT_PRODUCER", raising=False)
     assert Settings.from_env({}, use_running=False).idempotent_producer is True
-    assert Settings.from_env({"BELIEFSTORE_IDEMPOTENT_PRODUCER": "off"},
-                             use_running=False).idempotent_producer is False
+    off = Settings.from_env({"BELIEFSTORE_IDEMPOTENT_PRODUCER": "off"}, use_running=False)
+    assert off.idempotent_producer is False
+    assert serve._producer_env(off) == [("BELIEFSTORE_IDEMPOTENT_PRODUCER", "off")]
     with pytest.raises(SettingsError, match="BELIEFSTORE_IDEMPOTENT_PRODUCER"):
         Settings.from_env({"BELIEFSTORE_IDEMPOTENT_PRODUCER": "maybe"}, use_running=False)
     own = dataclasses.replace(settings, home=tmp_path / "home", kafka_bootstrap_servers=None)
     with contextlib.ExitStack() as stack:
         started = start_missing_services(own, stack, durable=True)
-        assert started.kafka_bootstrap_servers and started.idempotent_producer is False
-        assert serve._producer_env(started) == [("BELIEFSTORE_IDEMPOTENT_PRODUCER", "off")]
-        monkeypatch.setenv("BELIEFSTORE_IDEMPOTENT_PRODUCER", "on")  # the user's choice kept
-        chosen = dataclasses.replace(own, home=tmp_path / "chosen")
-        assert start_missing_services(chosen, stack).idempotent_producer is True
-    assert serve._producer_env(settings) == []
-    monkeypatch.delenv("BELIEFSTORE_IDEMPOTENT_PRODUCER")
-    memory = dataclasses.replace(own, home=tmp_path / "mem")
-    with contextlib.ExitStack() as stack:
-        assert start_missing_services(memory, stack, durable=False).idempotent_producer is True
+        assert started.kafka_bootstrap_servers and started.idempotent_producer is True
+        assert serve._producer_env(started) == []
 
 
 def test_s3_store_logs_failed_requests_only(tmp_path: Path) -> None:

@@ -32,8 +32,7 @@ def start_missing_services(
     closes. Each started service is also appended to ``started`` (for a
     :class:`~beliefstore.runtime.supervisor.Supervisor`). On the durable embedded
     broker, topics are created with one partition unless BELIEFSTORE_PARTITIONS is set,
-    the projector's fetch may wait 100 ms, and the producers are not idempotent unless
-    BELIEFSTORE_IDEMPOTENT_PRODUCER is set (see bench/README.md, ingest_http).
+    and the projector's fetch may wait 100 ms (see bench/README.md, ingest_http).
 
     Returns:
         ``settings`` with ``kafka_bootstrap_servers`` and ``database_url`` filled in.
@@ -67,18 +66,6 @@ def start_missing_services(
             # wait: bench/ingest_http.py (20 agents, 60 s, quiet machine) freshness p50
             # 0.20 s / p99 0.47 s with 100 ms vs 0.40 s / 1.10 s with 500 ms.
             settings = replace(settings, fetch_max_wait_ms=100)
-        if durable and "BELIEFSTORE_IDEMPOTENT_PRODUCER" not in os.environ:
-            # Tansu 0.6.0 stores an idempotent producer's sequence in one cluster-wide
-            # meta.json, read-modify-written by every produce before its watermark and its
-            # batch: one of its 3 S3 writes, and a 412-and-retry whenever two producers
-            # (the API processes') or a fetch's read of meta.json come between. Without
-            # idempotence a produce is 2 writes; a retried record may be stored twice,
-            # which the fold counts once (event_id). Measured (bench/README.md, section 8,
-            # fourth stop): one producer of 5-record batches while a consumer tails the
-            # partition, 7.8 vs 11.3 ms a produce (9.1 vs 13.5 ms past 5,000 batches).
-            # (Reverted once: two API processes then left the projector minutes behind,
-            # which was the S3 store's listing past 4,096 batches, fixed since.)
-            settings = replace(settings, idempotent_producer=False)
     if not settings.database_url:
         home = settings.home if durable else settings.home / "tmp"
         pg = EmbeddedPostgres(home / "postgres", fast=fast)
