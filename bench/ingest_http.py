@@ -66,7 +66,7 @@ def _env(home: Path, port: int, partitions: int | None) -> dict[str, str]:
                 "PYTHONUNBUFFERED": "1"})
     if partitions is not None:  # else as `up` creates them (1 on its durable broker)
         env["BELIEFSTORE_PARTITIONS"] = str(partitions)
-    # BENCH_UP_ENV: more settings for `up`, e.g. "BELIEFSTORE_IDEMPOTENT_PRODUCER=on"
+    # BENCH_UP_ENV: more settings for `up`, e.g. "BELIEFSTORE_IDEMPOTENT_PRODUCER=off"
     env.update(item.split("=", 1) for item in os.environ.get("BENCH_UP_ENV", "").split()
                if "=" in item)
     return env
