@@ -228,6 +228,14 @@ class _FastPlan:
     uuids: tuple[str, ...]
 
 
+def _decoded(plan: _FastPlan, record: dict[str, Any]) -> DecodedEvent:
+    """The event of a record read under ``plan`` (its class's fields only), with the
+    record and the writer schema: not validated or opened."""
+    known = plan.known
+    return DecodedEvent(event=plan.cls(**{k: v for k, v in record.items() if k in known}),
+                        writer=plan.writer, record=record)
+
+
 def _known_fields(cls: type) -> frozenset[str]:
     """The field names of an event class (cached: ``dataclasses.fields`` is slow)."""
     known = _KNOWN.get(cls)
@@ -391,12 +399,7 @@ class AvroSerde:
         anything else, which :meth:`decode` then decodes (and names the fault of).
         ``tests/test_serde_fuzz.py`` checks the event equals :meth:`decode`'s."""
         read = self._read_valid(data)
-        if read is None:
-            return None
-        plan, record = read
-        known = plan.known
-        return DecodedEvent(event=plan.cls(**{k: v for k, v in record.items() if k in known}),
-                            writer=plan.writer, record=record)
+        return None if read is None else _decoded(*read)
 
     def _decode_fast(self, data: bytes) -> DecodedEvent | None:
         """The common case of :meth:`decode` in fewer steps, not yet validated or opened:
@@ -407,12 +410,7 @@ class AvroSerde:
         body that does not read cleanly, a non-canonical uuid, a time out of range):
         the checked path then decodes it and names the fault."""
         read = self._read_fast(data)
-        if read is None:
-            return None
-        plan, record = read
-        known = plan.known
-        event = plan.cls(**{k: v for k, v in record.items() if k in known})
-        return DecodedEvent(event=event, writer=plan.writer, record=record)
+        return None if read is None else _decoded(*read)
 
     def _decode_checked(self, data: bytes) -> DecodedEvent:
         """Decode one message, every fault named (the path of :meth:`decode` for what
