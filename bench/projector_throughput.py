@@ -82,15 +82,15 @@ def _worker_process(settings: Settings, partitions: list[int] | None, group: str
         finished = time.time()
         worker.close()
         engine.dispose()
+        def ms_per_batch(timings: dict[str, float]) -> dict[str, float]:
+            return {phase: round(seconds * 1000 / max(stats.batches, 1), 2)
+                    for phase, seconds in timings.items()}
+
         out.put({"partitions": partitions, "started": started, "finished": finished,
                  "events": stats.events, "poison": stats.poison, "batches": stats.batches,
                  "beliefs_recomputed": stats.beliefs_recomputed,
-                 "apply_ms_per_batch": {
-                     phase: round(seconds * 1000 / max(stats.batches, 1), 2)
-                     for phase, seconds in worker.recorder.timings.items()},
-                 "main_ms_per_batch": {
-                     phase: round(seconds * 1000 / max(stats.batches, 1), 2)
-                     for phase, seconds in worker.timings.items()}})
+                 "apply_ms_per_batch": ms_per_batch(worker.recorder.timings),
+                 "main_ms_per_batch": ms_per_batch(worker.timings)})
     except BaseException:  # reported to the parent
         out.put({"partitions": partitions, "error": traceback.format_exc()})
         barrier.abort()
