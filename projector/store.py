@@ -395,7 +395,9 @@ class ProjectionRecorder:
         if rows.retractions:
             cur.execute(bulk.MARK_RETRACTED, ([r[0] for r in rows.retractions],))
         if rows.erasures:
-            cur.execute(bulk.MARK_ERASED, ([r[0] for r in rows.erasures],))
+            # Never prepared: a generic plan made while `observations` was small scans the
+            # whole table for every later erasure (see MARK_ERASED).
+            cur.execute(bulk.MARK_ERASED, ([r[0] for r in rows.erasures],), prepare=False)
         if rows.retractions or rows.erasures:
             for statement in bulk.REFRESH_STALE:
                 cur.execute(statement)
