@@ -159,11 +159,21 @@ def copy_rows(cur: psycopg.Cursor, table: str, columns: Sequence[str],
 
 # -- statements of the batch apply ---------------------------------------------------------
 
-NESTED_LOOPS_ONLY = ("SELECT set_config('enable_hashjoin', 'off', true), "
-                     "set_config('enable_mergejoin', 'off', true)")
-"""For the batch's transaction: the staging tables have no statistics, and a hash or merge
-join would read all of ``belief_sources`` or ``observations`` for a batch's few hundred
-keys (a cost that grows with the read model); nested loops probe the indexes."""
+INDEX_PROBES_ONLY = ("SELECT set_config('enable_hashjoin', 'off', true), "
+                     "set_config('enable_mergejoin', 'off', true), "
+                     "set_config('enable_seqscan', 'off', true)")
+"""For the batch's transaction: every statement is driven by a batch's few hundred rows,
+so it must probe the read model's indexes, never read a whole table. The planner cannot
+be trusted to see that: the staging tables have no statistics, so a hash or merge join
+would read all of ``belief_sources`` or ``observations``; and the statistics of the read
+model's own tables lag behind it until autovacuum's next ANALYZE (a minute or more while
+a projector catches up), so a plan made while a table was small (psycopg prepares a
+statement from its sixth execution, and PostgreSQL keeps its generic plan) scans it
+sequentially from then on. Measured before ``enable_seqscan`` was turned off here:
+:data:`MARK_ERASED` scanned all of ``observations`` for every erasure (20 ms each at
+300,000 events) and :data:`MARK_RETRACTED` all of ``retractions`` for every batch (2 ms
+at 200,000 events), both growing with the read model. Sequential scans of the staging
+tables remain (they have no index)."""
 
 _COLS = ", ".join(OBS_COLUMNS)
 
@@ -189,15 +199,7 @@ WITH marked AS (
 INSERT INTO {STAGE_STALE} SELECT * FROM marked
 """
 """Wipe the observations the batch's erasures forget (param: their event ids); their
-(key, source) pairs go to the stale stage.
-
-Run unprepared (``prepare=False``), planned for the parameters and table sizes of each
-batch that has erasures. psycopg prepares a statement from its sixth execution, and
-PostgreSQL may then keep a generic plan made while ``observations`` was small until the
-next ANALYZE: a sequential scan of the table for every erasure (measured: 20 ms an
-erasure at 300,000 events, growing with the table; the index ``observations_key_source``
-finds a subject's rows in well under a millisecond). Erasures are rare, so planning each
-one costs next to nothing."""
+(key, source) pairs go to the stale stage."""
 
 _SRC = ", ".join(SOURCE_COLUMNS)
 _O_SRC = ", ".join(f"o.{c}" for c in SOURCE_COLUMNS)
@@ -347,7 +349,7 @@ def staged_belief_rows(keys: Iterable[Key], folded: dict[Key, Belief],
 __all__ = [
     "APPLY_MARKS", "ASYNCHRONOUS_COMMIT", "LOCK_OFFSETS", "insert_sql",
     "BELIEF_COLUMNS", "DELETE_GONE_BELIEFS", "ERASURE_COLUMNS",
-    "INSERT_OBSERVATIONS", "MARK_ERASED", "NESTED_LOOPS_ONLY", "MARK_RETRACTED", "OBS_COLUMNS",
+    "INDEX_PROBES_ONLY", "INSERT_OBSERVATIONS", "MARK_ERASED", "MARK_RETRACTED", "OBS_COLUMNS",
     "REFRESH_STALE",
     "RETRACTION_COLUMNS", "SOURCE_COLUMNS", "STAGE_BELIEFS", "STAGE_BELIEF_COLUMNS",
     "STAGE_MARKS", "STAGE_OBS", "STAGE_STALE", "TOUCHED_SOURCES", "UPSERT_BELIEFS",

@@ -380,9 +380,9 @@ class ProjectionRecorder:
         ``TOUCHED_SOURCES`` (whose rows the caller fetches). ``staged``: the observations
         are already in the staging table (``COPY``); else they are inserted into it here,
         row by row (the direct path of a small batch)."""
-        # Every statement below is driven by at most a batch of rows (the staging
-        # tables, which have no statistics): probe indexes, never hash a whole table.
-        cur.execute(bulk.NESTED_LOOPS_ONLY)
+        # Every statement below is driven by at most a batch of rows: probe indexes,
+        # never hash or scan a whole table, whatever the statistics say (see the constant).
+        cur.execute(bulk.INDEX_PROBES_ONLY)
         if rows.observations and not staged:
             cur.executemany(_STAGE_OBS_INSERT, rows.observations)
         if rows.retractions:
@@ -395,9 +395,7 @@ class ProjectionRecorder:
         if rows.retractions:
             cur.execute(bulk.MARK_RETRACTED, ([r[0] for r in rows.retractions],))
         if rows.erasures:
-            # Never prepared: a generic plan made while `observations` was small scans the
-            # whole table for every later erasure (see MARK_ERASED).
-            cur.execute(bulk.MARK_ERASED, ([r[0] for r in rows.erasures],), prepare=False)
+            cur.execute(bulk.MARK_ERASED, ([r[0] for r in rows.erasures],))
         if rows.retractions or rows.erasures:
             for statement in bulk.REFRESH_STALE:
                 cur.execute(statement)
