@@ -38,6 +38,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import psutil
 import sqlalchemy as sa
 from kafka import KafkaAdminClient
 from rich.console import Console
@@ -175,6 +176,82 @@ def event_counts(events: Sequence[Event]) -> dict[str, int]:
     return counts
 
 
+# -- CPU accounting -------------------------------------------------------------------------
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid``, its live descendants and
+    the children it has reaped (so a PostgreSQL backend that exits between two readings
+    still counts: its postmaster reaped it). 0.0 if the process is gone."""
+    try:
+        proc = psutil.Process(pid)
+        t = proc.cpu_times()
+        total = t.user + t.system + t.children_user + t.children_system
+        for child in proc.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                c = child.cpu_times()
+                total += c.user + c.system
+        return total
+    except psutil.Error:
+        return 0.0
+
+
+def postmaster_pid(database_url: str) -> int:
+    """PID of the PostgreSQL server behind ``database_url`` (the parent of a backend)."""
+    import psycopg
+
+    with psycopg.connect(psycopg_conninfo(database_url)) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None
+        return psutil.Process(int(row[0])).ppid()
+
+
+def broker_pids(bootstrap: str) -> list[int]:
+    """PIDs of the local Kafka-protocol broker processes listening on ``bootstrap``'s port
+    (the embedded Tansu; empty for an external broker)."""
+    port = bootstrap.rsplit(":", 1)[-1]
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = " ".join(proc.info.get("cmdline") or ())
+        if "tansu" in (proc.info.get("name") or "") and f":{port}" in cmdline:
+            found.append(proc.pid)
+    return found
+
+
+@dataclass
+class ServerCpu:
+    """CPU seconds of the benchmark's servers on this machine, read at will.
+
+    ``read()`` returns ``{"postgres": s, "broker": s}``: the PostgreSQL server (postmaster,
+    backends, background processes; see :func:`tree_cpu_seconds`) and the embedded broker.
+    Subtract two readings for an interval. Together with the client's own
+    ``time.process_time()`` this tells how much of the machine's CPU a benchmark needed,
+    which on 2 cores bounds what any overlap of its parts could reach.
+    """
+
+    postmaster: int
+    brokers: list[int]
+
+    @classmethod
+    def of(cls, database_url: str, bootstrap: str) -> ServerCpu:
+        return cls(postmaster_pid(database_url), broker_pids(bootstrap))
+
+    def read(self) -> dict[str, float]:
+        return {"postgres": tree_cpu_seconds(self.postmaster),
+                "broker": sum(tree_cpu_seconds(pid) for pid in self.brokers)}
+
+
+def cpu_ms_per_batch(before: dict[str, float], after: dict[str, float], batches: int,
+                     **clients: float) -> dict[str, float]:
+    """Milliseconds of CPU per batch, by process, between two :meth:`ServerCpu.read`
+    readings, with the clients' CPU seconds (``clients``) beside them, and their
+    ``total``."""
+    seconds = {name: after[name] - before[name] for name in after} | clients
+    out = {name: round(s * 1000 / max(batches, 1), 2) for name, s in seconds.items()}
+    out["total"] = round(sum(seconds.values()) * 1000 / max(batches, 1), 2)
+    return out
+
+
 # -- the context shared by the benchmarks of one run.py invocation ------------------------
 
 
@@ -207,6 +284,10 @@ class Context:
         if self._pg_info is None:
             self._pg_info = pg_server_info(self.database_url)
         return {**self.described, "postgres_settings": self._pg_info}
+
+    def server_cpu(self) -> ServerCpu:
+        """The CPU meter of this context's PostgreSQL server and broker."""
+        return ServerCpu.of(self.database_url, self.bootstrap)
 
     def settings(self, **overrides: Any) -> Settings:
         """Settings on this context's broker and database (``overrides`` win)."""

@@ -35,6 +35,7 @@ import traceback
 from typing import Any
 
 import common
+import psutil
 import sqlalchemy as sa
 
 from beliefstore.db import make_engine, migrate
@@ -76,9 +77,13 @@ def _worker_process(settings: Settings, partitions: list[int] | None, group: str
         else:
             worker = ProjectorWorker(settings, engine, partitions=partitions)
         worker.start()
+        with engine.connect() as conn:  # the pool's one connection, the apply's too
+            backend = psutil.Process(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar())
         barrier.wait(timeout=120)
         started = time.time()
+        cpu, backend_cpu = time.process_time(), sum(backend.cpu_times()[:2])
         stats = worker.run(until_caught_up=True)
+        cpu, backend_cpu = time.process_time() - cpu, sum(backend.cpu_times()[:2]) - backend_cpu
         finished = time.time()
         worker.close()
         engine.dispose()
@@ -90,7 +95,8 @@ def _worker_process(settings: Settings, partitions: list[int] | None, group: str
                  "events": stats.events, "poison": stats.poison, "batches": stats.batches,
                  "beliefs_recomputed": stats.beliefs_recomputed,
                  "apply_ms_per_batch": ms_per_batch(worker.recorder.timings),
-                 "main_ms_per_batch": ms_per_batch(worker.timings)})
+                 "main_ms_per_batch": ms_per_batch(worker.timings),
+                 "cpu_seconds": cpu, "backend_cpu_seconds": backend_cpu})
     except BaseException:  # reported to the parent
         out.put({"partitions": partitions, "error": traceback.format_exc()})
         barrier.abort()
@@ -115,9 +121,11 @@ def project(settings: Settings, mode: str, total: int, label: str) -> dict[str, 
         p.start()
     engine = make_engine(settings.database_url, settings.db_schema)
     reports: list[dict] = []
+    meter = common.ServerCpu.of(settings.database_url, settings.kafka_bootstrap_servers or "")
     try:
         barrier.wait(timeout=180)
         go = time.time()
+        servers_before = meter.read()
         with common.progress() as bar:
             task = bar.add_task(label, total=total)
             while len(reports) < workers:
@@ -129,6 +137,7 @@ def project(settings: Settings, mode: str, total: int, label: str) -> dict[str, 
                 if all(not p.is_alive() for p in procs) and out.empty():
                     break
                 bar.update(task, completed=_projected(engine, settings))
+        servers_after = meter.read()
     finally:
         for p in procs:
             p.join(60)
@@ -141,11 +150,12 @@ def project(settings: Settings, mode: str, total: int, label: str) -> dict[str, 
     seconds = max(r["finished"] for r in reports) - go
     events = sum(r["events"] for r in reports)
     poison = sum(r["poison"] for r in reports)
+    batches = sum(r["batches"] for r in reports)
     return {
         "seconds": round(seconds, 3),
         "events": events,
         "poison": poison,
-        "batches": sum(r["batches"] for r in reports),
+        "batches": batches,
         "beliefs_recomputed": sum(r["beliefs_recomputed"] for r in reports),
         "events_per_second": round((events + poison) / seconds, 1),
         "per_worker_seconds": [round(r["finished"] - go, 3) for r in reports],
@@ -153,6 +163,15 @@ def project(settings: Settings, mode: str, total: int, label: str) -> dict[str, 
         "apply_ms_per_batch": [r.get("apply_ms_per_batch", {}) for r in reports],
         # ProjectorWorker.timings: ms per batch polling, and decoding + dead-lettering
         "main_ms_per_batch": [r.get("main_ms_per_batch", {}) for r in reports],
+        # CPU the run took, ms per batch: the PostgreSQL server (all its processes; the
+        # workers' own backends alone as postgres_backends), the broker, the workers
+        "cpu_ms_per_batch": {
+            **common.cpu_ms_per_batch(servers_before, servers_after, batches,
+                                      projector=sum(r["cpu_seconds"] for r in reports)),
+            "postgres_backends": round(sum(r["backend_cpu_seconds"] for r in reports) * 1000
+                                       / max(batches, 1), 2)},
+        "cpu_cores_busy": round((sum(servers_after.values()) - sum(servers_before.values())
+                                 + sum(r["cpu_seconds"] for r in reports)) / seconds, 2),
     }
 
 

@@ -39,6 +39,7 @@ newest results file of that size).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import zlib
@@ -175,10 +176,15 @@ def _run_profile(ctx: common.Context, key: common.WorkloadKey, runs: int,
     observations = sum(len(rows) for rows, _ in batches)
     conninfo = common.psycopg_conninfo(ctx.database_url)
     consume, results = [], []
+    meter = ctx.server_cpu()
     for number in range(1, runs + 1):
+        before, cpu = meter.read(), time.process_time()
         seconds = consume_all(ctx.bootstrap, produced.topic, len(workload), batch_size)
         consume.append({"run": number, "seconds": round(seconds, 3),
-                        "events_per_second": round(len(workload) / seconds, 1)})
+                        "events_per_second": round(len(workload) / seconds, 1),
+                        "cpu_ms_per_batch": common.cpu_ms_per_batch(
+                            before, meter.read(), len(batches),
+                            client=time.process_time() - cpu)})
         common.console.print(f"  {key.profile} raw consume run {number}: {len(workload):,} "
                              f"messages in {seconds:.1f} s = {len(workload) / seconds:,.0f}/s")
     for number in range(1, runs + 1):
@@ -187,13 +193,17 @@ def _run_profile(ctx: common.Context, key: common.WorkloadKey, runs: int,
         try:
             migrate(engine, schema)
             engine.dispose()
+            before, cpu = meter.read(), time.process_time()
             seconds = upsert_all(conninfo, schema, batches)
+            used = common.cpu_ms_per_batch(before, meter.read(), len(batches),
+                                           client=time.process_time() - cpu)
         finally:
             engine.dispose()
             ctx.drop_schemas(schema)
         results.append({"run": number, "seconds": round(seconds, 3),
                         "events_per_second": round(len(workload) / seconds, 1),
-                        "observation_rows_per_second": round(observations / seconds, 1)})
+                        "observation_rows_per_second": round(observations / seconds, 1),
+                        "cpu_ms_per_batch": used})
         common.console.print(f"  {key.profile} raw upsert run {number}: {len(workload):,} "
                              f"events ({observations:,} observation rows) in {seconds:.1f} s "
                              f"= {len(workload) / seconds:,.0f} events/s")
@@ -217,7 +227,28 @@ def _run_profile(ctx: common.Context, key: common.WorkloadKey, runs: int,
         ratio = projector["median_events_per_second"] / limit
         out["ratio_projector_over_limit"] = round(ratio, 3)
         out["target_met"] = ratio >= 0.5
+        out["cpu_budget"] = cpu_budget(projector, limit, batch_size)
     return out
+
+
+def cpu_budget(projector: dict, limit: float, batch_size: int) -> dict[str, Any] | None:
+    """What the 50 % target allows a batch, against the CPU the projector's batch needed.
+
+    ``allowed_ms``: the wall time of a batch at half the limit. ``floor_all_cores_ms``: the
+    projector run's CPU per batch (PostgreSQL server, broker, worker) spread over every core
+    of the machine, the wall time a perfect overlap of all of them would take.
+    ``floor_backend_ms``: the CPU per batch of the worker's own PostgreSQL backend, which
+    runs a batch's statements one after another. Either floor above ``allowed_ms`` means no
+    overlap of the worker's own work can meet the target on this machine."""
+    cpu = projector.get("cpu_ms_per_batch")
+    if not cpu:
+        return None
+    cores = os.cpu_count() or 1
+    return {"allowed_ms": round(batch_size * 1000 / (0.5 * limit), 2),
+            "cores": cores,
+            "floor_all_cores_ms": round(cpu["total"] / cores, 2),
+            "floor_backend_ms": cpu.get("postgres_backends"),
+            "projector_cpu_ms_per_batch": cpu}
 
 
 def _projector_rate(ctx: common.Context, key: common.WorkloadKey) -> dict | None:
@@ -240,7 +271,11 @@ def _projector_rate(ctx: common.Context, key: common.WorkloadKey) -> dict | None
     found = part(doc) if doc else None
     if not found:
         return None
-    return {"median_events_per_second": found["workers_1"]["median_events_per_second"],
+    one = found["workers_1"]
+    runs = sorted(one.get("runs", []), key=lambda r: r["events_per_second"])
+    median_run = runs[len(runs) // 2] if runs else {}
+    return {"median_events_per_second": one["median_events_per_second"],
+            "cpu_ms_per_batch": median_run.get("cpu_ms_per_batch"),
             "source": source}
 
 
@@ -257,6 +292,11 @@ def summary(result: dict) -> list[str]:
             line += (f"; projector {r['projector']['median_events_per_second']:,.0f} events/s "
                      f"= {r['ratio_projector_over_limit']:.1%} of the limit (target ≥ 50%: "
                      f"{'met' if r['target_met'] else 'missed'})")
+            budget = r.get("cpu_budget")
+            if budget:
+                line += (f"; a batch may take {budget['allowed_ms']:.1f} ms, its CPU over "
+                         f"{budget['cores']} cores takes ≥ {budget['floor_all_cores_ms']:.1f} ms, "
+                         f"its PostgreSQL backend ≥ {budget['floor_backend_ms']} ms")
         else:
             line += "; no projector_throughput result at this size to compare"
         lines.append(line)
