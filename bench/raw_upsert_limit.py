@@ -33,8 +33,23 @@ For each workload profile, two raw rates, each the median of ``runs``:
 
 The **raw limit** is ``min(raw consume, raw COPY + upsert)``: the projector can go no faster
 than either end. The ratio is projector / limit, with the projector's 1-worker median
-from projector_throughput on the same profile and size (same run of bench/run.py, or the
-newest results file of that size).
+from projector_throughput on the same profile, size and batch size (same run of
+bench/run.py, or the newest results file of that size).
+
+Two more figures, beside the limit (since 2026-11-27, fifth stop):
+
+* **the same writes** (``same_writes``): the raw COPY + upsert again, with every table the
+  projection writes per batch and as many rows: also the newest observation per
+  (key, source) upserted into ``belief_sources`` and one ``belief_changes`` row per key
+  with its NOTIFY (:data:`CEILINGS`). Still no fold, no read-back, no marks, no decoding:
+  the projector's ratio to it is the share its own work (Python, reads, marks) leaves.
+  It is not issue 11's limit and does not decide the target.
+* **the CPU budget** (``cpu_budget``): the wall time a batch may take at half the limit,
+  against the CPU the projector's batch needed (from projector_throughput's
+  ``cpu_ms_per_batch``: PostgreSQL server, broker, worker process), spread over every
+  core, and against its own PostgreSQL backend's CPU, which runs the batch's statements
+  in series. When either is above the allowance, no overlap of the projector's parts
+  could meet the target on this machine.
 """
 
 from __future__ import annotations
@@ -118,8 +133,58 @@ def prepare_batches(events, batch_size: int) -> list[tuple[list[tuple], dict[int
     return batches
 
 
-def upsert_all(conninfo: str, schema: str, batches) -> float:
-    """Apply every batch (one transaction each); return the seconds."""
+INSERT_OBSERVATIONS = (f"INSERT INTO observations ({', '.join(OBS_COLUMNS)}) "
+                       f"SELECT {', '.join(OBS_COLUMNS)} FROM staging "
+                       "ON CONFLICT (event_id) DO NOTHING")
+UPSERT_NEWEST_BELIEFS = (
+    "INSERT INTO beliefs (subject_id, context, attribute, value, confidence, "
+    "score, alternatives, support, sources, source_count, last_observed_at) "
+    "SELECT DISTINCT ON (subject_id, context, attribute) subject_id, context, "
+    "attribute, value, confidence, 0, '{}'::jsonb, "
+    "jsonb_build_array(event_id), jsonb_build_array(source), 1, occurred_at "
+    "FROM staging ORDER BY subject_id, context, attribute, occurred_at DESC "
+    "ON CONFLICT (subject_id, context, attribute) DO UPDATE SET "
+    "value = excluded.value, confidence = excluded.confidence, "
+    "support = excluded.support, sources = excluded.sources, "
+    "last_observed_at = excluded.last_observed_at, updated_at = now() "
+    "WHERE beliefs.last_observed_at <= excluded.last_observed_at")
+UPSERT_NEWEST_SOURCES = (
+    "INSERT INTO belief_sources (subject_id, context, attribute, source, event_id, "
+    "occurred_at, value, confidence) "
+    "SELECT DISTINCT ON (subject_id, context, attribute, source) subject_id, context, "
+    "attribute, source, event_id, occurred_at, value, confidence FROM staging "
+    "ORDER BY subject_id, context, attribute, source, occurred_at DESC, event_id DESC "
+    "ON CONFLICT (subject_id, context, attribute, source) DO UPDATE SET "
+    "event_id = excluded.event_id, occurred_at = excluded.occurred_at, "
+    "value = excluded.value, confidence = excluded.confidence "
+    "WHERE (belief_sources.occurred_at, belief_sources.event_id) "
+    "< (excluded.occurred_at, excluded.event_id)")
+RECORD_CHANGES = (
+    "WITH added AS (INSERT INTO belief_changes (subject_id, context, attribute, value, "
+    "confidence, alternatives, sources, kafka_partition, kafka_offset) "
+    "SELECT DISTINCT ON (subject_id, context, attribute) subject_id, context, attribute, "
+    "value, confidence, '{}'::jsonb, jsonb_build_array(source), kafka_partition, "
+    "kafka_offset FROM staging ORDER BY subject_id, context, attribute, occurred_at DESC "
+    "RETURNING id, subject_id) "
+    "SELECT pg_notify('beliefstore_bench', max(id)::text) FROM added")
+
+CEILINGS: dict[str, tuple[str, ...]] = {
+    "limit": (INSERT_OBSERVATIONS, UPSERT_NEWEST_BELIEFS),
+    "same_writes": (INSERT_OBSERVATIONS, UPSERT_NEWEST_SOURCES, UPSERT_NEWEST_BELIEFS,
+                    RECORD_CHANGES),
+}
+"""The statements of a batch, after its ``COPY`` and before its offsets, for each ceiling:
+``limit`` is issue 11's raw limit (the observations and one belief per key, the newest);
+``same_writes`` writes every table the projection writes per batch, as many rows as it
+does: also the newest observation per (key, source) into ``belief_sources`` and one
+``belief_changes`` row per key with its NOTIFY. Neither folds, reads anything back,
+marks retractions or erasures, or decodes."""
+
+
+def upsert_all(conninfo: str, schema: str, batches,
+               statements: tuple[str, ...] = CEILINGS["limit"]) -> float:
+    """Apply every batch (one transaction each: ``COPY``, ``statements``, the offsets);
+    return the seconds."""
     cols = ", ".join(OBS_COLUMNS)
     with psycopg.connect(conninfo, options=f"-csearch_path={schema}") as conn:
         conn.execute("CREATE TEMP TABLE staging (LIKE observations INCLUDING DEFAULTS) "
@@ -134,20 +199,8 @@ def upsert_all(conninfo: str, schema: str, batches) -> float:
                     with cur.copy(f"COPY staging ({cols}) FROM STDIN") as copy:
                         for row in rows:
                             copy.write_row(row)
-                    cur.execute(f"INSERT INTO observations ({cols}) SELECT {cols} FROM staging "
-                                "ON CONFLICT (event_id) DO NOTHING")
-                    cur.execute(
-                        "INSERT INTO beliefs (subject_id, context, attribute, value, confidence, "
-                        "score, alternatives, support, sources, source_count, last_observed_at) "
-                        "SELECT DISTINCT ON (subject_id, context, attribute) subject_id, context, "
-                        "attribute, value, confidence, 0, '{}'::jsonb, "
-                        "jsonb_build_array(event_id), jsonb_build_array(source), 1, occurred_at "
-                        "FROM staging ORDER BY subject_id, context, attribute, occurred_at DESC "
-                        "ON CONFLICT (subject_id, context, attribute) DO UPDATE SET "
-                        "value = excluded.value, confidence = excluded.confidence, "
-                        "support = excluded.support, sources = excluded.sources, "
-                        "last_observed_at = excluded.last_observed_at, updated_at = now() "
-                        "WHERE beliefs.last_observed_at <= excluded.last_observed_at")
+                    for statement in statements:
+                        cur.execute(statement)
                     cur.executemany(
                         "INSERT INTO projection_offsets (projection, topic, partition, "
                         "next_offset, high_watermark) VALUES ('raw', 'bench', %s, %s, %s) "
@@ -187,30 +240,37 @@ def _run_profile(ctx: common.Context, key: common.WorkloadKey, runs: int,
                             client=time.process_time() - cpu)})
         common.console.print(f"  {key.profile} raw consume run {number}: {len(workload):,} "
                              f"messages in {seconds:.1f} s = {len(workload) / seconds:,.0f}/s")
-    for number in range(1, runs + 1):
-        schema = ctx.name("raw")
-        engine = make_engine(ctx.database_url, schema)
-        try:
-            migrate(engine, schema)
-            engine.dispose()
-            before, cpu = meter.read(), time.process_time()
-            seconds = upsert_all(conninfo, schema, batches)
-            used = common.cpu_ms_per_batch(before, meter.read(), len(batches),
-                                           client=time.process_time() - cpu)
-        finally:
-            engine.dispose()
-            ctx.drop_schemas(schema)
-        results.append({"run": number, "seconds": round(seconds, 3),
-                        "events_per_second": round(len(workload) / seconds, 1),
-                        "observation_rows_per_second": round(observations / seconds, 1),
-                        "cpu_ms_per_batch": used})
-        common.console.print(f"  {key.profile} raw upsert run {number}: {len(workload):,} "
-                             f"events ({observations:,} observation rows) in {seconds:.1f} s "
-                             f"= {len(workload) / seconds:,.0f} events/s")
+    measured: dict[str, list[dict[str, Any]]] = {}
+    for ceiling, statements in CEILINGS.items():
+        measured[ceiling] = []
+        for number in range(1, runs + 1):
+            schema = ctx.name("raw")
+            engine = make_engine(ctx.database_url, schema)
+            try:
+                migrate(engine, schema)
+                engine.dispose()
+                before, cpu = meter.read(), time.process_time()
+                seconds = upsert_all(conninfo, schema, batches, statements)
+                used = common.cpu_ms_per_batch(before, meter.read(), len(batches),
+                                               client=time.process_time() - cpu)
+            finally:
+                engine.dispose()
+                ctx.drop_schemas(schema)
+            measured[ceiling].append({
+                "run": number, "seconds": round(seconds, 3),
+                "events_per_second": round(len(workload) / seconds, 1),
+                "observation_rows_per_second": round(observations / seconds, 1),
+                "cpu_ms_per_batch": used})
+            common.console.print(
+                f"  {key.profile} raw upsert ({ceiling}) run {number}: {len(workload):,} "
+                f"events ({observations:,} observation rows) in {seconds:.1f} s "
+                f"= {len(workload) / seconds:,.0f} events/s")
+    results = measured["limit"]
+    same_writes = common.median([r["events_per_second"] for r in measured["same_writes"]])
     pg = common.median([r["events_per_second"] for r in results])
     kafka = common.median([r["events_per_second"] for r in consume])
     limit = min(pg, kafka)
-    projector = _projector_rate(ctx, key)
+    projector = _projector_rate(ctx, key, batch_size)
     out: dict[str, Any] = {
         "workload": {**key.describe(), "observation_rows": observations,
                      "batches": len(batches)},
@@ -228,6 +288,12 @@ def _run_profile(ctx: common.Context, key: common.WorkloadKey, runs: int,
         out["ratio_projector_over_limit"] = round(ratio, 3)
         out["target_met"] = ratio >= 0.5
         out["cpu_budget"] = cpu_budget(projector, limit, batch_size)
+    # Not issue 11's limit: a second ceiling, the same writes as the projection's (see
+    # CEILINGS), for the ratio of the projector's own overhead (its Python, its reads back).
+    out["same_writes"] = {"runs": measured["same_writes"], "events_per_second": same_writes}
+    if projector:
+        out["same_writes"]["ratio_projector"] = round(
+            projector["median_events_per_second"] / min(same_writes, kafka), 3)
     return out
 
 
@@ -251,9 +317,13 @@ def cpu_budget(projector: dict, limit: float, batch_size: int) -> dict[str, Any]
             "projector_cpu_ms_per_batch": cpu}
 
 
-def _projector_rate(ctx: common.Context, key: common.WorkloadKey) -> dict | None:
-    """projector_throughput's 1-worker median at the same workload, if measured."""
+def _projector_rate(ctx: common.Context, key: common.WorkloadKey,
+                    batch_size: int) -> dict | None:
+    """projector_throughput's 1-worker median at the same workload and batch size, if
+    measured."""
     def part(doc: dict) -> dict | None:
+        if doc.get("params", {}).get("batch_size", batch_size) != batch_size:
+            return None
         found = (doc.get("profiles") or {}).get(key.profile)
         if found is None and key.profile == "hot-key" and "profiles" not in doc:
             found = doc  # a result from before the profiles
@@ -292,6 +362,10 @@ def summary(result: dict) -> list[str]:
             line += (f"; projector {r['projector']['median_events_per_second']:,.0f} events/s "
                      f"= {r['ratio_projector_over_limit']:.1%} of the limit (target ≥ 50%: "
                      f"{'met' if r['target_met'] else 'missed'})")
+            writes = r.get("same_writes") or {}
+            if "ratio_projector" in writes:
+                line += (f"; against the same writes ({writes['events_per_second']:,.0f} "
+                         f"events/s, not the issue's limit) {writes['ratio_projector']:.1%}")
             budget = r.get("cpu_budget")
             if budget:
                 line += (f"; a batch may take {budget['allowed_ms']:.1f} ms, its CPU over "
