@@ -160,6 +160,8 @@ def project(settings: Settings, mode: str, total: int, label: str) -> dict[str, 
         "events_per_second": round((events + poison) / seconds, 1),
         "per_worker_seconds": [round(r["finished"] - go, 3) for r in reports],
         # ProjectionRecorder.timings of each worker: ms per batch in each phase of apply
+        # (its `paused` is the worker reading the next batch ahead meanwhile, whose poll
+        # and decode also count in main_ms_per_batch)
         "apply_ms_per_batch": [r.get("apply_ms_per_batch", {}) for r in reports],
         # ProjectorWorker.timings: ms per batch polling, and decoding + dead-lettering
         "main_ms_per_batch": [r.get("main_ms_per_batch", {}) for r in reports],

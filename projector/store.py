@@ -14,7 +14,7 @@ This module touches PostgreSQL only; :mod:`beliefstore.projector.worker` brings 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import as_completed
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -206,6 +206,16 @@ def _chunks(items: Sequence, size: int = _CHUNK) -> Iterable[Sequence]:
         yield items[i:i + size]
 
 
+def finish(stages: Generator[None, None, int]) -> int:
+    """Run the rest of :meth:`ProjectionRecorder.apply_stages` after its pause; return
+    its value (the beliefs recomputed)."""
+    try:
+        next(stages)
+    except StopIteration as done:
+        return int(done.value)
+    raise RuntimeError("apply_stages paused twice")
+
+
 class ProjectionRecorder:
     """Reads and writes one projection's rows and offsets.
 
@@ -233,9 +243,10 @@ class ProjectionRecorder:
         self.asynchronous_commit = False
         self.timings: dict[str, float] = {}
         """Seconds :meth:`apply` spent in each of its phases since this recorder was made
-        (``rows``, ``checkout``, ``copy_observations``, ``events_pipeline`` (the fence
-        included), ``fold``, ``belief_rows``, ``copy_beliefs``, ``beliefs_pipeline``,
-        ``commit``, ``checkin``), for benchmarks and profiles."""
+        (``rows``, ``checkout``, ``copy_observations``, ``send_events``, ``paused`` (the
+        caller's work in :meth:`apply_stages`' pause), ``events_pipeline`` (the rest of the
+        wait for the fence and the events), ``fold``, ``belief_rows``, ``copy_beliefs``,
+        ``beliefs_pipeline``, ``commit``, ``checkin``), for benchmarks and profiles."""
         """Whether :meth:`apply`'s transactions commit without waiting for the WAL flush
         (``SET LOCAL synchronous_commit TO off``; the worker's choice, see
         :class:`~beliefstore.projector.worker.ProjectorWorker`)."""
@@ -286,6 +297,35 @@ class ProjectionRecorder:
         fence: dict[int, int] | None = None,
     ) -> int:
         """Apply one batch in one transaction; return the number of beliefs recomputed.
+
+        The whole of :meth:`apply_stages`, with nothing done in its pause (see there for
+        the arguments, the steps and the errors).
+        """
+        stages = self.apply_stages(topic, batch, progress, fence)
+        try:
+            next(stages)
+            return finish(stages)
+        finally:
+            stages.close()
+
+    def apply_stages(
+        self,
+        topic: str,
+        batch: Sequence[LoggedEvent],
+        progress: dict[int, PartitionProgress],
+        fence: dict[int, int] | None = None,
+    ) -> Generator[None, None, int]:
+        """:meth:`apply` in two stages, for a caller that works while PostgreSQL does.
+
+        A generator: the first ``next()`` runs the batch up to its first pipeline, sent
+        and not yet waited for (the fence, the events and the touched rows: most of the
+        batch's database work), and pauses there; :func:`finish` then waits for the
+        results, folds, writes the beliefs and the offsets and commits, and returns the
+        number of beliefs recomputed. The caller's work in the pause must not use this
+        recorder's connection. ``close()`` before the end rolls the batch back (nothing
+        of it is committed); so does any error.
+
+        Apply one batch in one transaction.
 
         ``batch`` holds the valid events read (any order, duplicates allowed: rows are
         keyed by ``event_id``); ``progress`` holds, for every partition read (including
@@ -339,6 +379,9 @@ class ProjectionRecorder:
                                        (self.projection, topic, sorted(epochs)))
                     if rows:
                         self._write_events(cur, rows, staged=not small)
+                    clock("send_events")
+                    yield  # PostgreSQL works on the pipeline; the caller may meanwhile
+                    clock("paused")
                 if epochs is not None:
                     self._check_epochs(dict(locked.fetchall()), epochs)
                 touched = cur.fetchall() if rows else []

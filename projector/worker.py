@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -30,7 +30,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import OffsetOutOfRangeError
 
 from beliefstore.errors import LogResetError, PoisonEvent
-from beliefstore.events.model import ObservationRecorded
+from beliefstore.events.model import ObservationRecorded, SubjectErased
 from beliefstore.events.sealing import EventShredded
 from beliefstore.events.serde import AvroSerde, DecodedEvent
 from beliefstore.events.topics import ensure_topics
@@ -51,6 +51,7 @@ from beliefstore.projector.store import (
     LogPosition,
     PartitionProgress,
     ProjectionRecorder,
+    finish,
 )
 from beliefstore.settings import Settings
 
@@ -124,6 +125,9 @@ class _Prepared:
         messages: every message polled; first_offsets: partition → first offset polled.
         epochs: the partitions' epochs when it was polled (the commit's fence).
         started: ``time.perf_counter()`` at the poll, seconds.
+        deferred: records not decoded yet (not in ``batch``, ``poison`` or ``shredded``):
+            those about subjects whose erasure was committing when this batch was read
+            ahead (:meth:`ProjectorWorker.process_batch`).
     """
 
     batch: list[LoggedEvent]
@@ -134,6 +138,7 @@ class _Prepared:
     first_offsets: dict[int, int]
     epochs: dict[int, int]
     started: float
+    deferred: dict[Any, list[ConsumerRecord]] = field(default_factory=dict)
 
 
 class ProjectorWorker:
@@ -198,6 +203,8 @@ class ProjectorWorker:
         self._dlq: KafkaProducer | None = None
         #: partitions whose high watermark is below the position: since when (monotonic s)
         self._behind_end: dict[TopicPartition, float] = {}
+        #: the next batch, polled and decoded while PostgreSQL applied the previous one
+        self._ahead: _Prepared | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -309,7 +316,10 @@ class ProjectorWorker:
     ) -> WorkerStats:
         """Process batches until ``stop`` is set, or ``keep_running()`` turns false (checked
         between batches), or, with ``until_caught_up``, every partition's position reaches
-        its high watermark. The batch in progress is always finished and committed first.
+        its high watermark. The batch in progress is always finished and committed first;
+        a batch read ahead (:meth:`process_batch`) is left for the next call, or dropped
+        with the worker: it was not applied, so a new worker reads it again from the
+        stored offsets.
         """
         if self._consumer is None:
             self.start()
@@ -324,14 +334,15 @@ class ProjectorWorker:
         return self.stats
 
     def lag(self) -> int | None:
-        """Messages between this worker's positions and the high watermarks; ``None`` if a
+        """Messages not yet applied: between this worker's positions and the high
+        watermarks, plus the batch read ahead (:meth:`process_batch`); ``None`` if a
         partition's high watermark is not known yet (no fetch response seen), is below the
         position (not yet confirmed as a log reset: :data:`LOG_END_CONFIRM_S`), or no
         partition is assigned (yet)."""
         assert self._consumer is not None
         if not self._consumer.assignment():
             return None
-        total = 0
+        total = self._ahead.messages if self._ahead is not None else 0
         for tp in self._consumer.assignment():
             hw = self._consumer.highwater(tp)
             if hw is None or tp in self._behind_end:
@@ -340,29 +351,60 @@ class ProjectorWorker:
         return total
 
     def partition_lags(self) -> dict[int, int]:
-        """Messages between the position and the high watermark of each assigned partition
-        whose high watermark is known (after the last poll)."""
+        """Messages not yet applied of each assigned partition whose high watermark is
+        known (after the last poll): between the position and the high watermark, plus
+        those of the batch read ahead."""
         assert self._consumer is not None
+        ahead = self._ahead
         lags = {}
         for tp in self._consumer.assignment():
             hw = self._consumer.highwater(tp)
             if hw is not None:
                 lags[tp.partition] = max(0, hw - self._consumer.position(tp))
+                if ahead is not None and tp.partition in ahead.first_offsets:
+                    lags[tp.partition] += (ahead.progress[tp.partition].next_offset
+                                           - ahead.first_offsets[tp.partition])
         return lags
 
     def process_batch(self) -> int:
-        """Poll once and apply what came back in one transaction; return messages handled."""
-        prepared = self._prepare()
+        """Apply the next batch in one transaction; return messages handled (0: nothing
+        came back from a poll).
+
+        The next batch is the one read ahead during the previous call, or else one poll.
+        While PostgreSQL works on the batch's events (the pause of
+        :meth:`ProjectionRecorder.apply_stages`), the batch after it is read ahead: polled
+        (without waiting: only what the consumer has fetched already) and decoded, so
+        this process's decoding overlaps the server's work. Not in a consumer group (a
+        rebalance inside that poll would claim partitions whose offset rows the batch
+        holds locked). The messages read ahead about a subject the batch erases are
+        decoded only after it commits, which destroys the subject's data keys: a sealed
+        observation among them is then shredded, as when the batches run one after the
+        other.
+
+        After an error the worker must be closed: its consumer's position is past the
+        batch that failed (:class:`~beliefstore.runtime.serve.ProjectorThread` builds a
+        new worker, which resumes at the stored offsets).
+        """
+        prepared, self._ahead = self._ahead, None
+        if prepared is None:
+            prepared = self._prepare()
+        elif prepared.deferred:
+            prepared = self._complete(prepared)
         return 0 if prepared is None else self._commit(prepared)
 
-    def _prepare(self) -> _Prepared | None:
-        """Poll once, decode, dead-letter the poison: the next batch, ready to apply
-        (``None``: nothing came back). Touches Kafka only."""
+    def _prepare(self, timeout_ms: int | None = None,
+                 defer: frozenset[bytes] = frozenset()) -> _Prepared | None:
+        """Poll once (``timeout_ms``, default the settings' poll timeout), decode,
+        dead-letter the poison: the next batch, ready to apply (``None``: nothing came
+        back). Messages keyed by a subject of ``defer`` (or not keyed) are left
+        undecoded, in :attr:`_Prepared.deferred` (see :meth:`_complete`). Touches Kafka
+        only, and the keyring's data keys for sealed observations."""
         assert self._consumer is not None
         started = time.perf_counter()
         try:
             polled = self._consumer.poll(
-                timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.batch_size
+                timeout_ms=self.settings.poll_timeout_ms if timeout_ms is None else timeout_ms,
+                max_records=self.settings.batch_size,
             )
         except OffsetOutOfRangeError as exc:
             raise self._log_reset(str(exc)) from exc
@@ -382,12 +424,36 @@ class ProjectorWorker:
         metrics.record_lag(self.settings.topic, self.partition_lags())
         if not polled:
             return None
+        now, deferred = polled, {}
+        if defer:
+            now = {tp: [r for r in records if r.key is not None and r.key not in defer]
+                   for tp, records in polled.items()}
+            deferred = {tp: waiting for tp, records in polled.items()
+                        if (waiting := [r for r in records
+                                        if r.key is None or r.key in defer])}
+        batch, poison, shredded = self._open(now)
+        self.timings["decode"] = self.timings.get("decode", 0.0) + time.perf_counter() \
+            - polled_at
+        return _Prepared(
+            batch=batch, progress={tp.partition: PartitionProgress(
+                next_offset=records[-1].offset + 1,
+                high_watermark=self._consumer.highwater(tp),
+            ) for tp, records in polled.items()},
+            poison=poison, shredded=shredded,
+            messages=sum(len(records) for records in polled.values()),
+            first_offsets={tp.partition: records[0].offset for tp, records in polled.items()
+                           if records},
+            epochs=dict(self._epochs), started=started, deferred=deferred)
+
+    def _open(self, polled: dict[Any, list[ConsumerRecord]]
+              ) -> tuple[list[LoggedEvent], int, int]:
+        """Decode ``polled`` and dead-letter its poison: ``(events, poison, shredded)``,
+        the last two counts of messages."""
         batch: list[LoggedEvent] = []
-        progress: dict[int, PartitionProgress] = {}
         poison: list[tuple[ConsumerRecord, PoisonEvent]] = []
         shredded = 0
         opened = self._decode_all(polled)
-        for tp, records in polled.items():
+        for records in polled.values():
             for record in records:
                 item = opened[id(record)]
                 if item is None:
@@ -396,24 +462,42 @@ class ProjectorWorker:
                     poison.append((record, item))
                 else:
                     batch.append(item)
-            progress[tp.partition] = PartitionProgress(
-                next_offset=records[-1].offset + 1,
-                high_watermark=self._consumer.highwater(tp),
-            )
         if poison:
             self._dead_letter(poison)
+        return batch, len(poison), shredded
+
+    def _complete(self, p: _Prepared) -> _Prepared:
+        """``p`` with its deferred messages decoded (after the erasures they waited for
+        committed)."""
+        started = time.perf_counter()
+        batch, poison, shredded = self._open(p.deferred)
         self.timings["decode"] = self.timings.get("decode", 0.0) + time.perf_counter() \
-            - polled_at
-        return _Prepared(
-            batch=batch, progress=progress, poison=len(poison), shredded=shredded,
-            messages=sum(len(records) for records in polled.values()),
-            first_offsets={tp.partition: records[0].offset for tp, records in polled.items()
-                           if records},
-            epochs=dict(self._epochs), started=started)
+            - started
+        return replace(p, batch=p.batch + batch, poison=p.poison + poison,
+                       shredded=p.shredded + shredded, deferred={})
 
     def _commit(self, p: _Prepared) -> int:
-        """Apply a prepared batch in one transaction (PostgreSQL only); return its messages."""
-        recomputed = self.recorder.apply(self.settings.topic, p.batch, p.progress, p.epochs)
+        """Apply a prepared batch in one transaction, reading the next one ahead in its
+        pause when allowed (see :meth:`process_batch`); return its messages. An error of
+        the read-ahead is raised once the batch has committed."""
+        stages = self.recorder.apply_stages(self.settings.topic, p.batch, p.progress,
+                                            p.epochs)
+        ahead_error: Exception | None = None
+        try:
+            next(stages)
+            if self.group is None:
+                erased = frozenset(item.event.subject_id.encode("utf-8") for item in p.batch
+                                   if isinstance(item.event, SubjectErased))
+                try:
+                    self._ahead = self._prepare(timeout_ms=0, defer=erased)
+                except Exception as exc:  # the read-ahead's: raised after the commit
+                    ahead_error = exc
+            recomputed = finish(stages)
+        except BaseException:
+            self._ahead = None
+            raise
+        finally:
+            stages.close()
         self.stats.batches += 1
         self.stats.events += len(p.batch)
         self.stats.poison += p.poison
@@ -423,6 +507,8 @@ class ProjectorWorker:
                              p.messages - len(p.batch) - p.poison)
         log.debug("batch: %d events, %d poison, %d beliefs", len(p.batch), p.poison,
                   recomputed)
+        if ahead_error is not None:
+            raise ahead_error
         return p.messages
 
     def rebuild(self, on_progress: Callable[[WorkerStats, int | None], None] | None = None,
