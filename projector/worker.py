@@ -342,12 +342,12 @@ class ProjectorWorker:
         assert self._consumer is not None
         if not self._consumer.assignment():
             return None
-        total = self._ahead.messages if self._ahead is not None else 0
+        total = 0
         for tp in self._consumer.assignment():
             hw = self._consumer.highwater(tp)
             if hw is None or tp in self._behind_end:
                 return None
-            total += max(0, hw - self._consumer.position(tp))
+            total += max(0, hw - self._next_to_apply(tp))
         return total
 
     def partition_lags(self) -> dict[int, int]:
@@ -355,16 +355,21 @@ class ProjectorWorker:
         known (after the last poll): between the position and the high watermark, plus
         those of the batch read ahead."""
         assert self._consumer is not None
-        ahead = self._ahead
         lags = {}
         for tp in self._consumer.assignment():
             hw = self._consumer.highwater(tp)
             if hw is not None:
-                lags[tp.partition] = max(0, hw - self._consumer.position(tp))
-                if ahead is not None and tp.partition in ahead.first_offsets:
-                    lags[tp.partition] += (ahead.progress[tp.partition].next_offset
-                                           - ahead.first_offsets[tp.partition])
+                lags[tp.partition] = max(0, hw - self._next_to_apply(tp))
         return lags
+
+    def _next_to_apply(self, tp: TopicPartition) -> int:
+        """Offset of ``tp``'s next message not yet applied: the first of the batch read
+        ahead, else the consumer's position."""
+        assert self._consumer is not None
+        ahead = self._ahead
+        if ahead is not None and tp.partition in ahead.first_offsets:
+            return ahead.first_offsets[tp.partition]
+        return self._consumer.position(tp)
 
     def process_batch(self) -> int:
         """Apply the next batch in one transaction; return messages handled (0: nothing
@@ -408,8 +413,7 @@ class ProjectorWorker:
             )
         except OffsetOutOfRangeError as exc:
             raise self._log_reset(str(exc)) from exc
-        polled_at = time.perf_counter()
-        self.timings["poll"] = self.timings.get("poll", 0.0) + polled_at - started
+        self.timings["poll"] = self.timings.get("poll", 0.0) + time.perf_counter() - started
         for tp in self._consumer.assignment():
             hw = self._consumer.highwater(tp)
             if hw is None or self._consumer.position(tp) <= hw:
@@ -432,8 +436,6 @@ class ProjectorWorker:
                         if (waiting := [r for r in records
                                         if r.key is None or r.key in defer])}
         batch, poison, shredded = self._open(now)
-        self.timings["decode"] = self.timings.get("decode", 0.0) + time.perf_counter() \
-            - polled_at
         return _Prepared(
             batch=batch, progress={tp.partition: PartitionProgress(
                 next_offset=records[-1].offset + 1,
@@ -448,7 +450,8 @@ class ProjectorWorker:
     def _open(self, polled: dict[Any, list[ConsumerRecord]]
               ) -> tuple[list[LoggedEvent], int, int]:
         """Decode ``polled`` and dead-letter its poison: ``(events, poison, shredded)``,
-        the last two counts of messages."""
+        the last two counts of messages. Its seconds add to ``timings["decode"]``."""
+        started = time.perf_counter()
         batch: list[LoggedEvent] = []
         poison: list[tuple[ConsumerRecord, PoisonEvent]] = []
         shredded = 0
@@ -464,15 +467,14 @@ class ProjectorWorker:
                     batch.append(item)
         if poison:
             self._dead_letter(poison)
+        self.timings["decode"] = self.timings.get("decode", 0.0) + time.perf_counter() \
+            - started
         return batch, len(poison), shredded
 
     def _complete(self, p: _Prepared) -> _Prepared:
         """``p`` with its deferred messages decoded (after the erasures they waited for
         committed)."""
-        started = time.perf_counter()
         batch, poison, shredded = self._open(p.deferred)
-        self.timings["decode"] = self.timings.get("decode", 0.0) + time.perf_counter() \
-            - started
         return replace(p, batch=p.batch + batch, poison=p.poison + poison,
                        shredded=p.shredded + shredded, deferred={})
 
