@@ -67,7 +67,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from beliefstore.db import make_engine, migrate
 from beliefstore.events.model import ObservationRecorded
-from beliefstore.projector.bulk import ASYNCHRONOUS_COMMIT
+from beliefstore.projector.bulk import ASYNCHRONOUS_COMMIT, SOURCE_COLUMNS, UPSERT_SOURCE
 from beliefstore.settings import Settings
 
 NAME = "raw_upsert_limit"
@@ -149,16 +149,11 @@ UPSERT_NEWEST_BELIEFS = (
     "last_observed_at = excluded.last_observed_at, updated_at = now() "
     "WHERE beliefs.last_observed_at <= excluded.last_observed_at")
 UPSERT_NEWEST_SOURCES = (
-    "INSERT INTO belief_sources (subject_id, context, attribute, source, event_id, "
-    "occurred_at, value, confidence) "
-    "SELECT DISTINCT ON (subject_id, context, attribute, source) subject_id, context, "
-    "attribute, source, event_id, occurred_at, value, confidence FROM staging "
+    f"INSERT INTO belief_sources ({', '.join(SOURCE_COLUMNS)}) "
+    f"SELECT DISTINCT ON (subject_id, context, attribute, source) "
+    f"{', '.join(SOURCE_COLUMNS)} FROM staging "
     "ORDER BY subject_id, context, attribute, source, occurred_at DESC, event_id DESC "
-    "ON CONFLICT (subject_id, context, attribute, source) DO UPDATE SET "
-    "event_id = excluded.event_id, occurred_at = excluded.occurred_at, "
-    "value = excluded.value, confidence = excluded.confidence "
-    "WHERE (belief_sources.occurred_at, belief_sources.event_id) "
-    "< (excluded.occurred_at, excluded.event_id)")
+    f"{UPSERT_SOURCE}")
 RECORD_CHANGES = (
     "WITH added AS (INSERT INTO belief_changes (subject_id, context, attribute, value, "
     "confidence, alternatives, sources, kafka_partition, kafka_offset) "

@@ -203,13 +203,16 @@ INSERT INTO {STAGE_STALE} SELECT * FROM marked
 
 _SRC = ", ".join(SOURCE_COLUMNS)
 _O_SRC = ", ".join(f"o.{c}" for c in SOURCE_COLUMNS)
-_UPSERT_SOURCE = (
+UPSERT_SOURCE = (
     "ON CONFLICT (subject_id, context, attribute, source) DO UPDATE SET "
     "event_id = excluded.event_id, occurred_at = excluded.occurred_at, "
     "value = excluded.value, confidence = excluded.confidence "
     "WHERE (belief_sources.occurred_at, belief_sources.event_id) "
     "< (excluded.occurred_at, excluded.event_id)"
 )
+"""The conflict clause of an insert into ``belief_sources``: a (key, source) pair keeps
+its newest observation, by ``(occurred_at, event_id)`` (also the raw limit's
+``same_writes`` ceiling, ``bench/raw_upsert_limit.py``)."""
 
 INSERT_OBSERVATIONS = f"""
 WITH inserted AS (
@@ -232,7 +235,7 @@ INSERT INTO belief_sources ({_SRC})
 SELECT DISTINCT ON (subject_id, context, attribute, source) {_SRC}
 FROM inserted WHERE retracted_by IS NULL AND erased_by IS NULL
 ORDER BY subject_id, context, attribute, source, occurred_at DESC, event_id DESC
-{_UPSERT_SOURCE}
+{UPSERT_SOURCE}
 """
 """Staged observations into ``observations``, marked at once by the retractions and
 erasures already stored (they may arrive before their observation), duplicates skipped;
@@ -353,6 +356,7 @@ __all__ = [
     "REFRESH_STALE",
     "RETRACTION_COLUMNS", "SOURCE_COLUMNS", "STAGE_BELIEFS", "STAGE_BELIEF_COLUMNS",
     "STAGE_MARKS", "STAGE_OBS", "STAGE_STALE", "TOUCHED_SOURCES", "UPSERT_BELIEFS",
+    "UPSERT_SOURCE",
     "UPSERT_OFFSETS",
     "belief_row", "copy_rows", "ensure_staging", "erasure_row", "live_temp_buffers_kib",
     "observation_row",
